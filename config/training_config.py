@@ -1,0 +1,467 @@
+"""Typed configuration of every phase, and the named profiles.
+
+This file is the project's "recipe": values only. Loading, validation and overrides live in
+`kormedgemma.config`; each dataclass checks its own impossible values in `__post_init__` so a
+bad profile fails before any work starts, with the offending key named.
+
+Profiles:
+- ``tiny``  — the embedded default: a Gemma-3-shaped random model built locally, bundled
+  sample data, CPU, the whole pipeline in minutes.
+- ``a5000`` — ``google/medgemma-4b-it`` and real data from the Hugging Face Hub, every stage
+  sized for a 24 GB RTX A5000. Any Hub id may be replaced by a local path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A profile, override or YAML file that cannot describe a valid run."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------- paths + base model
+@dataclass
+class PathsConfig:
+    # Empty means the repository root. Every artifact path of DESIGN.md's contract is relative
+    # to this, so one key moves the whole pipeline (e.g. onto a larger disk).
+    root: str = ""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the locally built Gemma 3 model (same classes as MedGemma-4B, a few M params)."""
+
+    sp_vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    sliding_window: int = 64
+    max_position_embeddings: int = 2048
+    vision_hidden_size: int = 64
+    vision_layers: int = 1
+    vision_image_size: int = 64
+    vision_patch_size: int = 16
+    mm_tokens_per_image: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sp_vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+                     "max_position_embeddings", "vision_hidden_size", "vision_layers",
+                     "vision_image_size", "vision_patch_size", "mm_tokens_per_image"):
+            _require(getattr(self, name) >= 1, name, f"must be ≥ 1 (got {getattr(self, name)})")
+        _require(self.sp_vocab_size >= 400, "sp_vocab_size",
+                 f"must be ≥ 400 to hold 256 byte pieces and the special tokens (got {self.sp_vocab_size})")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 "must divide num_attention_heads")
+        _require(self.vision_image_size % self.vision_patch_size == 0, "vision_patch_size",
+                 "must divide vision_image_size")
+        patches = (self.vision_image_size // self.vision_patch_size) ** 2
+        side = int(round(self.mm_tokens_per_image ** 0.5))
+        _require(side * side == self.mm_tokens_per_image and patches % self.mm_tokens_per_image == 0,
+                 "mm_tokens_per_image", f"must be a square that divides the {patches} image patches")
+
+
+@dataclass
+class BaseModelConfig:
+    # Hub id or local folder; the tokenizer defaults to the model's own.
+    model: str = "google/medgemma-4b-it"
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    # True on `tiny`: phase 0 builds a random-weight Gemma 3 model + tokenizer into models/base/.
+    build_tiny: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # English text the tiny base tokenizer is trained on (bundled, relative to paths.root).
+    tiny_tokenizer_corpus: str = "data/samples/english_medical.txt"
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+# --------------------------------------------------------------------------- phase 0: data
+@dataclass
+class SourceConfig:
+    """One text source. `local_path` wins over `hub_id`, so any Hub source can be pointed at a copy."""
+
+    language: Literal["ko", "en"] = "ko"
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    local_path: Optional[str] = None
+    # Cap on documents read (streamed sources are never read whole).
+    max_docs: Optional[int] = None
+    # Keep only documents that mention medical vocabulary (Wikipedia, web crawls).
+    medical_filter: bool = False
+    enabled: bool = True
+    licence: str = ""
+    url: str = ""
+    approx_size: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.hub_id is not None or self.local_path is not None, "hub_id",
+                 "a source needs hub_id or local_path")
+        _require(self.max_docs is None or self.max_docs >= 1, "max_docs",
+                 f"must be ≥ 1 or null (got {self.max_docs})")
+
+
+@dataclass
+class KorMedMCQAConfig:
+    hub_id: str = "sean0042/KorMedMCQA"
+    # Folder laid out as <subset>/<split>.jsonl (or .csv); wins over hub_id.
+    local_path: Optional[str] = None
+    subsets: list[str] = field(default_factory=lambda: ["doctor", "nurse", "pharm", "dentist"])
+    splits: list[str] = field(default_factory=lambda: ["train", "dev", "test", "fewshot"])
+    licence: str = "CC BY-NC 2.0"
+    url: str = "https://huggingface.co/datasets/sean0042/KorMedMCQA"
+
+    def __post_init__(self) -> None:
+        _require(len(self.subsets) >= 1, "subsets", "needs at least one subset")
+        known = {"train", "dev", "test", "fewshot"}
+        unknown = sorted(set(self.splits) - known)
+        _require(not unknown, "splits", f"unknown split(s) {unknown}; known: {sorted(known)}")
+
+
+@dataclass
+class DictionaryConfig:
+    # Bundled pairs written for this project (ko, en, source).
+    bundled: str = "data/samples/medical_ko_en.tsv"
+    # UMLS MRCONSO.RRF: Korean strings (LAT=KOR, e.g. the MSHKOR Korean MeSH) paired with the
+    # English preferred name of the same CUI. Supplied by the user (UMLS licence).
+    umls_mrconso: Optional[str] = None
+    # Extra two/three-column TSV exports (ko<TAB>en[<TAB>source]), e.g. a Korean MeSH list.
+    extra_tsv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreprocessConfig:
+    min_chars: int = 20
+    max_chars: int = 20000
+    # Share of non-space characters that are Hangul; applies to Korean text only.
+    min_hangul_ratio: float = 0.3
+    minhash_threshold: float = 0.8
+    minhash_num_perm: int = 128
+    shingle_chars: int = 5
+    # A Korean text sharing any whitespace-free character n-gram of this length with a
+    # KorMedMCQA dev/test question is dropped (questions shorter than n must appear whole).
+    leakage_ngram_chars: int = 25
+    valid_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.min_chars >= 1, "min_chars", f"must be ≥ 1 (got {self.min_chars})")
+        _require(self.max_chars > self.min_chars, "max_chars", "must exceed min_chars")
+        _require(0.0 <= self.min_hangul_ratio <= 1.0, "min_hangul_ratio", "must be in [0, 1]")
+        _require(0.0 < self.minhash_threshold <= 1.0, "minhash_threshold", "must be in (0, 1]")
+        _require(self.minhash_num_perm >= 16, "minhash_num_perm", "must be ≥ 16")
+        _require(self.shingle_chars >= 1, "shingle_chars", "must be ≥ 1")
+        _require(self.leakage_ngram_chars >= 5, "leakage_ngram_chars", "must be ≥ 5")
+        _require(0.0 < self.valid_fraction < 0.5, "valid_fraction", "must be in (0, 0.5)")
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    kormedmcqa: KorMedMCQAConfig = field(default_factory=KorMedMCQAConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        langs = {s.language for s in self.sources.values() if s.enabled}
+        _require("ko" in langs, "sources", "needs at least one enabled Korean (language: ko) source")
+
+
+# --------------------------------------------------------------------------- phase 1: tokenizer
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 40000
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    # Hangul has ~11K syllables; 0.9995 keeps rare ones as bytes instead of <unk>-ing them.
+    character_coverage: float = 0.9995
+    input_sentence_size: int = 2_000_000
+    num_threads: int = 8
+    min_frequency: int = 6000
+    max_new_tokens: int = 10000
+    require_hangul: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 100, "vocab_size", f"must be ≥ 100 (got {self.vocab_size})")
+        _require(0.9 <= self.character_coverage <= 1.0, "character_coverage", "must be in [0.9, 1]")
+        _require(self.input_sentence_size >= 1, "input_sentence_size", "must be ≥ 1")
+        _require(self.num_threads >= 1, "num_threads", "must be ≥ 1")
+        _require(self.min_frequency >= 1, "min_frequency", f"must be ≥ 1 (got {self.min_frequency})")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
+
+
+# --------------------------------------------------------------------------- phase 2: embeddings
+@dataclass
+class WordVectorConfig:
+    # fastText vectors (Hub id or local .bin/.vec); null on `tiny`: trained on local corpora.
+    korean: Optional[str] = None
+    english: Optional[str] = None
+    dim: int = 100
+    epochs: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 2, "dim", "must be ≥ 2")
+        _require(self.epochs >= 1, "epochs", "must be ≥ 1")
+
+
+@dataclass
+class EmbeddingConfig:
+    method: Literal["hybrid", "eeve", "wechsel", "mean", "random"] = "hybrid"
+    pad_to_multiple_of: int = 64
+    wechsel_k: int = 10
+    wechsel_temperature: float = 0.1
+    # Share of the WECHSEL row in the hybrid blend (EEVE gets the rest).
+    hybrid_wechsel_weight: float = 0.5
+    word_vectors: WordVectorConfig = field(default_factory=WordVectorConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be ≥ 1")
+        _require(self.wechsel_k >= 1, "wechsel_k", "must be ≥ 1")
+        _require(self.wechsel_temperature > 0, "wechsel_temperature", "must be > 0")
+        _require(0.0 <= self.hybrid_wechsel_weight <= 1.0, "hybrid_wechsel_weight", "must be in [0, 1]")
+
+
+# --------------------------------------------------------------------------- phase 3: stages
+@dataclass
+class LoraConfig:
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "r", "must be ≥ 1")
+        _require(self.alpha >= 1, "alpha", "must be ≥ 1")
+        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(len(self.target_modules) >= 1, "target_modules", "needs at least one module")
+
+
+@dataclass
+class StageConfig:
+    """Hyper-parameters of one EEVE stage. What a stage trains is fixed by the method, not here."""
+
+    learning_rate: float = 1e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
+    max_steps: int = 1000
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    grad_accum: int = 16
+    weight_decay: float = 0.0
+    english_replay_fraction: float = 0.1
+    eval_every: int = 200
+    save_every: int = 200
+    lora: Optional[LoraConfig] = None
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every"):
+            _require(getattr(self, name) >= 1, name, f"must be ≥ 1 (got {getattr(self, name)})")
+        _require(0.0 <= self.english_replay_fraction < 1.0, "english_replay_fraction", "must be in [0, 1)")
+
+
+@dataclass
+class StagedTrainingConfig:
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    stage3: StageConfig = field(default_factory=StageConfig)
+    stage4: StageConfig = field(default_factory=StageConfig)
+    stage5: StageConfig = field(default_factory=StageConfig)
+    stage6: StageConfig = field(default_factory=lambda: StageConfig(lora=LoraConfig(), load_in_4bit=True))
+    stage7: StageConfig = field(default_factory=lambda: StageConfig(learning_rate=2e-5, lora=LoraConfig()))
+    # On a5000 a stage folder may keep only the tensors it trained plus a pointer to its parent.
+    save_full_model: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.stage6.lora is not None, "stage6.lora", "stage 6 trains LoRA: set a lora block")
+        _require(self.stage7.lora is not None, "stage7.lora", "stage 7 trains LoRA: set a lora block")
+
+
+# --------------------------------------------------------------------------- phases 4-6
+@dataclass
+class InstructConfig:
+    learning_rate: float = 1e-4
+    epochs: float = 3.0
+    seq_len: int = 1024
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    use_cot: bool = True
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32))
+    # Extra Korean medical instruction data: Hub ids or local JSONL with messages / prompt+response.
+    extra_datasets: list[str] = field(default_factory=list)
+    eval_every: int = 100
+    early_stopping_patience: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.epochs > 0, "epochs", "must be > 0")
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "early_stopping_patience"):
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1")
+
+
+@dataclass
+class EvaluationConfig:
+    shots: list[int] = field(default_factory=lambda: [0, 5])
+    mode: Literal["generate", "loglikelihood", "chat"] = "generate"
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    # Cap per subset (null = all); keeps the tiny run short.
+    max_questions: Optional[int] = None
+    english_benchmarks: list[str] = field(default_factory=lambda: ["medqa", "mmlu_medical", "pubmedqa"])
+    # Largest English accuracy drop (absolute) tolerated before the report flags forgetting.
+    retention_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(all(s >= 0 for s in self.shots), "shots", "must be ≥ 0")
+        _require(self.batch_size >= 1, "batch_size", "must be ≥ 1")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
+        _require(self.max_questions is None or self.max_questions >= 1, "max_questions", "must be ≥ 1 or null")
+        _require(0.0 <= self.retention_tolerance <= 1.0, "retention_tolerance", "must be in [0, 1]")
+
+
+@dataclass
+class DeployConfig:
+    backend: Literal["llmcompressor", "autoawq"] = "llmcompressor"
+    scheme: str = "W4A16"
+    group_size: int = 128
+    calibration_samples: int = 256
+    calibration_seq_len: int = 512
+    # Kept in full precision: the vision tower, projector and lm_head.
+    ignore: list[str] = field(default_factory=lambda: [
+        "lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"])
+    serve_backend: Literal["vllm", "transformers"] = "vllm"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_model_len: int = 8192
+    max_num_seqs: int = 16
+    gpu_memory_utilization: float = 0.90
+
+    def __post_init__(self) -> None:
+        _require(self.group_size >= 1, "group_size", "must be ≥ 1")
+        _require(self.calibration_samples >= 1, "calibration_samples", "must be ≥ 1")
+        _require(self.calibration_seq_len >= 1, "calibration_seq_len", "must be ≥ 1")
+        _require(1 <= self.port <= 65535, "port", "must be in 1..65535")
+        _require(self.max_model_len >= 1, "max_model_len", "must be ≥ 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be ≥ 1")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+
+
+@dataclass
+class ProjectConfig:
+    profile: str = "tiny"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(sources=_bundled_sources()))
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    staged: StagedTrainingConfig = field(default_factory=StagedTrainingConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+
+# --------------------------------------------------------------------------- profiles
+def _bundled_sources() -> dict[str, SourceConfig]:
+    return {
+        "bundled_korean_medical": SourceConfig(
+            language="ko", local_path="data/samples/korean_medical.txt", licence="Apache-2.0 (this project)",
+            approx_size="~400 sentences", description="Korean medical and general sentences written for this project"),
+        "bundled_english_medical": SourceConfig(
+            language="en", local_path="data/samples/english_medical.txt", licence="Apache-2.0 (this project)",
+            approx_size="~150 sentences", description="English medical sentences written for this project (replay set)"),
+    }
+
+
+def tiny() -> ProjectConfig:
+    """CPU, no network: a few-million-parameter Gemma 3 and bundled samples."""
+    stage = lambda lr: StageConfig(learning_rate=lr, max_steps=30, seq_len=128, micro_batch_size=4,  # noqa: E731
+                                   grad_accum=1, warmup_ratio=0.1, eval_every=10, save_every=10,
+                                   gradient_checkpointing=False)
+    small_lora = LoraConfig(r=8, alpha=16, dropout=0.0)
+    return ProjectConfig(
+        profile="tiny",
+        base=BaseModelConfig(model="models/base", build_tiny=True, torch_dtype="float32"),
+        data=DataConfig(
+            sources=_bundled_sources(),
+            kormedmcqa=KorMedMCQAConfig(local_path="data/samples/kormedmcqa"),
+            preprocess=PreprocessConfig(min_chars=10, valid_fraction=0.1),
+        ),
+        tokenizer=TokenizerConfig(vocab_size=3000, character_coverage=1.0, input_sentence_size=100_000,
+                                  num_threads=2, min_frequency=3, max_new_tokens=800),
+        embeddings=EmbeddingConfig(word_vectors=WordVectorConfig(dim=32, epochs=20)),
+        staged=StagedTrainingConfig(
+            stage1=stage(5e-3), stage2=stage(5e-3), stage3=stage(5e-3), stage4=stage(2e-3), stage5=stage(2e-3),
+            stage6=replace(stage(1e-3), lora=small_lora, load_in_4bit=True),
+            stage7=replace(stage(2e-4), lora=small_lora),
+        ),
+        instruct=InstructConfig(epochs=2.0, seq_len=256, micro_batch_size=4, grad_accum=1,
+                                lora=small_lora, eval_every=10),
+        evaluation=EvaluationConfig(batch_size=8, max_new_tokens=8),
+        deploy=DeployConfig(serve_backend="transformers", calibration_samples=16, calibration_seq_len=128,
+                            group_size=32, max_model_len=1024, max_num_seqs=2),
+    )
+
+
+def a5000() -> ProjectConfig:
+    """MedGemma-4B on one 24 GB RTX A5000 with real data from the Hub."""
+    kor_web_cap = 2_000_000
+    sources = {
+        "korean_wikipedia_medical": SourceConfig(
+            language="ko", hub_id="wikimedia/wikipedia", hub_config="20231101.ko", medical_filter=True,
+            max_docs=None, licence="CC BY-SA 4.0", url="https://huggingface.co/datasets/wikimedia/wikipedia",
+            approx_size="~650K articles, medical share ~5%", description="Korean Wikipedia, kept if medical"),
+        "oscar_korean": SourceConfig(
+            language="ko", hub_id="oscar-corpus/OSCAR-2301", hub_config="ko", max_docs=kor_web_cap,
+            licence="CC0 (metadata); text under its owners' terms; gated",
+            url="https://huggingface.co/datasets/oscar-corpus/OSCAR-2301",
+            approx_size="10 GB+ (streamed, capped)", description="Korean web text (general language)"),
+        "mc4_korean": SourceConfig(
+            language="ko", hub_id="allenai/c4", hub_config="ko", max_docs=kor_web_cap, licence="ODC-BY",
+            url="https://huggingface.co/datasets/allenai/c4", approx_size="large (streamed, capped)",
+            description="mC4 Korean web text (general language)"),
+        "english_wikipedia_medical": SourceConfig(
+            language="en", hub_id="wikimedia/wikipedia", hub_config="20231101.en", medical_filter=True,
+            max_docs=200_000, licence="CC BY-SA 4.0", url="https://huggingface.co/datasets/wikimedia/wikipedia",
+            approx_size="capped at 200K medical articles", description="English replay set against forgetting"),
+        **_bundled_sources(),
+    }
+    heavy = lambda lr, steps: StageConfig(learning_rate=lr, max_steps=steps, seq_len=2048,  # noqa: E731
+                                          micro_batch_size=2, grad_accum=16, warmup_ratio=0.03)
+    return ProjectConfig(
+        profile="a5000",
+        base=BaseModelConfig(model="google/medgemma-4b-it", torch_dtype="bfloat16"),
+        data=DataConfig(sources=sources),
+        tokenizer=TokenizerConfig(),
+        embeddings=EmbeddingConfig(word_vectors=WordVectorConfig(
+            korean="facebook/fasttext-ko-vectors", english="facebook/fasttext-en-vectors", dim=300)),
+        staged=StagedTrainingConfig(
+            stage1=heavy(2e-4, 2000), stage2=heavy(2e-4, 2000), stage3=heavy(1e-4, 2000),
+            stage4=heavy(5e-5, 2000), stage5=heavy(5e-5, 2000),
+            stage6=replace(heavy(1e-4, 4000), micro_batch_size=1, grad_accum=32, lora=LoraConfig(),
+                           load_in_4bit=True),
+            stage7=replace(heavy(2e-5, 1000), micro_batch_size=1, grad_accum=32, lora=LoraConfig()),
+            save_full_model=False,
+        ),
+        instruct=InstructConfig(),
+        evaluation=EvaluationConfig(),
+        deploy=DeployConfig(),
+    )
+
+
+PROFILES = {"tiny": tiny, "a5000": a5000}

@@ -1,0 +1,3 @@
+from kormedgemma.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The artifact contract of DESIGN.md: where each output lives and which notebook makes it.
+
+Knowing the producer of every artifact is what lets a missing input fail at once with the
+notebook to run, instead of a stack trace three cells later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kormedgemma.config import ProjectConfig, resolve_path
+from kormedgemma.io import MissingArtifactError
+from kormedgemma.manifest import MANIFEST
+
+
+@dataclass(frozen=True)
+class Artifact:
+    key: str
+    relpath: str
+    producer: str  # notebook id, e.g. "0.04"
+    description: str
+
+
+ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
+    Artifact("base_model", "models/base", "0.00", "locally built tiny Gemma 3 model + tokenizer"),
+    Artifact("raw_korean", "data/raw/korean", "0.02", "collected Korean text, one JSONL per source"),
+    Artifact("raw_english", "data/raw/english", "0.02", "collected English replay text"),
+    Artifact("raw_kormedmcqa", "data/raw/kormedmcqa", "0.02", "KorMedMCQA as downloaded"),
+    Artifact("dictionary", "data/bilingual_dict", "0.03", "Korean-English medical dictionary"),
+    Artifact("korean", "data/processed/korean", "0.04", "clean Korean train/valid JSONL"),
+    Artifact("english", "data/processed/english", "0.04", "clean English train/valid JSONL"),
+    Artifact("kormedmcqa", "data/processed/kormedmcqa", "0.04", "validated KorMedMCQA by subset/split"),
+]}
+
+
+def artifact_path(config: ProjectConfig, key: str) -> Path:
+    if key not in ARTIFACTS:
+        raise KeyError(f"unknown artifact {key!r}; known: {', '.join(ARTIFACTS)}")
+    return resolve_path(config, ARTIFACTS[key].relpath)
+
+
+def is_complete(folder: Path) -> bool:
+    """An artifact counts only once its manifest is written (the last act of an atomic write)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def require(config: ProjectConfig, key: str) -> Path:
+    """Path of a finished input artifact, or an error naming the notebook that makes it."""
+    path = artifact_path(config, key)
+    if not is_complete(path):
+        from kormedgemma.pipeline import step_by_id  # late: pipeline imports this module
+
+        step = step_by_id(ARTIFACTS[key].producer)
+        state = "incomplete (no manifest.json)" if path.exists() else "not found"
+        raise MissingArtifactError(
+            f"{ARTIFACTS[key].relpath}/ {state}: run {step.notebook} "
+            f"(or `python -m kormedgemma run --profile {config.profile} --to {step.id}`)")
+    return path

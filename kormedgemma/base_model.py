@@ -1,0 +1,199 @@
+"""The base model and tokenizer: MedGemma from the Hub or a folder, or the tiny embedded default.
+
+The tiny default is built with the same classes as MedGemma-4B (`Gemma3ForConditionalGeneration`
+with a small SigLIP vision tower, tied and sqrt(hidden)-scaled embeddings) and a tokenizer in
+Gemma's SentencePiece form (BPE with byte fallback, Gemma 3's special and chat tokens, an added
+`<image_soft_token>` beyond the SentencePiece pieces, embedding rows padded past the tokenizer).
+Every later phase therefore meets the same quirks on CPU that it meets on the real model.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from config.training_config import ProjectConfig, TinyModelConfig
+from kormedgemma.config import resolve_path
+from kormedgemma.hub import model_ref
+
+# Gemma 3's fixed low ids, in its order: pad 0, eos 1, bos 2, unk 3, mask 4, [multimodal] 5.
+SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
+CONTROL_SYMBOLS = ["<mask>", "[multimodal]"]
+CHAT_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"]
+IMAGE_SOFT_TOKEN = "<image_soft_token>"
+TEMPLATE = Path(__file__).parent / "templates" / "gemma3_chat.jinja"
+
+
+def chat_template() -> str:
+    return TEMPLATE.read_text(encoding="utf-8")
+
+
+def train_base_sentencepiece(corpus: Path, out_prefix: Path, vocab_size: int) -> Path:
+    """Train a Gemma-form SentencePiece BPE model on English text; returns the .model path."""
+    import sentencepiece as spm
+
+    lines = [line.strip() for line in Path(corpus).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{corpus} holds no text to train the tiny base tokenizer on")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out_prefix), model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=1.0,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece=SPECIAL_PIECES["pad"], eos_piece=SPECIAL_PIECES["eos"],
+        bos_piece=SPECIAL_PIECES["bos"], unk_piece=SPECIAL_PIECES["unk"],
+        control_symbols=CONTROL_SYMBOLS, user_defined_symbols=CHAT_SYMBOLS,
+        # Gemma keeps text verbatim: no normalisation, no dummy prefix, whitespace pieces allowed,
+        # digits split one by one.
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, minloglevel=2,
+    )
+    return Path(f"{out_prefix}.model")
+
+
+def hf_tokenizer_from_sentencepiece(sp_model: Path) -> Any:
+    """Convert a SentencePiece model to the HF (fast) Gemma tokenizer and check they agree.
+
+    `GemmaTokenizer(vocab_file=...)` silently builds a 5-token tokenizer in transformers 5;
+    `from_pretrained(folder, vocab_file=...)` runs the real conversion, so use that and verify.
+    """
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(sp_model, Path(tmp) / "tokenizer.model")
+        tokenizer = GemmaTokenizer.from_pretrained(tmp, vocab_file=str(Path(tmp) / "tokenizer.model"),
+                                                   add_bos_token=True, add_eos_token=False)
+    processor = spm.SentencePieceProcessor(model_file=str(sp_model))
+    if len(tokenizer) != processor.get_piece_size():
+        raise RuntimeError(f"converted tokenizer has {len(tokenizer)} tokens, SentencePiece model "
+                           f"{processor.get_piece_size()}: conversion went wrong")
+    probe = "The patient's BP was 120/80 mmHg.  환자 혈압"
+    if tokenizer.encode(probe, add_special_tokens=False) != processor.encode(probe):
+        raise RuntimeError("converted tokenizer and SentencePiece model segment text differently")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_SOFT_TOKEN]})
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def tiny_model_config(tokenizer: Any, shape: TinyModelConfig) -> Any:
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    # Like the real checkpoint, rows exist past the tokenizer's last id (262,208 rows for 262,145
+    # tokens in MedGemma-4B): round up to a multiple of 64.
+    rows = -(-len(tokenizer) // 64) * 64
+    n = shape.num_hidden_layers
+    text = Gemma3TextConfig(
+        vocab_size=rows, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=n, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
+        sliding_window=shape.sliding_window, max_position_embeddings=shape.max_position_embeddings,
+        # Gemma 3 interleaves five sliding-window layers with one global layer.
+        layer_types=["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention"
+                     for i in range(n)],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=shape.vision_hidden_size, intermediate_size=2 * shape.vision_hidden_size,
+        num_hidden_layers=shape.vision_layers, num_attention_heads=2,
+        image_size=shape.vision_image_size, patch_size=shape.vision_patch_size)
+    return Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=shape.mm_tokens_per_image,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_SOFT_TOKEN),
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_base(config: ProjectConfig, out_dir: Path) -> dict[str, Any]:
+    """Write tokenizer + random-weight Gemma 3 model into `out_dir`; returns headline figures."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    shape = config.base.tiny
+    corpus = resolve_path(config, config.base.tiny_tokenizer_corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        sp_model = train_base_sentencepiece(corpus, Path(tmp) / "base", shape.sp_vocab_size)
+        tokenizer = hf_tokenizer_from_sentencepiece(sp_model)
+        tokenizer.save_pretrained(out_dir)
+        # Keep the SentencePiece model too, as the real Gemma 3 folder does: phase 1 merges into it.
+        shutil.copy(sp_model, Path(out_dir) / "tokenizer.model")
+    torch.manual_seed(shape.seed)
+    model = Gemma3ForConditionalGeneration(tiny_model_config(tokenizer, shape))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id,
+                                            tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    model.save_pretrained(out_dir)
+    embeddings = model.get_input_embeddings()
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer_size": len(tokenizer),
+        "embedding_rows": embeddings.weight.shape[0],
+        "hidden_size": embeddings.weight.shape[1],
+        "tied_embeddings": model.get_output_embeddings().weight is embeddings.weight,
+        "embed_scale": float(embeddings.embed_scale),
+    }
+
+
+def load_tokenizer(config: ProjectConfig, ref: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    target = model_ref(config, ref or config.base.tokenizer or config.base.model, "base.tokenizer")
+    return _from_pretrained(AutoTokenizer, target, config)
+
+
+def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    target = model_ref(config, ref or config.base.model, "base.model")
+    return _from_pretrained(AutoModelForImageTextToText, target, config,
+                            dtype=getattr(torch, config.base.torch_dtype))
+
+
+def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any) -> Any:
+    from kormedgemma.hub import HubUnavailableError, is_offline_error
+
+    try:
+        return cls.from_pretrained(target, revision=config.base.revision, **kwargs)
+    except OSError as exc:
+        if is_offline_error(exc):
+            raise HubUnavailableError(
+                f"{target} could not be fetched from the Hugging Face Hub ({type(exc).__name__}). "
+                "Log in (`hf auth login`) on a machine with network, or download it and set "
+                "base.model (and base.tokenizer) to the local folder.") from None
+        raise
+
+
+def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:
+    """Fail loudly when a tokenizer from one folder meets a model from another."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model only {rows} embedding rows: they come "
+            "from different folders (an expanded tokenizer needs the resized model of phase 2)")
+    text_config = getattr(model.config, "text_config", model.config)
+    for name in ("bos", "eos", "pad"):
+        model_id = getattr(text_config, f"{name}_token_id", None)
+        token_id = getattr(tokenizer, f"{name}_token_id")
+        if model_id is not None and token_id is not None and model_id != token_id:
+            raise ValueError(f"{name} token id differs: tokenizer {token_id}, model {model_id}; "
+                             "tokenizer and model come from different families or folders")
+
+
+def build_base_artifact(config: ProjectConfig) -> Path:
+    """Phase 0.00 on `tiny`: build models/base/ atomically, with its manifest."""
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.manifest import write_artifact
+
+    if not config.base.build_tiny:
+        raise ValueError(f"profile {config.profile!r} uses {config.base.model}; only profiles with "
+                         "base.build_tiny=true build a local base model")
+    final = artifact_path(config, "base_model")
+    corpus = resolve_path(config, config.base.tiny_tokenizer_corpus)
+    with write_artifact(final, "0.00", config, ["base.tiny", "base.tiny_tokenizer_corpus"],
+                        {"tokenizer_corpus": corpus}) as out:
+        out.metrics.update(build_tiny_base(config, out.path))
+    return final

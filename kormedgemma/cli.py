@@ -1,0 +1,76 @@
+"""`python -m kormedgemma ...`: the library behind the notebooks, on the command line.
+
+Every sub-command exits non-zero with a one-line reason on bad input (unknown profile, bad key,
+missing artifact, failed notebook) instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional, Sequence
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value`: the value is read as YAML, so numbers, booleans and null work."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value (e.g. tokenizer.min_frequency=3)")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kormedgemma.config import known_profiles
+
+    parser = argparse.ArgumentParser(prog="python -m kormedgemma", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="execute the pipeline notebooks headless (papermill)",
+                              description="Run the notebooks in order; finished ones whose inputs and "
+                                          "config are unchanged are skipped, so re-running resumes.")
+    run.add_argument("--profile", default="tiny", help=f"config profile ({', '.join(known_profiles())})")
+    run.add_argument("--from", dest="start", help="first notebook id to run (e.g. 0.02)")
+    run.add_argument("--to", dest="stop", help="last notebook id to run (e.g. 0.04)")
+    run.add_argument("--force", action="store_true", help="run even notebooks whose outputs are fresh")
+    run.add_argument("--config", dest="config_file", help="YAML file of overrides")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key (repeatable), e.g. --set data.preprocess.seed=1")
+    run.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 — the CLI's contract is one line, not a traceback
+        from kormedgemma.errors import is_user_error
+
+        if not is_user_error(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kormedgemma.pipeline import STEPS
+    from kormedgemma.runner import run_pipeline
+
+    if args.list:
+        for step in STEPS:
+            print(f"{step.id}  {step.notebook}  — {step.title}")
+        return 0
+    outcomes = run_pipeline(args.profile, args.start, args.stop, args.force, _parse_set(args.overrides),
+                            args.config_file)
+    ran = sum(o.status == "ran" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(f"pipeline finished: {ran} ran, {skipped} skipped")
+    return 0

@@ -1,0 +1,79 @@
+"""What the machine offers, checked against what the profile needs, before days of work start."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from typing import Any
+
+from config.training_config import ProjectConfig
+from kormedgemma.config import resolve_path
+from kormedgemma.manifest import library_versions
+
+# Disk a full real run needs: corpora (~30 GB), tokenizer, 7 stage folders and final models.
+A5000_DISK_GB = 150
+A5000_VRAM_GB = 22
+
+
+def environment_report(config: ProjectConfig) -> list[dict[str, Any]]:
+    """Rows of (check, value, status); status is 'ok', 'warn' or 'missing'."""
+    rows: list[dict[str, Any]] = []
+
+    def add(check: str, value: Any, status: str = "ok", note: str = "") -> None:
+        rows.append({"check": check, "value": value, "status": status, "note": note})
+
+    add("platform", f"{platform.system()} {platform.machine()}")
+    add("cpu cores", os.cpu_count())
+    memory = _memory_gb()
+    if memory is not None:
+        add("RAM (GB)", round(memory, 1), "ok" if memory >= 16 else "warn",
+            "" if memory >= 16 else "≥ 16 GB recommended for phase 2 at MedGemma-4B shape")
+    for name, version in library_versions().items():
+        add(name, version)
+    for optional in ("bitsandbytes", "deepspeed", "llmcompressor", "vllm"):
+        add(optional, _version(optional) or "not installed", "ok" if _version(optional) else "warn",
+            "GPU extras: pip install -r requirements-gpu.txt" if not _version(optional) else "")
+    needs_gpu = not config.base.build_tiny
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(index)
+                vram = props.total_memory / 2**30
+                ok = vram >= A5000_VRAM_GB or not needs_gpu
+                add(f"GPU {index}", f"{props.name}, {vram:.1f} GiB, sm_{props.major}{props.minor}",
+                    "ok" if ok else "warn", "" if ok else f"stages are sized for ≥ {A5000_VRAM_GB} GiB")
+            add("bf16 supported", torch.cuda.is_bf16_supported())
+        else:
+            add("GPU", "none (CPU only)", "missing" if needs_gpu else "ok",
+                f"profile {config.profile!r} trains on a GPU" if needs_gpu else "tiny profile runs on CPU")
+    except ImportError:
+        add("torch", "not installed", "missing", "pip install -r requirements.txt")
+    root = resolve_path(config, ".")
+    free = shutil.disk_usage(root).free / 2**30
+    need = A5000_DISK_GB if needs_gpu else 1
+    add("free disk at artifact root (GiB)", round(free, 1), "ok" if free >= need else "warn",
+        f"{root}; a full {config.profile} run needs about {need} GiB")
+    add("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"))
+    return rows
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,38 @@
+"""Hub ids and local paths, interchangeably, and a clear error when the Hub cannot be reached."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from config.training_config import ProjectConfig
+from kormedgemma.config import resolve_path
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubUnavailableError(RuntimeError):
+    """A Hub model or dataset was needed and could not be fetched (offline, gated, no login)."""
+
+
+def model_ref(config: ProjectConfig, ref: str, key: str) -> str:
+    """A local folder if `ref` names one (relative to the repo root), else a Hub id, else an error."""
+    local = resolve_path(config, ref)
+    if local.exists():
+        return str(local)
+    if _HUB_ID.match(ref) and not ref.startswith(("models/", "data/", "./", "../")):
+        return ref
+    producer = " (built by phase0_data_preparation/00_setup_environment.ipynb)" if ref == "models/base" else ""
+    raise FileNotFoundError(f"{key}: local folder {local} not found{producer}, and {ref!r} is not a Hub id")
+
+
+def is_offline_error(exc: BaseException) -> bool:
+    """True for the ways transformers/datasets/huggingface_hub fail without network or login."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    markers = ("offline", "connection", "resolve", "couldn't connect", "could not connect",
+               "name or service not known", "network", "gated", "401", "403", "max retries",
+               "temporary failure", "timed out", "localentrynotfound", "cannot find the requested files")
+    return any(marker in text for marker in markers) or isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def looks_local(ref: str) -> bool:
+    return Path(ref).expanduser().is_absolute() or ref.startswith(("./", "../", "models/", "data/"))

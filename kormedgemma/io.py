@@ -1,0 +1,108 @@
+"""Reading and writing artifacts so that a failure never leaves half of one behind.
+
+Every writer builds its output beside the destination under a temporary name and renames it
+into place only when complete; an existing artifact is replaced only after the new one is whole.
+A week-long run on a training box must be able to crash at any line without corrupting what an
+earlier day produced.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class JsonlError(ValueError):
+    """A JSONL file with a line that is not a JSON object; names the file and the line."""
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An input that an earlier notebook should have produced is absent."""
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces `final`, on failure it vanishes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
+    """Open a temporary file beside `final`; rename it over `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    kwargs = {"encoding": encoding} if "b" not in mode else {}
+    try:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as handle:
+        handle.write(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_file(path) as handle:
+        json.dump(data, handle, ensure_ascii=False, indent=2, default=str)
+        handle.write("\n")
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield each line's object; a bad line raises JsonlError naming file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} not found")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise JsonlError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                 "fix or delete that line") from None
+            if not isinstance(row, dict):
+                raise JsonlError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}; "
+                                 "fix or delete that line")
+            yield row
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows atomically; returns how many were written."""
+    count = 0
+    with atomic_file(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False))
+            handle.write("\n")
+            count += 1
+    return count
+
+
+def count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())

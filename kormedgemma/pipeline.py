@@ -1,0 +1,57 @@
+"""The ordered notebooks of the pipeline, with what each reads and writes.
+
+The runner uses this table to select steps (`--from`/`--to`), to decide whether a step is fresh
+(every output's manifest matches), and to fail before starting a step whose inputs are missing.
+Later phases append their notebooks here as they are built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from config.training_config import ConfigError
+from kormedgemma.config import ProjectConfig
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    notebook: str  # path from the repo root
+    title: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    # Outputs that exist only on profiles that build a local base model.
+    tiny_only_outputs: tuple[str, ...] = field(default=())
+
+    def outputs_for(self, config: ProjectConfig) -> tuple[str, ...]:
+        extra = self.tiny_only_outputs if config.base.build_tiny else ()
+        return self.outputs + extra
+
+
+STEPS: tuple[Step, ...] = (
+    Step("0.00", "phase0_data_preparation/00_setup_environment.ipynb",
+         "environment check; builds the tiny base model", tiny_only_outputs=("base_model",)),
+    Step("0.01", "phase0_data_preparation/01_research_datasets.ipynb", "data sources and licences"),
+    Step("0.02", "phase0_data_preparation/02_collect_korean_medical.ipynb",
+         "collect Korean, English and KorMedMCQA", outputs=("raw_korean", "raw_english", "raw_kormedmcqa")),
+    Step("0.03", "phase0_data_preparation/03_collect_bilingual_dict.ipynb",
+         "Korean-English medical dictionary", outputs=("dictionary",)),
+    Step("0.04", "phase0_data_preparation/04_preprocess_data.ipynb", "clean, deduplicate, split",
+         inputs=("raw_korean", "raw_english", "raw_kormedmcqa"), outputs=("korean", "english", "kormedmcqa")),
+)
+
+
+def step_by_id(step_id: str) -> Step:
+    for step in STEPS:
+        if step.id == step_id:
+            return step
+    raise ConfigError(f"unknown notebook id {step_id!r}; known: {', '.join(s.id for s in STEPS)}")
+
+
+def select_steps(start: str | None = None, stop: str | None = None) -> list[Step]:
+    """Steps from `start` to `stop` inclusive, in pipeline order."""
+    ids = [s.id for s in STEPS]
+    first = ids.index(step_by_id(start).id) if start else 0
+    last = ids.index(step_by_id(stop).id) if stop else len(ids) - 1
+    if first > last:
+        raise ConfigError(f"--from {start} comes after --to {stop}")
+    return list(STEPS[first:last + 1])

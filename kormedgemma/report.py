@@ -1,0 +1,59 @@
+"""The pipeline's report card: one Markdown page with every step's headline figures.
+
+Built from the manifests, so it tells what the artifacts on disk are, whichever run made them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from config.training_config import ProjectConfig
+from kormedgemma.artifacts import ARTIFACTS, artifact_path
+from kormedgemma.io import write_text
+from kormedgemma.manifest import read_manifest
+
+
+def headline(key: str, metrics: dict[str, Any]) -> str:
+    """A one-line summary of an artifact's metrics, for the report table."""
+    if key == "base_model":
+        return (f"{metrics.get('parameters', 0):,} parameters, {metrics.get('tokenizer_size')} tokens, "
+                f"{metrics.get('embedding_rows')} embedding rows, tied={metrics.get('tied_embeddings')}")
+    if key in ("raw_korean", "raw_english"):
+        docs = metrics.get("docs_per_source", {})
+        return ", ".join(f"{name}: {count:,}" for name, count in docs.items())
+    if key in ("raw_kormedmcqa", "kormedmcqa"):
+        rows = metrics.get("rows", {})
+        total = sum(sum(v.values()) for v in rows.values())
+        bad = len(metrics.get("bad_rows", []))
+        return f"{total:,} questions in {len(rows)} subsets" + (f", {bad} bad rows dropped" if key == "kormedmcqa" else "")
+    if key == "dictionary":
+        return f"{metrics.get('pairs', 0):,} pairs ({metrics.get('per_source')})"
+    if key in ("korean", "english"):
+        filters = metrics.get("filters", {})
+        return (f"{filters.get('input', 0):,} in → {filters.get('kept', 0):,} kept; train "
+                f"{metrics.get('train', {}).get('docs', 0):,} / valid {metrics.get('valid', {}).get('docs', 0):,}")
+    return json.dumps(metrics, ensure_ascii=False)[:200]
+
+
+def artifact_rows(config: ProjectConfig) -> Iterable[dict[str, Any]]:
+    for key, artifact in ARTIFACTS.items():
+        manifest = read_manifest(artifact_path(config, key))
+        if manifest is None:
+            continue
+        yield {"artifact": artifact.relpath, "step": manifest.get("step"), "seconds": manifest.get("seconds"),
+               "summary": headline(key, manifest.get("metrics", {})), "finished": manifest.get("finished")}
+
+
+def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[Any]) -> Path:
+    lines = [f"# Korean MedGemma pipeline report — profile `{config.profile}`", "",
+             f"Run folder: `{run_dir}`", "", "## Notebooks", "", "| step | status | seconds | note |",
+             "| --- | --- | ---: | --- |"]
+    for outcome in outcomes:
+        lines.append(f"| {outcome.id} | {outcome.status} | {outcome.seconds:.1f} | {outcome.note} |")
+    lines += ["", "## Artifacts", "", "| artifact | made by | seconds | summary |", "| --- | --- | ---: | --- |"]
+    for row in artifact_rows(config):
+        lines.append(f"| `{row['artifact']}` | {row['step']} | {row['seconds']} | {row['summary']} |")
+    path = Path(run_dir) / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,146 @@
+"""Run the notebooks headless with papermill: in order, resumable, with logs kept.
+
+Each run gets `runs/<timestamp>/` holding the executed copy of every notebook, its log, a
+`state.json` of what ran, was skipped or failed, and `report.md` with every step's headline
+figures. A notebook is skipped when all its outputs' manifests match the current inputs and
+config, so re-running the same command after a crash (or a fix) resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from kormedgemma.artifacts import ARTIFACTS, artifact_path, is_complete
+from kormedgemma.config import ProjectConfig, load_config, repo_root, resolve_path
+from kormedgemma.io import MissingArtifactError, write_json
+from kormedgemma.manifest import freshness
+from kormedgemma.pipeline import Step, select_steps, step_by_id
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised: names the notebook, the cell and the executed copy to open."""
+
+
+@dataclass
+class StepOutcome:
+    id: str
+    status: str  # ran | skipped | failed
+    seconds: float
+    note: str = ""
+
+
+def step_is_fresh(step: Step, config: ProjectConfig) -> tuple[bool, str]:
+    outputs = step.outputs_for(config)
+    if not outputs:
+        return False, "no artifact of its own (always runs)"
+    for key in outputs:
+        fresh, reason = freshness(artifact_path(config, key), config)
+        if not fresh:
+            return False, reason
+    return True, "inputs and config unchanged"
+
+
+def missing_inputs(step: Step, config: ProjectConfig, scheduled: set[str]) -> Optional[str]:
+    """A message naming the producer of the first input that will not exist when `step` starts."""
+    for key in step.inputs:
+        producer = ARTIFACTS[key].producer
+        if producer in scheduled or is_complete(artifact_path(config, key)):
+            continue
+        source = step_by_id(producer)
+        return (f"{step.id} ({step.notebook}) needs {ARTIFACTS[key].relpath}/, which is missing: run "
+                f"{source.notebook} first (`python -m kormedgemma run --profile {config.profile} "
+                f"--from {source.id}`)")
+    return None
+
+
+def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optional[str] = None,
+                 force: bool = False, overrides: Optional[Mapping[str, Any]] = None,
+                 config_file: Optional[str] = None, runs_dir: Optional[Path] = None,
+                 echo: Any = print) -> list[StepOutcome]:
+    """Execute the selected notebooks; raises NotebookFailed or MissingArtifactError on the first stop."""
+    config = load_config(profile, overrides=overrides, config_file=config_file)  # validate before work
+    steps = select_steps(start, stop)
+    run_dir = Path(runs_dir or resolve_path(config, "runs")) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    suffix = 1
+    while run_dir.exists():
+        run_dir = run_dir.with_name(f"{run_dir.name.split('_')[0]}_{suffix}")
+        suffix += 1
+    (run_dir / "executed").mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    parameters = {"profile": profile, "overrides": dict(overrides or {}), "config_file": config_file}
+    write_json(run_dir / "run.json", {"profile": profile, "from": start, "to": stop, "force": force,
+                                      "parameters": parameters, "steps": [s.id for s in steps]})
+    echo(f"run {run_dir.name}: {len(steps)} notebook(s), profile {profile}, logs in {run_dir}")
+    outcomes: list[StepOutcome] = []
+    scheduled = {s.id for s in steps}
+    try:
+        for index, step in enumerate(steps, start=1):
+            head = f"[{index}/{len(steps)}] {step.id} {step.title}"
+            if not force:
+                fresh, reason = step_is_fresh(step, config)
+                if fresh:
+                    outcomes.append(StepOutcome(step.id, "skipped", 0.0, reason))
+                    echo(f"{head}: skipped ({reason})")
+                    continue
+            problem = missing_inputs(step, config, {s for s in scheduled if s < step.id})
+            if problem:
+                outcomes.append(StepOutcome(step.id, "failed", 0.0, problem))
+                raise MissingArtifactError(problem)
+            echo(f"{head}: running {step.notebook}")
+            started = time.time()
+            try:
+                _execute(step, parameters, run_dir)
+            except NotebookFailed as exc:
+                outcomes.append(StepOutcome(step.id, "failed", time.time() - started, str(exc)))
+                raise
+            outcomes.append(StepOutcome(step.id, "ran", time.time() - started))
+            echo(f"{head}: done in {outcomes[-1].seconds:.1f}s")
+    finally:
+        write_json(run_dir / "state.json", [o.__dict__ for o in outcomes])
+        from kormedgemma.report import write_run_report
+
+        write_run_report(config, run_dir, outcomes)
+    return outcomes
+
+
+def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = repo_root() / step.notebook
+    executed = run_dir / "executed" / Path(step.notebook).name
+    log = run_dir / "logs" / f"{step.id}_{Path(step.notebook).stem}.log"
+    env_backup = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "Agg"  # headless: figures are saved, not shown
+    try:
+        with open(log, "w", encoding="utf-8") as handle:
+            papermill.execute_notebook(
+                str(source), str(executed), parameters=parameters, kernel_name="python3",
+                cwd=str(source.parent), progress_bar=sys.stderr.isatty(), stdout_file=handle,
+                stderr_file=handle, request_save_on_cell_execute=True)
+    except PapermillExecutionError as exc:
+        raise NotebookFailed(
+            f"{step.id} {step.notebook} failed in cell {exc.cell_index + 1} "
+            f"({exc.ename}: {_first_line(exc.evalue)}). Executed copy: {executed}; log: {log}. "
+            "Fix the cause and run the same command again: finished notebooks are skipped.") from None
+    finally:
+        if env_backup is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = env_backup
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[0][:400] if lines else ""
+
+
+def latest_state(runs_dir: Path) -> Optional[list[dict[str, Any]]]:
+    runs = sorted(p for p in Path(runs_dir).glob("*/state.json"))
+    return json.loads(runs[-1].read_text(encoding="utf-8")) if runs else None

@@ -1,0 +1,220 @@
+"""Phase 0 collection: text sources and KorMedMCQA, from local files or the Hugging Face Hub.
+
+A local path always wins over a Hub id, so an offline box (or a test) points any source at a
+copy. Hub sources are streamed and capped: OSCAR and mC4 Korean are far larger than a training
+box's disk and larger than the ~10K-token vocabulary expansion needs.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from tqdm.auto import tqdm
+
+from config.training_config import KorMedMCQAConfig, ProjectConfig, SourceConfig
+from kormedgemma.config import resolve_path
+from kormedgemma.hub import HubUnavailableError, is_offline_error
+from kormedgemma.io import read_jsonl, write_jsonl
+
+MCQA_FIELDS = ("question", "A", "B", "C", "D", "E", "answer")
+
+# Words whose presence marks a document as medical (Korean Wikipedia, web crawls). A document is
+# kept when it holds at least `MEDICAL_MIN_HITS` distinct ones: one stray "병원" is not enough.
+# Single syllables are avoided: "간" (liver) also matches 시간 (time).
+MEDICAL_KEYWORDS_KO = (
+    "질환", "질병", "증상", "치료", "진단", "환자", "병원", "의사", "간호", "약물", "투여", "수술", "감염",
+    "바이러스", "세균", "종양", "염증", "혈압", "당뇨", "심장", "폐렴", "간염", "신장", "혈액", "면역",
+    "백신", "처방", "부작용", "합병증", "임상", "의학", "약리", "해부", "생리", "병리", "치과", "약사", "증후군",
+)
+MEDICAL_KEYWORDS_EN = (
+    "disease", "disorder", "symptom", "treatment", "therapy", "diagnosis", "patient", "clinical",
+    "hospital", "physician", "nurse", "drug", "dose", "surgery", "infection", "virus", "bacteria",
+    "cancer", "tumor", "inflammation", "blood", "pressure", "diabetes", "cardiac", "heart", "lung",
+    "kidney", "liver", "immune", "vaccine", "syndrome", "medical", "medicine", "pharmac", "dental",
+)
+MEDICAL_MIN_HITS = 3
+
+
+def is_medical(text: str, language: str) -> bool:
+    keywords = MEDICAL_KEYWORDS_KO if language == "ko" else MEDICAL_KEYWORDS_EN
+    lowered = text.lower()
+    return sum(1 for word in keywords if word in lowered) >= MEDICAL_MIN_HITS
+
+
+def sources_table(config: ProjectConfig) -> list[dict[str, Any]]:
+    """One row per configured source: where it comes from, how much, under which licence."""
+    rows = []
+    for name, source in config.data.sources.items():
+        rows.append({
+            "source": name, "language": source.language, "enabled": source.enabled,
+            "origin": source.local_path or f"hub:{source.hub_id}" + (f" ({source.hub_config})" if source.hub_config else ""),
+            "cap (docs)": source.max_docs, "medical filter": source.medical_filter,
+            "approx. size": source.approx_size, "licence": source.licence, "description": source.description,
+        })
+    mcqa = config.data.kormedmcqa
+    rows.append({
+        "source": "kormedmcqa", "language": "ko", "enabled": True,
+        "origin": mcqa.local_path or f"hub:{mcqa.hub_id}", "cap (docs)": None, "medical filter": False,
+        "approx. size": "7,469 questions (doctor, nurse, pharm, dentist)", "licence": mcqa.licence,
+        "description": "Korean licensing-exam multiple choice: instruction tuning and evaluation",
+    })
+    return rows
+
+
+def iter_source_texts(config: ProjectConfig, name: str, source: SourceConfig) -> Iterator[str]:
+    """Texts of one source, filtered to medicine where configured, capped at `max_docs`."""
+    raw = _iter_local(resolve_path(config, source.local_path), source.text_field) if source.local_path \
+        else _iter_hub(name, source)
+    texts: Iterable[str] = (t for t in raw if isinstance(t, str) and t.strip())
+    if source.medical_filter:
+        texts = (t for t in texts if is_medical(t, source.language))
+    return iter(itertools.islice(texts, source.max_docs) if source.max_docs else texts)
+
+
+def _iter_local(path: Path, text_field: str) -> Iterator[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"local source {path} not found")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".jsonl":
+            for row in read_jsonl(file):
+                if text_field not in row:
+                    raise ValueError(f"{file}: row without the text field {text_field!r} "
+                                     f"(set the source's text_field)")
+                yield row[text_field]
+        else:
+            with open(file, encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip() and not line.lstrip().startswith("#"):
+                        yield line.strip()
+
+
+def _iter_hub(name: str, source: SourceConfig) -> Iterator[str]:
+    try:
+        from datasets import load_dataset
+
+        stream = load_dataset(source.hub_id, source.hub_config, split=source.split, streaming=True)
+        for row in stream:
+            yield row[source.text_field]
+    except Exception as exc:  # datasets wraps network failures in many exception types
+        if is_offline_error(exc):
+            raise HubUnavailableError(
+                f"source {name!r}: {source.hub_id} could not be streamed from the Hugging Face Hub "
+                f"({type(exc).__name__}). Download a copy on a machine with network and set "
+                f"data.sources.{name}.local_path, or disable it with data.sources.{name}.enabled=false"
+            ) from None
+        raise
+
+
+def collect_texts(config: ProjectConfig, language: str, out_dir: Path) -> dict[str, int]:
+    """Write `<source>.jsonl` ({"text", "source"}) for each enabled source of `language`."""
+    counts: dict[str, int] = {}
+    for name, source in config.data.sources.items():
+        if not source.enabled or source.language != language:
+            continue
+        rows = ({"text": text, "source": name} for text in
+                tqdm(iter_source_texts(config, name, source), desc=f"collect {name}", unit="doc",
+                     total=source.max_docs, mininterval=2.0))
+        counts[name] = write_jsonl(out_dir / f"{name}.jsonl", rows)
+        if counts[name] == 0:
+            raise ValueError(f"source {name!r} produced no text: check its path/filters "
+                             f"(medical_filter={source.medical_filter})")
+    if not counts:
+        raise ValueError(f"no enabled source with language {language!r}: add one under data.sources")
+    return counts
+
+
+# --------------------------------------------------------------------------- KorMedMCQA
+def collect_kormedmcqa(config: ProjectConfig, out_dir: Path) -> dict[str, dict[str, int]]:
+    """Copy every subset/split into `out_dir/<subset>/<split>.jsonl` as given (validation is phase 0.04)."""
+    mcqa = config.data.kormedmcqa
+    counts: dict[str, dict[str, int]] = {}
+    for subset in mcqa.subsets:
+        counts[subset] = {}
+        for split in mcqa.splits:
+            rows = list(_mcqa_rows(config, mcqa, subset, split))
+            counts[subset][split] = write_jsonl(out_dir / subset / f"{split}.jsonl", rows)
+    return counts
+
+
+def _mcqa_rows(config: ProjectConfig, mcqa: KorMedMCQAConfig, subset: str, split: str) -> Iterator[dict]:
+    if mcqa.local_path:
+        folder = resolve_path(config, mcqa.local_path) / subset
+        for candidate in (folder / f"{split}.jsonl", folder / f"{split}.csv"):
+            if candidate.is_file():
+                yield from (read_jsonl(candidate) if candidate.suffix == ".jsonl" else _read_csv(candidate))
+                return
+        raise FileNotFoundError(f"KorMedMCQA {subset}/{split} not found under {folder} "
+                                f"(expected {split}.jsonl or {split}.csv)")
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(mcqa.hub_id, subset, split=split)
+    except Exception as exc:
+        if is_offline_error(exc):
+            raise HubUnavailableError(
+                f"KorMedMCQA ({mcqa.hub_id}, {subset}/{split}) could not be fetched from the Hugging Face "
+                f"Hub ({type(exc).__name__}). Download it elsewhere (<subset>/<split>.jsonl) and set "
+                "data.kormedmcqa.local_path") from None
+        raise
+    for row in dataset:
+        yield {key: _plain(value) for key, value in row.items()}
+
+
+def _read_csv(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else json.loads(json.dumps(value, default=str))
+
+
+def validate_mcqa_row(row: dict[str, Any], subset: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """(clean row in the project schema, None) or (None, reason it is unusable)."""
+    question = str(row.get("question") or "").strip()
+    if not question:
+        return None, "empty question"
+    options = {}
+    for letter in "ABCDE":
+        option = row.get(letter)
+        if option is None or str(option).strip() == "":
+            return None, f"missing option {letter}"
+        options[letter] = str(option).strip()
+    try:
+        answer = int(str(row.get("answer")).strip())
+    except ValueError:
+        return None, f"answer {row.get('answer')!r} is not a number"
+    if not 1 <= answer <= 5:
+        return None, f"answer {answer} outside 1-5"
+    clean = {"question": question, **options, "answer": answer,
+             "subject": str(row.get("subject") or subset)}
+    cot = row.get("cot")
+    if isinstance(cot, str) and cot.strip():
+        clean["cot"] = cot.strip()
+    return clean, None
+
+
+def collect_all(config: ProjectConfig) -> dict[str, Any]:
+    """Phase 0.02: raw Korean and English text and KorMedMCQA, each an atomic artifact."""
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.manifest import write_artifact
+
+    local_inputs = {name: resolve_path(config, s.local_path) for name, s in config.data.sources.items()
+                    if s.enabled and s.local_path}
+    figures: dict[str, Any] = {}
+    for language, key in (("ko", "raw_korean"), ("en", "raw_english")):
+        inputs = {n: p for n, p in local_inputs.items() if config.data.sources[n].language == language}
+        with write_artifact(artifact_path(config, key), "0.02", config, ["data.sources"], inputs) as out:
+            out.metrics["docs_per_source"] = collect_texts(config, language, out.path)
+        figures[key] = out.metrics["docs_per_source"]
+    mcqa = config.data.kormedmcqa
+    inputs = {"kormedmcqa": resolve_path(config, mcqa.local_path)} if mcqa.local_path else {}
+    with write_artifact(artifact_path(config, "raw_kormedmcqa"), "0.02", config, ["data.kormedmcqa"],
+                        inputs) as out:
+        out.metrics["rows"] = collect_kormedmcqa(config, out.path)
+    figures["raw_kormedmcqa"] = out.metrics["rows"]
+    return figures
