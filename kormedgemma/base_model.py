@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from config.training_config import ProjectConfig, TinyModelConfig
-from kormedgemma.config import resolve_path
+from kormedgemma.config import resolve_input
 from kormedgemma.hub import model_ref
 
 # Gemma 3's fixed low ids, in its order: pad 0, eos 1, bos 2, unk 3, mask 4, [multimodal] 5.
@@ -113,7 +113,7 @@ def build_tiny_base(config: ProjectConfig, out_dir: Path) -> dict[str, Any]:
     from transformers import Gemma3ForConditionalGeneration
 
     shape = config.base.tiny
-    corpus = resolve_path(config, config.base.tiny_tokenizer_corpus)
+    corpus = resolve_input(config, config.base.tiny_tokenizer_corpus)
     with tempfile.TemporaryDirectory() as tmp:
         sp_model = train_base_sentencepiece(corpus, Path(tmp) / "base", shape.sp_vocab_size)
         tokenizer = hf_tokenizer_from_sentencepiece(sp_model)
@@ -192,7 +192,7 @@ def build_base_artifact(config: ProjectConfig) -> Path:
         raise ValueError(f"profile {config.profile!r} uses {config.base.model}; only profiles with "
                          "base.build_tiny=true build a local base model")
     final = artifact_path(config, "base_model")
-    corpus = resolve_path(config, config.base.tiny_tokenizer_corpus)
+    corpus = resolve_input(config, config.base.tiny_tokenizer_corpus)
     with write_artifact(final, "0.00", config, ["base.tiny", "base.tiny_tokenizer_corpus"],
                         {"tokenizer_corpus": corpus}) as out:
         out.metrics.update(build_tiny_base(config, out.path))

@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 from config.training_config import PROFILES, ConfigError, ProjectConfig
 
 __all__ = ["ConfigError", "ProjectConfig", "load_config", "apply_overrides", "config_to_dict",
-           "config_hash", "repo_root", "resolve_path", "known_profiles"]
+           "config_hash", "repo_root", "resolve_path", "resolve_input", "known_profiles"]
 
 
 def repo_root() -> Path:
@@ -81,11 +81,14 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node: Any = data
+    # Below a user-keyed mapping (data.sources.<name>) entries may be new: from_dict checks their keys.
+    open_entry = False
     for depth, part in enumerate(parts[:-1]):
         if not isinstance(node, dict):
             raise ConfigError(f"{'.'.join(parts[:depth])}: is a value, cannot hold key {part!r}")
+        open_entry = open_entry or _is_open_mapping(data, parts[:depth])
         if part not in node:
-            if _is_open_mapping(data, parts[:depth]):
+            if open_entry:
                 node[part] = {}
             else:
                 raise ConfigError(f"unknown key {'.'.join(parts[:depth + 1])!r}; known here: "
@@ -95,7 +98,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"{'.'.join(parts[:depth + 1])} is null; set the whole block instead")
     if not isinstance(node, dict):
         raise ConfigError(f"{'.'.join(parts[:-1])}: is a value, cannot hold key {parts[-1]!r}")
-    if parts[-1] not in node and not _is_open_mapping(data, parts[:-1]):
+    if parts[-1] not in node and not open_entry and not _is_open_mapping(data, parts[:-1]):
         raise ConfigError(f"unknown key {key!r}; known here: {', '.join(sorted(node))}")
     node[parts[-1]] = value
 
@@ -134,7 +137,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]!r}; known here: {', '.join(names)}")
+        raise ConfigError(f"unknown key {where + unknown[0]!r}; known here: {', '.join(names)}")
     kwargs = {name: _coerce(hints[name], data[name], f"{path}.{name}" if path else name)
               for name in names if name in data}
     try:
@@ -214,3 +217,13 @@ def resolve_path(config: ProjectConfig, relative: str | Path) -> Path:
         return path
     root = Path(config.paths.root).expanduser() if config.paths.root else repo_root()
     return (root if root.is_absolute() else repo_root() / root) / path
+
+
+def resolve_input(config: ProjectConfig, relative: str | Path) -> Path:
+    """A user-supplied input (bundled sample, local corpus): under `paths.root` if there, else
+    under the repo root, so moving the artifact root does not hide the bundled samples."""
+    path = resolve_path(config, relative)
+    if path.exists():
+        return path
+    fallback = repo_root() / relative
+    return fallback if not Path(relative).is_absolute() and fallback.exists() else path

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from config.training_config import ProjectConfig
-from kormedgemma.config import resolve_path
+from kormedgemma.config import resolve_input
 from kormedgemma.io import atomic_file
 
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
@@ -87,11 +87,11 @@ def clean_pairs(pairs: Iterable[tuple[str, str, str]]) -> list[tuple[str, str, s
 def build_dictionary(config: ProjectConfig, out_dir: Path) -> dict[str, object]:
     """Write `medical_ko_en.tsv` (ko, en, source) into `out_dir`; returns counts per source."""
     spec = config.data.dictionary
-    pairs: list[tuple[str, str, str]] = list(read_pairs_tsv(resolve_path(config, spec.bundled), "bundled"))
+    pairs: list[tuple[str, str, str]] = list(read_pairs_tsv(resolve_input(config, spec.bundled), "bundled"))
     if spec.umls_mrconso:
-        pairs += list(read_umls_mrconso(resolve_path(config, spec.umls_mrconso)))
+        pairs += list(read_umls_mrconso(resolve_input(config, spec.umls_mrconso)))
     for extra in spec.extra_tsv:
-        pairs += list(read_pairs_tsv(resolve_path(config, extra), Path(extra).stem))
+        pairs += list(read_pairs_tsv(resolve_input(config, extra), Path(extra).stem))
     kept = clean_pairs(pairs)
     if not kept:
         raise ValueError("the bilingual dictionary is empty: check data.dictionary paths")
@@ -114,10 +114,10 @@ def build_dictionary_artifact(config: ProjectConfig) -> Path:
     from kormedgemma.manifest import write_artifact
 
     spec = config.data.dictionary
-    inputs = {"bundled": resolve_path(config, spec.bundled)}
+    inputs = {"bundled": resolve_input(config, spec.bundled)}
     if spec.umls_mrconso:
-        inputs["umls_mrconso"] = resolve_path(config, spec.umls_mrconso)
-    inputs.update({f"extra_{i}": resolve_path(config, p) for i, p in enumerate(spec.extra_tsv)})
+        inputs["umls_mrconso"] = resolve_input(config, spec.umls_mrconso)
+    inputs.update({f"extra_{i}": resolve_input(config, p) for i, p in enumerate(spec.extra_tsv)})
     final = artifact_path(config, "dictionary")
     with write_artifact(final, "0.03", config, ["data.dictionary"], inputs) as out:
         out.metrics.update(build_dictionary(config, out.path))

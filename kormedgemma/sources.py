@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Optional
 from tqdm.auto import tqdm
 
 from config.training_config import KorMedMCQAConfig, ProjectConfig, SourceConfig
-from kormedgemma.config import resolve_path
+from kormedgemma.config import resolve_input
 from kormedgemma.hub import HubUnavailableError, is_offline_error
 from kormedgemma.io import read_jsonl, write_jsonl
 
@@ -66,7 +66,7 @@ def sources_table(config: ProjectConfig) -> list[dict[str, Any]]:
 
 def iter_source_texts(config: ProjectConfig, name: str, source: SourceConfig) -> Iterator[str]:
     """Texts of one source, filtered to medicine where configured, capped at `max_docs`."""
-    raw = _iter_local(resolve_path(config, source.local_path), source.text_field) if source.local_path \
+    raw = _iter_local(resolve_input(config, source.local_path), source.text_field) if source.local_path \
         else _iter_hub(name, source)
     texts: Iterable[str] = (t for t in raw if isinstance(t, str) and t.strip())
     if source.medical_filter:
@@ -142,7 +142,7 @@ def collect_kormedmcqa(config: ProjectConfig, out_dir: Path) -> dict[str, dict[s
 
 def _mcqa_rows(config: ProjectConfig, mcqa: KorMedMCQAConfig, subset: str, split: str) -> Iterator[dict]:
     if mcqa.local_path:
-        folder = resolve_path(config, mcqa.local_path) / subset
+        folder = resolve_input(config, mcqa.local_path) / subset
         for candidate in (folder / f"{split}.jsonl", folder / f"{split}.csv"):
             if candidate.is_file():
                 yield from (read_jsonl(candidate) if candidate.suffix == ".jsonl" else _read_csv(candidate))
@@ -203,7 +203,7 @@ def collect_all(config: ProjectConfig) -> dict[str, Any]:
     from kormedgemma.artifacts import artifact_path
     from kormedgemma.manifest import write_artifact
 
-    local_inputs = {name: resolve_path(config, s.local_path) for name, s in config.data.sources.items()
+    local_inputs = {name: resolve_input(config, s.local_path) for name, s in config.data.sources.items()
                     if s.enabled and s.local_path}
     figures: dict[str, Any] = {}
     for language, key in (("ko", "raw_korean"), ("en", "raw_english")):
@@ -212,7 +212,7 @@ def collect_all(config: ProjectConfig) -> dict[str, Any]:
             out.metrics["docs_per_source"] = collect_texts(config, language, out.path)
         figures[key] = out.metrics["docs_per_source"]
     mcqa = config.data.kormedmcqa
-    inputs = {"kormedmcqa": resolve_path(config, mcqa.local_path)} if mcqa.local_path else {}
+    inputs = {"kormedmcqa": resolve_input(config, mcqa.local_path)} if mcqa.local_path else {}
     with write_artifact(artifact_path(config, "raw_kormedmcqa"), "0.02", config, ["data.kormedmcqa"],
                         inputs) as out:
         out.metrics["rows"] = collect_kormedmcqa(config, out.path)

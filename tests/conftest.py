@@ -1,0 +1,34 @@
+"""Shared fixtures: every test writes artifacts under a temporary `paths.root`, never the repo's."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach for the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def root_overrides(tmp_path: Path) -> dict:
+    return {"paths.root": str(tmp_path)}
+
+
+@pytest.fixture(scope="session")
+def tiny_phase0(tmp_path_factory: pytest.TempPathFactory):
+    """Phase 0 run through the library on the tiny profile, once per session."""
+    from kormedgemma.base_model import build_base_artifact
+    from kormedgemma.config import load_config
+    from kormedgemma.dictionary import build_dictionary_artifact
+    from kormedgemma.preprocess import preprocess_all
+    from kormedgemma.sources import collect_all
+
+    root = tmp_path_factory.mktemp("phase0")
+    config = load_config("tiny", overrides={"paths.root": str(root)})
+    build_base_artifact(config)
+    collect_all(config)
+    build_dictionary_artifact(config)
+    figures = preprocess_all(config)
+    return config, figures

@@ -1,0 +1,82 @@
+import pytest
+
+from config.training_config import ConfigError
+from kormedgemma.config import apply_overrides, config_hash, load_config, resolve_input, resolve_path
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown profile 'a6000'; known profiles: a5000, tiny"):
+        load_config("a6000")
+
+
+def test_both_profiles_load_and_differ_where_they_should():
+    tiny, real = load_config("tiny"), load_config("a5000")
+    assert tiny.base.build_tiny and not real.base.build_tiny
+    assert real.base.model == "google/medgemma-4b-it"
+    assert real.tokenizer.min_frequency == 6000 and real.tokenizer.vocab_size == 40000
+    assert real.staged.stage6.load_in_4bit and real.staged.stage6.lora is not None
+    assert "oscar_korean" in real.data.sources and real.data.sources["oscar_korean"].max_docs
+
+
+def test_unknown_key_is_named_with_its_neighbours():
+    with pytest.raises(ConfigError, match=r"unknown key 'tokenizer.min_freq'.*min_frequency"):
+        load_config("tiny", overrides={"tokenizer.min_freq": 3})
+
+
+def test_wrong_type_is_rejected_with_the_key():
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size: must be an integer \(got 'big'\)"):
+        load_config("tiny", overrides={"tokenizer.vocab_size": "big"})
+    with pytest.raises(ConfigError, match=r"base.build_tiny: must be true or false"):
+        load_config("tiny", overrides={"base.build_tiny": 1})
+
+
+def test_impossible_value_is_rejected_before_work():
+    with pytest.raises(ConfigError, match=r"tokenizer.min_frequency: must be ≥ 1 \(got 0\)"):
+        load_config("tiny", overrides={"tokenizer.min_frequency": 0})
+    with pytest.raises(ConfigError, match=r"staged.stage3.seq_len: must be ≥ 1"):
+        load_config("tiny", overrides={"staged.stage3.seq_len": 0})
+    with pytest.raises(ConfigError, match=r"embeddings.method: must be one of"):
+        load_config("tiny", overrides={"embeddings.method": "magic"})
+
+
+def test_overrides_apply_and_integers_widen_to_float():
+    config = load_config("tiny", overrides={"staged.stage1.learning_rate": 1, "data.preprocess.seed": 7})
+    assert config.staged.stage1.learning_rate == 1.0 and isinstance(config.staged.stage1.learning_rate, float)
+    assert config.data.preprocess.seed == 7
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("tokenizer:\n  min_frequency: 9\n  max_new_tokens: 50\n", encoding="utf-8")
+    config = load_config("tiny", overrides={"tokenizer.max_new_tokens": 70}, config_file=path)
+    assert (config.tokenizer.min_frequency, config.tokenizer.max_new_tokens) == (9, 70)
+
+
+def test_bad_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config("tiny", config_file=path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("tiny", config_file=tmp_path / "missing.yaml")
+
+
+def test_a_new_source_can_be_added_by_override():
+    config = load_config("tiny", overrides={"data.sources.my_corpus": {"language": "ko", "local_path": "/x.txt"}})
+    assert config.data.sources["my_corpus"].local_path == "/x.txt"
+    with pytest.raises(ConfigError, match="a source needs hub_id or local_path"):
+        load_config("tiny", overrides={"data.sources.broken": {"language": "ko"}})
+
+
+def test_config_hash_tracks_values():
+    config = load_config("tiny")
+    changed = apply_overrides(config, {"data.preprocess.seed": 1})
+    assert config_hash(config.data.preprocess) != config_hash(changed.data.preprocess)
+    assert config_hash(config.tokenizer) == config_hash(changed.tokenizer)
+
+
+def test_root_moves_artifacts_but_not_bundled_inputs(tmp_path):
+    config = load_config("tiny", overrides={"paths.root": str(tmp_path)})
+    assert resolve_path(config, "models/base") == tmp_path / "models/base"
+    bundled = resolve_input(config, "data/samples/korean_medical.txt")
+    assert bundled.is_file() and tmp_path not in bundled.parents

@@ -1,0 +1,79 @@
+"""The papermill runner on the real phase-0 notebooks, under a temporary artifact root."""
+import json
+
+import pytest
+
+from kormedgemma.artifacts import artifact_path, require
+from kormedgemma.config import load_config
+from kormedgemma.io import MissingArtifactError
+from kormedgemma.manifest import read_manifest
+from kormedgemma.pipeline import STEPS, select_steps
+from kormedgemma.runner import NotebookFailed, run_pipeline
+
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    overrides = {"paths.root": str(root)}
+    outcomes = run_pipeline("tiny", overrides=overrides, echo=lambda *_: None)
+    return root, overrides, outcomes
+
+
+def test_runs_every_phase0_notebook_and_writes_the_contract(first_run):
+    root, overrides, outcomes = first_run
+    assert [(o.id, o.status) for o in outcomes] == [(s.id, "ran") for s in STEPS]
+    config = load_config("tiny", overrides=overrides)
+    for key in ("base_model", "raw_korean", "raw_english", "raw_kormedmcqa", "dictionary", "korean",
+                "english", "kormedmcqa"):
+        assert read_manifest(artifact_path(config, key)) is not None, key
+    run_dir = sorted((root / "runs").iterdir())[0]
+    executed = sorted(p.name for p in (run_dir / "executed").iterdir())
+    assert executed == sorted(s.notebook.split("/")[-1] for s in STEPS)
+    assert (run_dir / "logs").is_dir() and (run_dir / "report.md").is_file()
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "`data/processed/korean`" in report or "data/processed/korean" in report
+    # The executed notebook shows its outputs (the statistics table made it into the copy).
+    notebook = json.loads((run_dir / "executed" / "04_preprocess_data.ipynb").read_text(encoding="utf-8"))
+    assert any(cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code")
+
+
+def test_second_run_skips_fresh_notebooks_and_reruns_after_a_config_change(first_run):
+    root, overrides, _ = first_run
+    again = run_pipeline("tiny", overrides=overrides, echo=lambda *_: None)
+    assert {o.id: o.status for o in again} == {"0.00": "skipped", "0.01": "ran", "0.02": "skipped",
+                                              "0.03": "skipped", "0.04": "skipped"}
+    changed = run_pipeline("tiny", start="0.04", overrides={**overrides, "data.preprocess.seed": 11},
+                           echo=lambda *_: None)
+    assert [(o.id, o.status) for o in changed] == [("0.04", "ran")]
+
+
+def test_failing_notebook_names_cell_and_keeps_existing_artifacts(first_run):
+    root, overrides, _ = first_run
+    config = load_config("tiny", overrides=overrides)
+    raw = artifact_path(config, "raw_korean")
+    before = read_manifest(raw)
+    broken = {**overrides, "data.sources.bundled_korean_medical.local_path": "data/samples/missing.txt"}
+    with pytest.raises(NotebookFailed, match=r"0.02 phase0_data_preparation/02_collect_korean_medical.ipynb "
+                                             r"failed in cell \d+ \(FileNotFoundError: .*missing.txt"):
+        run_pipeline("tiny", start="0.02", stop="0.02", overrides=broken, echo=lambda *_: None)
+    assert read_manifest(raw) == before
+    assert not [p for p in raw.parent.iterdir() if p.name.startswith(".tmp-")]
+    state = json.loads(sorted((root / "runs").glob("*/state.json"))[-1].read_text())
+    assert state[-1]["status"] == "failed" and "cell" in state[-1]["note"]
+
+
+def test_missing_inputs_fail_at_once_naming_the_producer(tmp_path):
+    overrides = {"paths.root": str(tmp_path)}
+    with pytest.raises(MissingArtifactError, match=r"needs data/raw/korean/, which is missing: run "
+                                                   r"phase0_data_preparation/02_collect_korean_medical.ipynb"):
+        run_pipeline("tiny", start="0.04", overrides=overrides, echo=lambda *_: None)
+    with pytest.raises(MissingArtifactError, match=r"--to 0.02"):
+        require(load_config("tiny", overrides=overrides), "raw_kormedmcqa")
+
+
+def test_step_selection():
+    assert [s.id for s in select_steps("0.02", "0.03")] == ["0.02", "0.03"]
+    with pytest.raises(ValueError, match="unknown notebook id '9.9'"):
+        select_steps("9.9")
