@@ -102,3 +102,24 @@ def test_dictionary_merges_sources_and_deduplicates(tmp_path):
     assert "kmesh" not in figures["per_source"]  # both kmesh pairs duplicate or lack Hangul
     assert figures["dropped"] == 3
     assert clean_pairs([("고혈압", "A", "x"), ("고혈압", "a", "y"), ("", "b", "z")]) == [("고혈압", "A", "x")]
+
+
+def test_offline_kormedmcqa_names_the_local_path_key(tmp_path):
+    from kormedgemma.sources import collect_kormedmcqa
+
+    config = load_config("a5000", overrides={"paths.root": str(tmp_path)})
+    with pytest.raises(HubUnavailableError, match=r"sean0042/KorMedMCQA, doctor/train.*data.kormedmcqa.local_path"):
+        collect_kormedmcqa(config, tmp_path / "out")
+    assert not (tmp_path / "out" / "doctor" / "train.jsonl").exists()
+
+
+def test_kormedmcqa_from_a_local_folder_in_csv(tmp_path):
+    from kormedgemma.sources import collect_kormedmcqa
+
+    folder = tmp_path / "kmcqa" / "doctor"
+    folder.mkdir(parents=True)
+    (folder / "test.csv").write_text("question,A,B,C,D,E,answer\n질문?,가,나,다,라,마,2\n", encoding="utf-8")
+    config = load_config("tiny", overrides={"data.kormedmcqa.local_path": str(tmp_path / "kmcqa"),
+                                            "data.kormedmcqa.subsets": ["doctor"],
+                                            "data.kormedmcqa.splits": ["test"]})
+    assert collect_kormedmcqa(config, tmp_path / "out") == {"doctor": {"test": 1}}
