@@ -229,11 +229,18 @@ def plot_length_histogram(corpora: dict[str, list[dict[str, Any]]], path: Option
 
     matplotlib.use("Agg") if path is not None and not _in_notebook() else None
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import ScalarFormatter
 
     figure, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 3.2), squeeze=False)
     for axis, (name, rows) in zip(axes[0], corpora.items()):
-        axis.hist([len(r["text"]) for r in rows], bins=40, color="#4C72B0")
-        axis.set_xscale("log")
+        lengths = [len(r["text"]) for r in rows] or [1]
+        if max(lengths) / min(lengths) > 20:  # web documents span 20 to 20,000 characters: log bins
+            axis.hist(lengths, bins=np.geomspace(min(lengths), max(lengths) + 1, 30), color="#4C72B0")
+            axis.set_xscale("log")
+            axis.xaxis.set_major_formatter(ScalarFormatter())
+        else:
+            axis.hist(lengths, bins=min(30, max(lengths) - min(lengths) + 1), color="#4C72B0")
         axis.set_title(f"{name}: {len(rows):,} texts")
         axis.set_xlabel("characters")
         axis.set_ylabel("texts")

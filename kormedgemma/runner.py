@@ -123,7 +123,10 @@ def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
             papermill.execute_notebook(
                 str(source), str(executed), parameters=parameters, kernel_name="python3",
                 cwd=str(source.parent), progress_bar=sys.stderr.isatty(), stdout_file=handle,
-                stderr_file=handle, request_save_on_cell_execute=True)
+                stderr_file=handle, request_save_on_cell_execute=True,
+                # The kernel talks to this process over loopback only; its per-start warning about
+                # unencrypted TCP would bury the progress lines.
+                extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as exc:
         raise NotebookFailed(
             f"{step.id} {step.notebook} failed in cell {exc.cell_index + 1} "
