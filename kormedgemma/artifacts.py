@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kormedgemma.config import ProjectConfig, resolve_path
 from kormedgemma.io import MissingArtifactError
-from kormedgemma.manifest import MANIFEST
+from kormedgemma.manifest import manifest_path
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
     Artifact("korean", "data/processed/korean", "0.04", "clean Korean train/valid JSONL"),
     Artifact("english", "data/processed/english", "0.04", "clean English train/valid JSONL"),
     Artifact("kormedmcqa", "data/processed/kormedmcqa", "0.04", "validated KorMedMCQA by subset/split"),
+    Artifact("korean_sp", "models/tokenizer/korean_sp", "1.01", "Korean SentencePiece model"),
+    Artifact("new_tokens", "models/tokenizer/new_tokens.json", "1.02", "chosen pieces with corpus frequency"),
+    Artifact("merged_tokenizer", "models/tokenizer/merged", "1.03", "base tokenizer + new Korean pieces"),
 ]}
 
 
@@ -39,9 +42,9 @@ def artifact_path(config: ProjectConfig, key: str) -> Path:
     return resolve_path(config, ARTIFACTS[key].relpath)
 
 
-def is_complete(folder: Path) -> bool:
+def is_complete(artifact: Path) -> bool:
     """An artifact counts only once its manifest is written (the last act of an atomic write)."""
-    return (Path(folder) / MANIFEST).is_file()
+    return manifest_path(artifact).is_file()
 
 
 def require(config: ProjectConfig, key: str) -> Path:
@@ -51,8 +54,9 @@ def require(config: ProjectConfig, key: str) -> Path:
         from kormedgemma.pipeline import step_by_id  # late: pipeline imports this module
 
         step = step_by_id(ARTIFACTS[key].producer)
-        state = "incomplete (no manifest.json)" if path.exists() else "not found"
+        state = "incomplete (no manifest)" if path.exists() else "not found"
+        shown = ARTIFACTS[key].relpath + ("" if path.suffix else "/")
         raise MissingArtifactError(
-            f"{ARTIFACTS[key].relpath}/ {state}: run {step.notebook} "
+            f"{shown} {state}: run {step.notebook} "
             f"(or `python -m kormedgemma run --profile {config.profile} --to {step.id}`)")
     return path

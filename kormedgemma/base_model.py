@@ -73,6 +73,7 @@ def hf_tokenizer_from_sentencepiece(sp_model: Path) -> Any:
         raise RuntimeError("converted tokenizer and SentencePiece model segment text differently")
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_SOFT_TOKEN]})
     tokenizer.chat_template = chat_template()
+    tokenizer.init_kwargs.pop("vocab_file", None)  # a temporary path: never saved into the folder
     return tokenizer
 
 
@@ -164,6 +165,28 @@ def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any
                 f"{target} could not be fetched from the Hugging Face Hub ({type(exc).__name__}). "
                 "Log in (`hf auth login`) on a machine with network, or download it and set "
                 "base.model (and base.tokenizer) to the local folder.") from None
+        raise
+
+
+def base_tokenizer_folder(config: ProjectConfig) -> Path:
+    """A local folder holding the base tokenizer's files (downloaded from the Hub if needed)."""
+    from kormedgemma.hub import HubUnavailableError, is_offline_error
+
+    ref = model_ref(config, config.base.tokenizer or config.base.model, "base.tokenizer")
+    if Path(ref).is_dir():
+        return Path(ref)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, revision=config.base.revision, allow_patterns=[
+            "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.jinja", "chat_template.json"]))
+    except Exception as exc:
+        if is_offline_error(exc):
+            raise HubUnavailableError(
+                f"tokenizer of {ref} could not be fetched from the Hugging Face Hub ({type(exc).__name__}). "
+                "Log in (`hf auth login`) on a machine with network, or set base.tokenizer to a local "
+                "folder holding tokenizer.model and tokenizer.json") from None
         raise
 
 

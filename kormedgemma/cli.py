@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key (repeatable), e.g. --set data.preprocess.seed=1")
     run.add_argument("--list", action="store_true", help="list the notebooks and exit")
+
+    stats = commands.add_parser("tokenizer-stats", help="tokens per character of tokenizers on a text file (JSON)",
+                                description="Print, as JSON, how many tokens each tokenizer spends per "
+                                            "character of the text, and the change against the first.")
+    stats.add_argument("--tokenizer", action="append", required=True, metavar="PATH_OR_HUB_ID",
+                       help="a tokenizer folder or Hub id (repeat to compare; the first is the reference)")
+    stats.add_argument("--text", required=True, help="a .txt file (one text a line) or .jsonl (field 'text')")
+    stats.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     return parser
 
 
@@ -47,6 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "tokenizer-stats":
+            return _tokenizer_stats(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -73,4 +83,28 @@ def _run(args: argparse.Namespace) -> int:
     ran = sum(o.status == "ran" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
     print(f"pipeline finished: {ran} ran, {skipped} skipped")
+    return 0
+
+
+def _tokenizer_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kormedgemma.hub import HubUnavailableError, is_offline_error
+    from kormedgemma.tokenizer import efficiency_table, read_texts
+
+    texts = read_texts(args.text, args.field)
+    if not texts:
+        raise ValueError(f"{args.text} holds no text")
+    tokenizers = {}
+    for ref in args.tokenizer:
+        try:
+            tokenizers[ref] = AutoTokenizer.from_pretrained(ref)
+        except OSError as exc:
+            if is_offline_error(exc):
+                raise HubUnavailableError(f"tokenizer {ref} is neither a local folder nor reachable on the Hub") from None
+            raise ValueError(f"tokenizer {ref} could not be loaded: {str(exc).splitlines()[0]}") from None
+    rows = efficiency_table(tokenizers, {args.text: texts})
+    print(json.dumps({"text": args.text, "tokenizers": rows}, ensure_ascii=False, indent=2))
     return 0

@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import platform
+import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -88,42 +90,78 @@ class OutputArtifact:
     metrics: dict[str, Any]
 
 
+FILE_SUFFIXES = (".json", ".jsonl", ".tsv")
+
+
+def is_file_artifact(final: Path) -> bool:
+    return Path(final).suffix in FILE_SUFFIXES
+
+
+def manifest_path(final: Path) -> Path:
+    """`<folder>/manifest.json`, or `<name>.manifest.json` beside a single-file artifact."""
+    final = Path(final)
+    return final.parent / f"{final.stem}.{MANIFEST}" if is_file_artifact(final) else final / MANIFEST
+
+
 @contextlib.contextmanager
 def write_artifact(final: Path, step: str, config: ProjectConfig, config_keys: list[str],
                    inputs: Mapping[str, Path]) -> Iterator[OutputArtifact]:
-    """Build an artifact folder atomically and seal it with its manifest.
+    """Build an artifact atomically and seal it with its manifest.
 
     `inputs` maps a name to a file or folder whose content hash is recorded (and checked by the
     runner next time); `config_keys` are the dotted config sections that shape this output.
+    A folder artifact is written into `out.path`; a single-file artifact (`new_tokens.json`) is
+    written as `out.path / final.name`, and its manifest lands beside it.
     """
     started = time.time()
+    final = Path(final)
     input_hashes = {name: {"path": _display(Path(p)), "sha256": hash_path(Path(p))}
                     for name, p in inputs.items()}
-    with atomic_dir(Path(final)) as tmp:
+    if is_file_artifact(final):
+        with atomic_dir(final.parent / f".build-{final.name}") as tmp:
+            out = OutputArtifact(path=tmp, metrics={})
+            yield out
+            produced = tmp / final.name
+            if not produced.is_file():
+                raise FileNotFoundError(f"step {step} did not write {final.name}")
+            manifest_path(final).unlink(missing_ok=True)  # stale until the new one is sealed
+            os.replace(produced, final)
+            write_json(manifest_path(final), _manifest(final, step, config, config_keys, input_hashes,
+                                                       {final.name: final.stat().st_size}, out.metrics, started))
+        shutil.rmtree(final.parent / f".build-{final.name}", ignore_errors=True)
+        return
+    with atomic_dir(final) as tmp:
         out = OutputArtifact(path=tmp, metrics={})
         yield out
-        finished = time.time()
-        write_json(tmp / MANIFEST, {
-            "artifact": _display(Path(final)),
-            "step": step,
-            "profile": config.profile,
-            "inputs": input_hashes,
-            "config_keys": config_keys,
-            "config_hash": config_hash(select_config(config, config_keys)),
-            "config": select_config(config, config_keys),
-            "outputs": {str(p.relative_to(tmp)): p.stat().st_size
-                        for p in sorted(tmp.rglob("*")) if p.is_file()},
-            "metrics": out.metrics,
-            "git_commit": git_commit(),
-            "versions": library_versions(),
-            "started": _iso(started),
-            "finished": _iso(finished),
-            "seconds": round(finished - started, 3),
-        })
+        outputs = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / MANIFEST, _manifest(final, step, config, config_keys, input_hashes, outputs,
+                                             out.metrics, started))
 
 
-def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
-    path = Path(folder) / MANIFEST
+def _manifest(final: Path, step: str, config: ProjectConfig, config_keys: list[str],
+              input_hashes: dict[str, Any], outputs: dict[str, int], metrics: dict[str, Any],
+              started: float) -> dict[str, Any]:
+    finished = time.time()
+    return {
+        "artifact": _display(Path(final)),
+        "step": step,
+        "profile": config.profile,
+        "inputs": input_hashes,
+        "config_keys": config_keys,
+        "config_hash": config_hash(select_config(config, config_keys)),
+        "config": select_config(config, config_keys),
+        "outputs": outputs,
+        "metrics": metrics,
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "started": _iso(started),
+        "finished": _iso(finished),
+        "seconds": round(finished - started, 3),
+    }
+
+
+def read_manifest(artifact: Path) -> Optional[dict[str, Any]]:
+    path = manifest_path(artifact)
     if not path.is_file():
         return None
     try:

@@ -19,12 +19,15 @@ class Step:
     title: str
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
-    # Outputs that exist only on profiles that build a local base model.
+    # Outputs/inputs that exist only on profiles that build a local base model (models/base).
     tiny_only_outputs: tuple[str, ...] = field(default=())
+    tiny_only_inputs: tuple[str, ...] = field(default=())
 
     def outputs_for(self, config: ProjectConfig) -> tuple[str, ...]:
-        extra = self.tiny_only_outputs if config.base.build_tiny else ()
-        return self.outputs + extra
+        return self.outputs + (self.tiny_only_outputs if config.base.build_tiny else ())
+
+    def inputs_for(self, config: ProjectConfig) -> tuple[str, ...]:
+        return self.inputs + (self.tiny_only_inputs if config.base.build_tiny else ())
 
 
 STEPS: tuple[Step, ...] = (
@@ -37,6 +40,13 @@ STEPS: tuple[Step, ...] = (
          "Korean-English medical dictionary", outputs=("dictionary",)),
     Step("0.04", "phase0_data_preparation/04_preprocess_data.ipynb", "clean, deduplicate, split",
          inputs=("raw_korean", "raw_english", "raw_kormedmcqa"), outputs=("korean", "english", "kormedmcqa")),
+    Step("1.01", "phase1_tokenizer/01_train_korean_tokenizer.ipynb", "train the Korean SentencePiece model",
+         inputs=("korean",), outputs=("korean_sp",)),
+    Step("1.02", "phase1_tokenizer/02_filter_tokens.ipynb", "count and filter new Korean pieces",
+         inputs=("korean", "korean_sp"), outputs=("new_tokens",), tiny_only_inputs=("base_model",)),
+    Step("1.03", "phase1_tokenizer/03_merge_tokenizers.ipynb", "merge the pieces into the Gemma 3 tokenizer",
+         inputs=("korean", "english", "korean_sp", "new_tokens"), outputs=("merged_tokenizer",),
+         tiny_only_inputs=("base_model",)),
 )
 
 

@@ -48,12 +48,13 @@ def step_is_fresh(step: Step, config: ProjectConfig) -> tuple[bool, str]:
 
 def missing_inputs(step: Step, config: ProjectConfig, scheduled: set[str]) -> Optional[str]:
     """A message naming the producer of the first input that will not exist when `step` starts."""
-    for key in step.inputs:
+    for key in step.inputs_for(config):
         producer = ARTIFACTS[key].producer
         if producer in scheduled or is_complete(artifact_path(config, key)):
             continue
         source = step_by_id(producer)
-        return (f"{step.id} ({step.notebook}) needs {ARTIFACTS[key].relpath}/, which is missing: run "
+        shown = ARTIFACTS[key].relpath + ("" if "." in ARTIFACTS[key].relpath.rsplit("/", 1)[-1] else "/")
+        return (f"{step.id} ({step.notebook}) needs {shown}, which is missing: run "
                 f"{source.notebook} first (`python -m kormedgemma run --profile {config.profile} "
                 f"--from {source.id}`)")
     return None

@@ -32,3 +32,15 @@ def tiny_phase0(tmp_path_factory: pytest.TempPathFactory):
     build_dictionary_artifact(config)
     figures = preprocess_all(config)
     return config, figures
+
+
+@pytest.fixture(scope="session")
+def tiny_phase1(tiny_phase0):
+    """Phase 1 through the library, on top of the session's phase 0."""
+    from kormedgemma.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
+
+    config, _ = tiny_phase0
+    train_tokenizer_artifact(config)
+    filtered = filter_tokens_artifact(config)
+    merged = merge_artifact(config)
+    return config, filtered, merged

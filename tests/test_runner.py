@@ -42,11 +42,15 @@ def test_runs_every_phase0_notebook_and_writes_the_contract(first_run):
 def test_second_run_skips_fresh_notebooks_and_reruns_after_a_config_change(first_run):
     root, overrides, _ = first_run
     again = run_pipeline("tiny", overrides=overrides, echo=lambda *_: None)
-    assert {o.id: o.status for o in again} == {"0.00": "skipped", "0.01": "ran", "0.02": "skipped",
-                                              "0.03": "skipped", "0.04": "skipped"}
-    changed = run_pipeline("tiny", start="0.04", overrides={**overrides, "data.preprocess.seed": 11},
+    assert {o.id: o.status for o in again} == {s.id: "ran" if s.id == "0.01" else "skipped" for s in STEPS}
+    changed = run_pipeline("tiny", start="0.04", stop="0.04", overrides={**overrides, "data.preprocess.seed": 11},
                            echo=lambda *_: None)
     assert [(o.id, o.status) for o in changed] == [("0.04", "ran")]
+    # A tokenizer key leaves phase 0 fresh and re-runs phase 1 from the notebook that reads it.
+    tuned = run_pipeline("tiny", overrides={**overrides, "data.preprocess.seed": 11, "tokenizer.min_frequency": 4},
+                         echo=lambda *_: None)
+    assert {o.id: o.status for o in tuned if o.id >= "1"} == {"1.01": "ran", "1.02": "ran", "1.03": "ran"}
+    assert all(o.status == "skipped" for o in tuned if o.id < "1" and o.id != "0.01")
 
 
 def test_failing_notebook_names_cell_and_keeps_existing_artifacts(first_run):
