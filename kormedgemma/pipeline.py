@@ -47,6 +47,10 @@ STEPS: tuple[Step, ...] = (
     Step("1.03", "phase1_tokenizer/03_merge_tokenizers.ipynb", "merge the pieces into the Gemma 3 tokenizer",
          inputs=("korean", "english", "korean_sp", "new_tokens"), outputs=("merged_tokenizer",),
          tiny_only_inputs=("base_model",)),
+    Step("2.01", "phase2_embedding/01_resize_embeddings.ipynb", "untie lm_head and resize the embeddings",
+         inputs=("merged_tokenizer",), outputs=("resized_model",), tiny_only_inputs=("base_model",)),
+    Step("2.02", "phase2_embedding/02_initialize_embeddings.ipynb", "initialise the new rows (EEVE/WECHSEL)",
+         inputs=("resized_model", "korean", "english", "dictionary"), outputs=("initialized_model",)),
 )
 
 

@@ -44,3 +44,14 @@ def tiny_phase1(tiny_phase0):
     filtered = filter_tokens_artifact(config)
     merged = merge_artifact(config)
     return config, filtered, merged
+
+
+@pytest.fixture(scope="session")
+def tiny_phase2(tiny_phase1):
+    """Phase 2 (hybrid) through the library, on top of the session's phase 1."""
+    from kormedgemma.embeddings import initialize_artifact, resize_artifact
+
+    config, _, _ = tiny_phase1
+    resized = resize_artifact(config)
+    initialized = initialize_artifact(config)
+    return config, resized, initialized
