@@ -221,11 +221,12 @@ def wechsel_rows(base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequence[i
     for token_id in candidates:
         vector = phrase_vector(english_vectors, token_text(base_tokenizer, token_id))
         if vector is not None:
-            base_matrix.append(vector)
+            base_matrix.append(vector.astype(np.float32))
             base_ids.append(token_id)
     if not base_ids:
         raise ValueError("no base token has an English word vector: cannot run WECHSEL")
     base_unit = _unit(np.stack(base_matrix))
+    del base_matrix
     base_ids_array = np.asarray(base_ids)
     knn_ids, knn_vectors = [], []
     for token_id in new_ids:
@@ -243,9 +244,11 @@ def wechsel_rows(base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequence[i
             knn_ids.append(token_id)
             knn_vectors.append(vector)
     k = min(spec.wechsel_k, len(base_ids))
-    batch = 1024  # similarities of `batch` new tokens against every base token at once
+    # Similarities of `batch` new tokens against every base token at once: 256 × 262K float32
+    # is ~270 MB at MedGemma's vocabulary size.
+    batch = 256
     for start in range(0, len(knn_ids), batch):
-        aligned = _unit(_unit(np.stack(knn_vectors[start:start + batch])) @ alignment.rotation)
+        aligned = _unit(_unit(np.stack(knn_vectors[start:start + batch])) @ alignment.rotation).astype(np.float32)
         similarities = aligned @ base_unit.T
         top = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
         for row, token_id in enumerate(knn_ids[start:start + batch]):
@@ -291,8 +294,9 @@ def initialize_new_rows(model: Any, base_tokenizer: Any, merged_tokenizer: Any, 
     outputs = model.get_output_embeddings().weight
     if inputs.shape[0] < last:
         raise ValueError(f"model has {inputs.shape[0]} rows for {last} tokens: resize first")
-    base_input = inputs.detach()[:first_new].clone()
-    base_output = outputs.detach()[:first_new].clone()
+    # Views, not copies (2.7 GB at MedGemma-4B shape): only rows from `first_new` on are written.
+    base_input = inputs.detach()[:first_new]
+    base_output = outputs.detach()[:first_new]
     coverage: dict[str, int] = {}
     neighbours: list[dict[str, Any]] = []
     alignment_info = None

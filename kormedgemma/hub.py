@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from config.training_config import ProjectConfig
 from kormedgemma.config import resolve_path
@@ -32,7 +31,3 @@ def is_offline_error(exc: BaseException) -> bool:
                "name or service not known", "network", "gated", "401", "403", "max retries",
                "temporary failure", "timed out", "localentrynotfound", "cannot find the requested files")
     return any(marker in text for marker in markers) or isinstance(exc, (ConnectionError, TimeoutError))
-
-
-def looks_local(ref: str) -> bool:
-    return Path(ref).expanduser().is_absolute() or ref.startswith(("./", "../", "models/", "data/"))

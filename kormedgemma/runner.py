@@ -7,7 +7,6 @@ config, so re-running the same command after a crash (or a fix) resumes where it
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -143,8 +142,3 @@ def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
 def _first_line(text: str) -> str:
     lines = [line for line in str(text).splitlines() if line.strip()]
     return lines[0][:400] if lines else ""
-
-
-def latest_state(runs_dir: Path) -> Optional[list[dict[str, Any]]]:
-    runs = sorted(p for p in Path(runs_dir).glob("*/state.json"))
-    return json.loads(runs[-1].read_text(encoding="utf-8")) if runs else None

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, Gemma3ForCa
 from config.training_config import EmbeddingConfig
 from kormedgemma.artifacts import artifact_path
 from kormedgemma.base_model import check_tokenizer_matches_model
-from kormedgemma.embeddings import (eeve_rows, initialize_new_rows, is_untied, procrustes, resize_for_tokenizer,
+from kormedgemma.embeddings import (initialize_new_rows, is_untied, procrustes, resize_for_tokenizer,
                                     softmax_weights)
 
 
