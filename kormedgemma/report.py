@@ -33,6 +33,24 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
         filters = metrics.get("filters", {})
         return (f"{filters.get('input', 0):,} in → {filters.get('kept', 0):,} kept; train "
                 f"{metrics.get('train', {}).get('docs', 0):,} / valid {metrics.get('valid', {}).get('docs', 0):,}")
+    if key == "korean_sp":
+        return f"{metrics.get('pieces', 0):,} Korean pieces"
+    if key == "new_tokens":
+        return (f"{metrics.get('new_pieces', 0):,} new pieces ({metrics.get('selected', 0):,} ≥ min_frequency, "
+                f"{metrics.get('parents', 0):,} parents); counted {metrics.get('corpus_mb', 0)} MB at "
+                f"{metrics.get('count_mb_per_second', 0)} MB/s")
+    if key == "merged_tokenizer":
+        return (f"vocab {metrics.get('base_size', 0):,} → {metrics.get('vocab_size', 0):,}; Korean tokens/char "
+                f"{metrics.get('korean_tokens_per_char_before')} → {metrics.get('korean_tokens_per_char_after')} "
+                f"(−{metrics.get('korean_reduction', 0):.1%}); SentencePiece/fast agreement "
+                f"{metrics.get('sentencepiece_agreement', 0):.0%}")
+    if key == "resized_model":
+        return (f"rows {metrics.get('rows_before', 0):,} → {metrics.get('rows_after', 0):,} for "
+                f"{metrics.get('tokens', 0):,} tokens; untied={metrics.get('untied')}")
+    if key == "initialized_model":
+        alignment = metrics.get("alignment") or {}
+        extra = f"; Procrustes cosine {alignment['train_cosine']}" if "train_cosine" in alignment else ""
+        return f"{metrics.get('method')}: {metrics.get('coverage')}{extra}"
     return json.dumps(metrics, ensure_ascii=False)[:200]
 
 

@@ -82,3 +82,10 @@ def test_step_selection():
     assert [s.id for s in select_steps("0.02", "0.03")] == ["0.02", "0.03"]
     with pytest.raises(ValueError, match="unknown notebook id '9.9'"):
         select_steps("9.9")
+
+
+def test_report_has_a_readable_line_per_artifact(first_run):
+    root, _, _ = first_run
+    report = (sorted((root / "runs").iterdir())[0] / "report.md").read_text(encoding="utf-8")
+    assert "Korean tokens/char" in report and "untied=True" in report and "hybrid:" in report
+    assert '{"' not in report  # no artifact falls back to a raw JSON dump
