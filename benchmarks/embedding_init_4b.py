@@ -25,28 +25,15 @@ import numpy as np
 import torch
 
 from config.training_config import EmbeddingConfig
+from kormedgemma.base_model import medgemma_4b_config
 from kormedgemma.config import repo_root
 from kormedgemma.embeddings import Alignment, initialize_new_rows, is_untied, resize_for_tokenizer
 
 BASE_TOKENS = 262_145  # 262,144 SentencePiece pieces + <image_soft_token>
-EMBEDDING_ROWS = 262_208
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def medgemma_4b_config():
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(vocab_size=EMBEDDING_ROWS, hidden_size=2560, intermediate_size=10240,
-                            num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                            sliding_window=1024, max_position_embeddings=131072, rope_theta=1_000_000.0,
-                            query_pre_attn_scalar=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                num_attention_heads=16, image_size=896, patch_size=14)
-    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255999,
-                        eoi_token_index=256000, image_token_index=262144, tie_word_embeddings=True)
 
 
 class SyntheticTokenizer:

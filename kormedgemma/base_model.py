@@ -108,6 +108,20 @@ def tiny_model_config(tokenizer: Any, shape: TinyModelConfig) -> Any:
     )
 
 
+def medgemma_4b_config() -> Any:
+    """MedGemma-4B's architecture (Gemma 3 4B: text + SigLIP tower), for random-weight benchmarks."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=262_208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                            max_position_embeddings=131072, rope_theta=1_000_000.0, query_pre_attn_scalar=256,
+                            pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                num_attention_heads=16, image_size=896, patch_size=14)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255_999,
+                        eoi_token_index=256_000, image_token_index=262_144, tie_word_embeddings=True)
+
+
 def build_tiny_base(config: ProjectConfig, out_dir: Path) -> dict[str, Any]:
     """Write tokenizer + random-weight Gemma 3 model into `out_dir`; returns headline figures."""
     import torch
