@@ -69,7 +69,9 @@ class _RowDeltaLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_logits: torch.Tensor):
         hidden, weight, delta = ctx.saved_tensors
         block = grad_logits[..., ctx.start:ctx.start + delta.shape[0]]
-        grad_hidden = grad_logits @ weight.to(grad_logits.dtype) + block @ delta.to(grad_logits.dtype)
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:  # stages 2 and 4 train nothing upstream: skip the vocab-sized matmul
+            grad_hidden = grad_logits @ weight.to(grad_logits.dtype) + block @ delta.to(grad_logits.dtype)
         grad_delta = block.reshape(-1, block.shape[-1]).transpose(0, 1) @ hidden.reshape(-1, hidden.shape[-1]).to(block.dtype)
         return grad_hidden, None, grad_delta.to(delta.dtype), None
 

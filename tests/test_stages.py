@@ -129,3 +129,21 @@ def test_a_tied_model_is_refused(tiny_phase0):
     tied = AutoModelForImageTextToText.from_pretrained(artifact_path(config, "base_model"))
     with pytest.raises(ValueError, match="share one tensor: run phase 2"):
         apply_stage(tied, STAGES[4], 1025, 10)
+
+
+@pytest.mark.parametrize("number", [1, 2, 4, 6])
+def test_chunked_loss_and_gradients_equal_the_models_own(initialized, number):
+    from kormedgemma.loss import chunked_causal_lm_loss
+
+    model, first, count, batch = initialized
+    reference = apply_stage(copy.deepcopy(model), STAGES[number], first, count, LORA)
+    chunked = copy.deepcopy(reference)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    expected = reference(**batch, labels=labels).loss
+    expected.backward()
+    got = chunked_causal_lm_loss(chunked, batch["input_ids"], labels, batch["attention_mask"], chunk_tokens=5)
+    got.backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    for (name, p), (_, q) in zip(reference.named_parameters(), chunked.named_parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name

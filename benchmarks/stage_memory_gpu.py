@@ -1,0 +1,172 @@
+"""Phase 3 on a GPU at MedGemma-4B shape: peak memory, tokens/s and MFU of each EEVE stage.
+
+A random-weight Gemma3ForConditionalGeneration of MedGemma-4B's configuration (bf16, vision tower
+included), untied and resized to 272,145 tokens (262,145 + 10,000 new), trains each stage for a
+few steps on random token ids at sequence length 2048 with the a5000 profile's micro-batch,
+gradient checkpointing on, the chunked loss of `kormedgemma.loss`, under a 24 GB cap (`torch.cuda.set_per_process_memory_fraction`), as
+on an RTX A5000. MFU counts the stage's model FLOPs per token (forward, plus the backward the
+stage needs: activation gradients only when something upstream of lm_head trains, weight
+gradients only for trained matrices; recomputation from checkpointing not counted) against the
+bf16 matmul rate measured on the same GPU.
+
+    python benchmarks/stage_memory_gpu.py [--stages 1 2 3 4 5 6 7] [--steps 6] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from config.training_config import LoraConfig
+from kormedgemma.base_model import medgemma_4b_config
+from kormedgemma.embeddings import resize_for_tokenizer
+from kormedgemma.loss import chunked_causal_lm_loss
+from kormedgemma.rows import RowDeltaEmbedding, RowDeltaLinear
+from kormedgemma.stages import STAGES, apply_stage
+from config.training_config import a5000
+
+BASE_TOKENS, NEW_TOKENS, SEQ = 262_145, 10_000, 2048
+CAP_BYTES = 24 * 10**9  # an RTX A5000's 24 GB
+
+
+def measured_bf16_peak() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * 8192**3 / sorted(times)[len(times) // 2]
+
+
+def flops_per_token(model, stage: int, lora_params: int) -> float:
+    text = model.config.text_config
+    layers = model.model.language_model.layers
+    p_layers = sum(p.numel() for p in layers.parameters())
+    vocab_d = model.lm_head.weight.shape[0] * text.hidden_size
+    attention = text.num_hidden_layers * SEQ * text.num_attention_heads * text.head_dim
+    forward = 2 * p_layers + 2 * vocab_d + 4 * attention
+    spec = STAGES[stage]
+    needs_activation_grads = spec.input_rows is not None or spec.lora
+    backward = (2 * p_layers + 2 * vocab_d + 8 * attention) if needs_activation_grads else 0
+    trained_head_rows = {"new": NEW_TOKENS, "all": model.lm_head.weight.shape[0], None: 0}[spec.output_rows]
+    backward += 2 * trained_head_rows * text.hidden_size + 2 * lora_params
+    return forward + backward
+
+
+def restore(model):
+    """Undo a stage's wrapping without merging, so the next stage starts from the same weights."""
+    if hasattr(model, "unload"):
+        model = model.unload()
+    for getter, setter in ((model.get_input_embeddings, model.set_input_embeddings),
+                           (model.get_output_embeddings, model.set_output_embeddings)):
+        module = getter()
+        if isinstance(module, (RowDeltaEmbedding, RowDeltaLinear)):
+            setter(module.base)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+        parameter.grad = None
+    return model
+
+
+def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | None = None) -> tuple[dict, object]:
+    profile = a5000().staged
+    config = getattr(profile, f"stage{stage}")
+    micro_batch = micro_batch or config.micro_batch_size
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    result = {"stage": stage, "name": STAGES[stage].name, "micro_batch": micro_batch, "seq_len": SEQ}
+    trained = apply_stage(model, STAGES[stage], BASE_TOKENS, NEW_TOKENS, config.lora or LoraConfig())
+    params = [p for p in trained.parameters() if p.requires_grad]
+    lora_params = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "lora_" in n)
+    result["trainable_parameters"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (micro_batch, SEQ), device="cuda")
+    try:
+        timings = []
+        for step in range(steps):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            loss = chunked_causal_lm_loss(trained, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= 2:  # warm-up steps excluded
+                timings.append(time.perf_counter() - started)
+        seconds = sorted(timings)[len(timings) // 2]
+        tokens_per_second = micro_batch * SEQ / seconds
+        result.update({
+            "status": "ok", "loss": round(loss.item(), 3), "step_seconds": round(seconds, 3),
+            "tokens_per_second": round(tokens_per_second), "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+            "model_flops_per_token": flops_per_token(model if not hasattr(trained, "get_base_model") else trained.get_base_model(), stage, lora_params),
+        })
+        result["mfu"] = round(tokens_per_second * result["model_flops_per_token"] / peak, 3)
+    except torch.OutOfMemoryError as error:
+        result.update({"status": "OOM under 24 GB", "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                       "error": str(error).splitlines()[0][:200]})
+    del optimizer, params, ids
+    model = restore(trained)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--sweep", type=int, nargs="*", default=[4, 8],
+                        help="extra micro-batch sizes to try for stages 1-5")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    peak = measured_bf16_peak()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_BYTES / total))
+    from transformers import Gemma3ForConditionalGeneration
+
+    started = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Gemma3ForConditionalGeneration(medgemma_4b_config())
+    torch.set_default_dtype(torch.float32)
+    resize_for_tokenizer(model, BASE_TOKENS + NEW_TOKENS, 64)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    setup = {"gpu": torch.cuda.get_device_name(0), "measured_bf16_tflops": round(peak / 1e12, 1),
+             "cap_gb": CAP_BYTES / 1e9, "build_seconds": round(time.perf_counter() - started, 1),
+             "model_gb": round(torch.cuda.memory_allocated() / 1e9, 2), "torch": torch.__version__,
+             "rows": model.lm_head.weight.shape[0], "gradient_checkpointing": True}
+    print(json.dumps(setup))
+    results = []
+    plan = [(stage, None) for stage in args.stages]
+    plan += [(stage, batch) for batch in args.sweep for stage in args.stages if stage <= 5]
+    for stage, batch in plan:
+        result, model = run_stage(model, stage, args.steps, peak, batch)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")
+    print(f"{'stage':>5} {'batch':>5} {'status':>16} {'peak GB':>8} {'tok/s':>8} {'MFU':>6}")
+    for r in results:
+        print(f"{r['stage']:>5} {r['micro_batch']:>5} {r['status']:>16} {r.get('peak_allocated_gb', 0):>8} "
+              f"{r.get('tokens_per_second', '-'):>8} {r.get('mfu', '-'):>6}")
+
+
+if __name__ == "__main__":
+    main()
