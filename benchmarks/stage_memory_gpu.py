@@ -125,6 +125,26 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     return result, model
 
 
+def profile_step(model, stage: int) -> None:
+    """Where one training step's GPU time goes (top operators by CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trained = apply_stage(model, STAGES[stage], BASE_TOKENS, NEW_TOKENS, LoraConfig())
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (2, SEQ), device="cuda")
+    for _ in range(2):
+        chunked_causal_lm_loss(trained, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        chunked_causal_lm_loss(trained, ids).backward()
+        optimizer.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
@@ -132,6 +152,10 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, nargs="*", default=[4, 8],
                         help="extra micro-batch sizes to try for stages 1-5")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
+    parser.add_argument("--profile", action="store_true", help="profile one step of the first stage and stop")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder layer (fuses Gemma's fp32 RMSNorms, GELU and casts)")
     args = parser.parse_args()
     torch.manual_seed(0)
     total = torch.cuda.get_device_properties(0).total_memory
@@ -144,15 +168,24 @@ def main() -> None:
     with torch.device("cuda"):
         model = Gemma3ForConditionalGeneration(medgemma_4b_config())
     torch.set_default_dtype(torch.float32)
+    attn_before = model.config._attn_implementation
+    model.set_attn_implementation(args.attn)
     resize_for_tokenizer(model, BASE_TOKENS + NEW_TOKENS, 64)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        for layer in model.model.language_model.layers:
+            layer.compile()
     setup = {"gpu": torch.cuda.get_device_name(0), "measured_bf16_tflops": round(peak / 1e12, 1),
              "cap_gb": CAP_BYTES / 1e9, "build_seconds": round(time.perf_counter() - started, 1),
              "model_gb": round(torch.cuda.memory_allocated() / 1e9, 2), "torch": torch.__version__,
-             "rows": model.lm_head.weight.shape[0], "gradient_checkpointing": True}
+             "rows": model.lm_head.weight.shape[0], "gradient_checkpointing": True,
+             "attention": f"{attn_before} -> {model.config._attn_implementation}", "compiled_layers": args.compile}
     print(json.dumps(setup))
     results = []
+    if args.profile:
+        profile_step(model, args.stages[0])
+        return
     plan = [(stage, None) for stage in args.stages]
     plan += [(stage, batch) for batch in args.sweep for stage in args.stages if stage <= 5]
     for stage, batch in plan:

@@ -25,8 +25,14 @@ def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional
                            attention_mask: Optional[torch.Tensor] = None, chunk_tokens: int = 1024) -> torch.Tensor:
     inner = _inner(model)
     labels = input_ids if labels is None else labels
-    hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     head = inner.get_output_embeddings()
+    head_parameters = {id(p) for p in head.parameters()}
+    # Stages 2 and 4 train only lm_head rows: nothing upstream needs gradients, so the decoder runs
+    # without building a graph (gradient checkpointing hooks would otherwise make its output
+    # require grad and pay a full backward for nothing).
+    upstream_trains = any(p.requires_grad for p in inner.parameters() if id(p) not in head_parameters)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and upstream_trains):
+        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
 
     def chunk_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
