@@ -61,10 +61,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 — the CLI's contract is one line, not a traceback
+        import os
+
         from kormedgemma.errors import is_user_error
 
-        if not is_user_error(exc):
-            raise
+        if not is_user_error(exc) or os.environ.get("KORMEDGEMMA_DEBUG"):
+            raise  # KORMEDGEMMA_DEBUG=1 shows the traceback behind a one-line error
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -227,7 +227,8 @@ def plot_length_histogram(corpora: dict[str, list[dict[str, Any]]], path: Option
     """Histogram of text lengths (characters, log scale) per corpus; saved to `path` if given."""
     import matplotlib
 
-    matplotlib.use("Agg") if path is not None and not _in_notebook() else None
+    if path is not None and not _in_notebook():
+        matplotlib.use("Agg")  # headless library call: draw to file, never open a window
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import ScalarFormatter
