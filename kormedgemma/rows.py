@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class RowDeltaEmbedding(nn.Module):
-    """An embedding whose rows [start, start + n) train through `delta`; all other rows frozen."""
+class _RowDelta(nn.Module):
+    """Shared part: a frozen base module, and an fp32 delta for its rows [start, start + count)."""
 
-    def __init__(self, base: nn.Embedding, start: int, count: int) -> None:
+    def __init__(self, base: nn.Module, start: int, count: int) -> None:
         super().__init__()
-        if not 0 <= start < start + count <= base.weight.shape[0]:
-            raise ValueError(f"rows [{start}, {start + count}) outside a {base.weight.shape[0]}-row embedding")
+        rows = base.weight.shape[0]
+        if not 0 <= start < start + count <= rows:
+            raise ValueError(f"rows [{start}, {start + count}) outside a {rows}-row {type(base).__name__}")
         self.base = base
         self.start, self.count = start, count
         base.weight.requires_grad_(False)
@@ -40,6 +41,16 @@ class RowDeltaEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
+    def merged(self) -> nn.Module:
+        """The base module with the delta folded into its rows."""
+        with torch.no_grad():
+            self.base.weight[self.start:self.start + self.count] += self.delta.to(self.base.weight.dtype)
+        return self.base
+
+
+class RowDeltaEmbedding(_RowDelta):
+    """An embedding whose rows [start, start + n) train through `delta`; all other rows frozen."""
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         stored = F.embedding(input_ids, self.base.weight, self.base.padding_idx)
         offset = input_ids - self.start
@@ -49,11 +60,6 @@ class RowDeltaEmbedding(nn.Module):
         scale = getattr(self.base, "embed_scale", None)  # Gemma scales after the lookup
         combined = stored + extra
         return combined * scale.to(combined.dtype) if scale is not None else combined
-
-    def merged(self) -> nn.Embedding:
-        with torch.no_grad():
-            self.base.weight[self.start:self.start + self.count] += self.delta.to(self.base.weight.dtype)
-        return self.base
 
 
 class _RowDeltaLinear(torch.autograd.Function):
@@ -76,32 +82,16 @@ class _RowDeltaLinear(torch.autograd.Function):
         return grad_hidden, None, grad_delta.to(delta.dtype), None
 
 
-class RowDeltaLinear(nn.Module):
+class RowDeltaLinear(_RowDelta):
     """An `lm_head` whose rows [start, start + n) train through `delta`; all other rows frozen."""
 
     def __init__(self, base: nn.Linear, start: int, count: int) -> None:
-        super().__init__()
         if base.bias is not None:
             raise ValueError("lm_head with a bias is not supported (Gemma has none)")
-        if not 0 <= start < start + count <= base.weight.shape[0]:
-            raise ValueError(f"rows [{start}, {start + count}) outside a {base.weight.shape[0]}-row lm_head")
-        self.base = base
-        self.start, self.count = start, count
-        base.weight.requires_grad_(False)
-        self.delta = nn.Parameter(torch.zeros(count, base.weight.shape[1], dtype=torch.float32,
-                                              device=base.weight.device))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
+        super().__init__(base, start, count)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return _RowDeltaLinear.apply(hidden, self.base.weight, self.delta, self.start)
-
-    def merged(self) -> nn.Linear:
-        with torch.no_grad():
-            self.base.weight[self.start:self.start + self.count] += self.delta.to(self.base.weight.dtype)
-        return self.base
 
 
 def merge_row_deltas(model: Any) -> None:
