@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kormedgemma.config import ProjectConfig, resolve_path
 from kormedgemma.io import MissingArtifactError
-from kormedgemma.manifest import manifest_path
+from kormedgemma.manifest import is_file_artifact, manifest_path
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,11 @@ class Artifact:
     relpath: str
     producer: str  # notebook id, e.g. "0.04"
     description: str
+
+    @property
+    def shown(self) -> str:
+        """The path as messages show it: folders end in `/`."""
+        return self.relpath if is_file_artifact(Path(self.relpath)) else self.relpath + "/"
 
 
 ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
@@ -57,8 +62,7 @@ def require(config: ProjectConfig, key: str) -> Path:
 
         step = step_by_id(ARTIFACTS[key].producer)
         state = "incomplete (no manifest)" if path.exists() else "not found"
-        shown = ARTIFACTS[key].relpath + ("" if path.suffix else "/")
         raise MissingArtifactError(
-            f"{shown} {state}: run {step.notebook} "
+            f"{ARTIFACTS[key].shown} {state}: run {step.notebook} "
             f"(or `python -m kormedgemma run --profile {config.profile} --to {step.id}`)")
     return path

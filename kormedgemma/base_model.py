@@ -169,39 +169,27 @@ def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
 
 
 def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any) -> Any:
-    from kormedgemma.hub import HubUnavailableError, is_offline_error
+    from kormedgemma.hub import hub_access
 
-    try:
+    with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
+                            "base.model (and base.tokenizer) to the local folder."):
         return cls.from_pretrained(target, revision=config.base.revision, **kwargs)
-    except OSError as exc:
-        if is_offline_error(exc):
-            raise HubUnavailableError(
-                f"{target} could not be fetched from the Hugging Face Hub ({type(exc).__name__}). "
-                "Log in (`hf auth login`) on a machine with network, or download it and set "
-                "base.model (and base.tokenizer) to the local folder.") from None
-        raise
 
 
 def base_tokenizer_folder(config: ProjectConfig) -> Path:
     """A local folder holding the base tokenizer's files (downloaded from the Hub if needed)."""
-    from kormedgemma.hub import HubUnavailableError, is_offline_error
+    from kormedgemma.hub import hub_access
 
     ref = model_ref(config, config.base.tokenizer or config.base.model, "base.tokenizer")
     if Path(ref).is_dir():
         return Path(ref)
-    try:
+    with hub_access(f"tokenizer of {ref}", "Log in (`hf auth login`) on a machine with network, or set "
+                    "base.tokenizer to a local folder holding tokenizer.model and tokenizer.json"):
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref, revision=config.base.revision, allow_patterns=[
             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "chat_template.jinja", "chat_template.json"]))
-    except Exception as exc:
-        if is_offline_error(exc):
-            raise HubUnavailableError(
-                f"tokenizer of {ref} could not be fetched from the Hugging Face Hub ({type(exc).__name__}). "
-                "Log in (`hf auth login`) on a machine with network, or set base.tokenizer to a local "
-                "folder holding tokenizer.model and tokenizer.json") from None
-        raise
 
 
 def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:

@@ -93,7 +93,7 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from kormedgemma.hub import HubUnavailableError, is_offline_error
+    from kormedgemma.hub import hub_access
     from kormedgemma.tokenizer import efficiency_table, read_texts
 
     texts = read_texts(args.text, args.field)
@@ -102,10 +102,9 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
     tokenizers = {}
     for ref in args.tokenizer:
         try:
-            tokenizers[ref] = AutoTokenizer.from_pretrained(ref)
-        except OSError as exc:
-            if is_offline_error(exc):
-                raise HubUnavailableError(f"tokenizer {ref} is neither a local folder nor reachable on the Hub") from None
+            with hub_access(f"tokenizer {ref}", "Pass a local tokenizer folder, or log in on a machine with network."):
+                tokenizers[ref] = AutoTokenizer.from_pretrained(ref)
+        except OSError as exc:  # not offline: a folder that holds no tokenizer
             raise ValueError(f"tokenizer {ref} could not be loaded: {str(exc).splitlines()[0]}") from None
     rows = efficiency_table(tokenizers, {args.text: texts})
     print(json.dumps({"text": args.text, "tokenizers": rows}, ensure_ascii=False, indent=2))

@@ -54,6 +54,14 @@ def is_untied(model: Any) -> bool:
     return outputs.weight.data_ptr() != inputs.weight.data_ptr() and not model.config.tie_word_embeddings
 
 
+def rows_digest(rows: torch.Tensor) -> str:
+    """sha256 of a block of rows' bytes: an exact "unchanged" check without a multi-GB copy."""
+    import hashlib
+
+    data = rows.detach().contiguous().cpu()
+    return hashlib.sha256(data.view(torch.uint8).numpy()).hexdigest()
+
+
 def padded_rows(tokens: int, multiple: int) -> int:
     return int(math.ceil(tokens / multiple) * multiple)
 
@@ -117,20 +125,15 @@ def load_word_vectors(ref: str, config: ProjectConfig) -> Any:
     from gensim.models import KeyedVectors
 
     from kormedgemma.config import resolve_input
-    from kormedgemma.hub import HubUnavailableError, is_offline_error
+    from kormedgemma.hub import hub_access
 
     path = resolve_input(config, ref)
     if not path.exists():
-        try:
+        with hub_access(f"word vectors {ref}", "Download a fastText .bin and set "
+                                                "embeddings.word_vectors.korean/english to it."):
             from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(ref, "model.bin"))
-        except Exception as exc:
-            if is_offline_error(exc):
-                raise HubUnavailableError(
-                    f"word vectors {ref} could not be fetched from the Hugging Face Hub ({type(exc).__name__}); "
-                    "download a fastText .bin and set embeddings.word_vectors.korean/english to it") from None
-            raise
     return load_facebook_vectors(str(path)) if path.suffix == ".bin" else KeyedVectors.load_word2vec_format(str(path))
 
 
@@ -393,13 +396,13 @@ def resize_artifact(config: ProjectConfig) -> dict[str, Any]:
     merged = AutoTokenizer.from_pretrained(merged_dir)
     model = load_model(config)
     check_tokenizer_matches_model(base_tokenizer, model)
-    base_rows = model.get_input_embeddings().weight.detach()[: len(base_tokenizer)].clone()
+    base_rows = rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)])
     with write_artifact(artifact_path(config, "resized_model"), "2.01", config, ["embeddings.pad_to_multiple_of"],
                         inputs) as out:
         figures = resize_for_tokenizer(model, len(merged), config.embeddings.pad_to_multiple_of)
-        if not torch.equal(model.get_input_embeddings().weight[: len(base_tokenizer)], base_rows):
+        if rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)]) != base_rows:
             raise AssertionError("resizing changed base input rows")
-        if not torch.equal(model.get_output_embeddings().weight[: len(base_tokenizer)], base_rows):
+        if rows_digest(model.get_output_embeddings().weight[: len(base_tokenizer)]) != base_rows:
             raise AssertionError("the untied lm_head is not a copy of the base input rows")
         _save_model_and_tokenizer(model, merged, out.path)
         out.metrics.update({**figures, "base_tokens": len(base_tokenizer), "new_tokens": len(merged) - len(base_tokenizer),
@@ -447,12 +450,12 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
         wechsel_inputs = {"korean_vectors": korean_vectors, "english_vectors": english_vectors,
                           "alignment": align(korean_vectors, english_vectors, pairs),
                           "dictionary": {unicodedata.normalize("NFC", ko): en for ko, en in pairs}}
-    reference_input = model.get_input_embeddings().weight.detach()[: len(base_tokenizer)].clone()
-    reference_output = model.get_output_embeddings().weight.detach()[: len(base_tokenizer)].clone()
+    reference_input = rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)])
+    reference_output = rows_digest(model.get_output_embeddings().weight[: len(base_tokenizer)])
     with write_artifact(artifact_path(config, "initialized_model"), "2.02", config, ["embeddings"], inputs) as out:
         report = initialize_new_rows(model, base_tokenizer, merged, spec, wechsel_inputs)
-        if not (torch.equal(model.get_input_embeddings().weight[: len(base_tokenizer)], reference_input)
-                and torch.equal(model.get_output_embeddings().weight[: len(base_tokenizer)], reference_output)):
+        if (rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)]) != reference_input
+                or rows_digest(model.get_output_embeddings().weight[: len(base_tokenizer)]) != reference_output):
             raise AssertionError("initialisation touched a base row")
         _save_model_and_tokenizer(model, merged, out.path)
         (out.path / "init_report.json").write_text(json.dumps(report.__dict__, ensure_ascii=False, indent=1),

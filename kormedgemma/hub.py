@@ -1,7 +1,9 @@
 """Hub ids and local paths, interchangeably, and a clear error when the Hub cannot be reached."""
 from __future__ import annotations
 
+import contextlib
 import re
+from typing import Iterator
 
 from config.training_config import ProjectConfig
 from kormedgemma.config import resolve_path
@@ -31,3 +33,17 @@ def is_offline_error(exc: BaseException) -> bool:
                "name or service not known", "network", "gated", "401", "403", "max retries",
                "temporary failure", "timed out", "localentrynotfound", "cannot find the requested files")
     return any(marker in text for marker in markers) or isinstance(exc, (ConnectionError, TimeoutError))
+
+
+@contextlib.contextmanager
+def hub_access(what: str, fix: str) -> Iterator[None]:
+    """Turn the many ways a Hub download fails offline into one error naming what and the fix."""
+    try:
+        yield
+    except HubUnavailableError:
+        raise
+    except Exception as exc:  # transformers, datasets and huggingface_hub each fail in their own types
+        if is_offline_error(exc):
+            raise HubUnavailableError(
+                f"{what} could not be fetched from the Hugging Face Hub ({type(exc).__name__}). {fix}") from None
+        raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,25 +28,32 @@ MANIFEST = "manifest.json"
 
 
 def hash_path(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names + contents, manifest excluded)."""
+    """sha256 of a file, or of a folder's files (relative names + their digests, manifest excluded)."""
     path = Path(path)
-    digest = hashlib.sha256()
     if path.is_file():
-        _hash_file_into(path, digest)
-    elif path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
-            digest.update(str(file.relative_to(path)).encode("utf-8"))
-            digest.update(b"\0")
-            _hash_file_into(file, digest)
-    else:
+        return _file_digest(path)
+    if not path.is_dir():
         raise FileNotFoundError(f"{path} not found")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest.update(f"{file.relative_to(path)}\0{_file_digest(file)}\n".encode("utf-8"))
     return digest.hexdigest()
 
 
-def _hash_file_into(path: Path, digest: "hashlib._Hash") -> None:
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _cached_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8192)
+def _cached_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Keyed by size and mtime: the runner checks every step's manifests at each start, and the same
+    inputs (a corpus, an 8.6 GB model folder) appear in several of them."""
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
 
 
 def select_config(config: ProjectConfig, keys: list[str]) -> dict[str, Any]:

@@ -270,7 +270,6 @@ def preprocess_all(config: ProjectConfig) -> dict[str, Any]:
     figures: dict[str, Any] = {}
 
     leakage = LeakageIndex(heldout_questions(raw_mcqa), spec.leakage_ngram_chars)
-    corpora = {}
     for key, raw, korean in (("korean", raw_korean, True), ("english", raw_english, False)):
         inputs = {"raw": raw} if not korean else {"raw": raw, "kormedmcqa_heldout": raw_mcqa}
         with write_artifact(artifact_path(config, key), "0.04", config, ["data.preprocess"], inputs) as out:
@@ -281,7 +280,6 @@ def preprocess_all(config: ProjectConfig) -> dict[str, Any]:
             out.metrics.update({"filters": result.counts, "train": length_stats(train),
                                 "valid": length_stats(valid), "dropped_examples": result.examples_dropped})
         figures[key] = out.metrics
-        corpora[key] = train
 
     mcqa = config.data.kormedmcqa
     with write_artifact(artifact_path(config, "kormedmcqa"), "0.04", config, ["data.kormedmcqa"],

@@ -52,8 +52,7 @@ def missing_inputs(step: Step, config: ProjectConfig, scheduled: set[str]) -> Op
         if producer in scheduled or is_complete(artifact_path(config, key)):
             continue
         source = step_by_id(producer)
-        shown = ARTIFACTS[key].relpath + ("" if "." in ARTIFACTS[key].relpath.rsplit("/", 1)[-1] else "/")
-        return (f"{step.id} ({step.notebook}) needs {shown}, which is missing: run "
+        return (f"{step.id} ({step.notebook}) needs {ARTIFACTS[key].shown}, which is missing: run "
                 f"{source.notebook} first (`python -m kormedgemma run --profile {config.profile} "
                 f"--from {source.id}`)")
     return None

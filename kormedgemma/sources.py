@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from config.training_config import KorMedMCQAConfig, ProjectConfig, SourceConfig
 from kormedgemma.config import resolve_input
-from kormedgemma.hub import HubUnavailableError, is_offline_error
+from kormedgemma.hub import hub_access
 from kormedgemma.io import read_jsonl, write_jsonl
 
 MCQA_FIELDS = ("question", "A", "B", "C", "D", "E", "answer")
@@ -93,20 +93,14 @@ def _iter_local(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _iter_hub(name: str, source: SourceConfig) -> Iterator[str]:
-    try:
+    with hub_access(f"source {name!r} ({source.hub_id})",
+                    f"Download a copy on a machine with network and set data.sources.{name}.local_path, "
+                    f"or disable it with data.sources.{name}.enabled=false"):
         from datasets import load_dataset
 
-        stream = load_dataset(source.hub_id, source.hub_config, split=source.split, streaming=True)
-        for row in stream:
+        # Streamed: failures can come at any row, so the whole loop is inside the guard.
+        for row in load_dataset(source.hub_id, source.hub_config, split=source.split, streaming=True):
             yield row[source.text_field]
-    except Exception as exc:  # datasets wraps network failures in many exception types
-        if is_offline_error(exc):
-            raise HubUnavailableError(
-                f"source {name!r}: {source.hub_id} could not be streamed from the Hugging Face Hub "
-                f"({type(exc).__name__}). Download a copy on a machine with network and set "
-                f"data.sources.{name}.local_path, or disable it with data.sources.{name}.enabled=false"
-            ) from None
-        raise
 
 
 def collect_texts(config: ProjectConfig, language: str, out_dir: Path) -> dict[str, int]:
@@ -149,17 +143,11 @@ def _mcqa_rows(config: ProjectConfig, mcqa: KorMedMCQAConfig, subset: str, split
                 return
         raise FileNotFoundError(f"KorMedMCQA {subset}/{split} not found under {folder} "
                                 f"(expected {split}.jsonl or {split}.csv)")
-    try:
+    with hub_access(f"KorMedMCQA ({mcqa.hub_id}, {subset}/{split})",
+                    "Download it elsewhere (<subset>/<split>.jsonl) and set data.kormedmcqa.local_path"):
         from datasets import load_dataset
 
         dataset = load_dataset(mcqa.hub_id, subset, split=split)
-    except Exception as exc:
-        if is_offline_error(exc):
-            raise HubUnavailableError(
-                f"KorMedMCQA ({mcqa.hub_id}, {subset}/{split}) could not be fetched from the Hugging Face "
-                f"Hub ({type(exc).__name__}). Download it elsewhere (<subset>/<split>.jsonl) and set "
-                "data.kormedmcqa.local_path") from None
-        raise
     for row in dataset:
         yield {key: _plain(value) for key, value in row.items()}
 

@@ -368,21 +368,20 @@ def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Option
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
     """Texts of a .jsonl (field `text`) or a plain text file (one text a line)."""
-    from kormedgemma.io import read_jsonl
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} not found")
     if path.suffix == ".jsonl":
-        return [str(row[field]) for row in read_jsonl(path) if str(row.get(field, "")).strip()]
+        return list(iter_corpus(path, field))
     return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def iter_corpus(path: Path) -> Iterator[str]:
+def iter_corpus(path: Path, field: str = "text") -> Iterator[str]:
+    """The non-empty texts of a JSONL file, streamed (corpora can be larger than memory)."""
     from kormedgemma.io import read_jsonl
 
     for row in read_jsonl(path):
-        text = row.get("text")
+        text = row.get(field)
         if isinstance(text, str) and text.strip():
             yield text
 
