@@ -40,6 +40,9 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
     Artifact("merged_tokenizer", "models/tokenizer/merged", "1.03", "base tokenizer + new Korean pieces"),
     Artifact("resized_model", "models/resized", "2.01", "base model, untied, grown to the merged vocabulary"),
     Artifact("initialized_model", "models/initialized", "2.02", "new rows initialised + merged tokenizer"),
+    *(Artifact(f"stage{n}", f"models/staged_training/stage{n}", f"3.0{n}", f"EEVE stage {n}: what it trained + metrics")
+      for n in range(1, 8)),
+    Artifact("merged_model", "models/staged_training/merged", "3.07", "full model after stage 7, LoRA merged"),
 ]}
 
 

@@ -192,6 +192,17 @@ def base_tokenizer_folder(config: ProjectConfig) -> Path:
             "chat_template.jinja", "chat_template.json"]))
 
 
+def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    """save_pretrained, plus the SentencePiece `tokenizer.model` of the folder it came from: the fast
+    tokenizer does not write it back, and slow-tokenizer users (and GGUF converters) need it."""
+    import shutil
+
+    tokenizer.save_pretrained(out_dir)
+    source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
+    if source.is_file():
+        shutil.copy(source, Path(out_dir) / "tokenizer.model")
+
+
 def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:
     """Fail loudly when a tokenizer from one folder meets a model from another."""
     rows = model.get_input_embeddings().weight.shape[0]

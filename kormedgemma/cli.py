@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a tokenizer folder or Hub id (repeat to compare; the first is the reference)")
     stats.add_argument("--text", required=True, help="a .txt file (one text a line) or .jsonl (field 'text')")
     stats.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+
+    train = commands.add_parser(
+        "train-stage", help="train one EEVE stage (phase 3), as its notebook does",
+        description="Train stage N from the previous stage's output, resuming from the stage's newest "
+                    "checkpoint. Runs as one process, or on several GPUs under `accelerate launch` "
+                    "(DDP, or DeepSpeed ZeRO-2 with --config_file config/accelerate_zero2.yaml). "
+                    "Stage 7 also writes models/staged_training/merged/.")
+    train.add_argument("--stage", type=int, required=True, choices=range(1, 8), metavar="N", help="stage 1-7")
+    train.add_argument("--profile", default="tiny", help=f"config profile ({', '.join(known_profiles())})")
+    train.add_argument("--config", dest="config_file", help="YAML file of overrides")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key (repeatable), e.g. --set staged.stage1.max_steps=100")
     return parser
 
 
@@ -57,6 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run(args)
         if args.command == "tokenizer-stats":
             return _tokenizer_stats(args)
+        if args.command == "train-stage":
+            return _train_stage(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -108,4 +122,21 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
             raise ValueError(f"tokenizer {ref} could not be loaded: {str(exc).splitlines()[0]}") from None
     rows = efficiency_table(tokenizers, {args.text: texts})
     print(json.dumps({"text": args.text, "tokenizers": rows}, ensure_ascii=False, indent=2))
+    return 0
+
+
+def _train_stage(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from kormedgemma.config import load_config
+    from kormedgemma.training import merge_stages, train_stage
+
+    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    metrics = train_stage(config, args.stage)
+    if args.stage == 7 and os.environ.get("RANK", "0") == "0":
+        merge_stages(config)
+    if os.environ.get("RANK", "0") == "0":
+        summary = {k: metrics[k] for k in ("stage", "steps", "first_loss", "last_loss", "tokens_per_second", "resumed_from")}
+        print(json.dumps(summary))
     return 0

@@ -371,13 +371,10 @@ def _neighbour_table(base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequen
 
 # --------------------------------------------------------------------------- pipeline steps
 def _save_model_and_tokenizer(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    merged_sp = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
-    if merged_sp.is_file():
-        import shutil
+    from kormedgemma.base_model import save_tokenizer
 
-        shutil.copy(merged_sp, out_dir / "tokenizer.model")
+    model.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
 
 
 def resize_artifact(config: ProjectConfig) -> dict[str, Any]:

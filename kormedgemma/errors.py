@@ -10,4 +10,4 @@ def is_user_error(exc: BaseException) -> bool:
     from kormedgemma.runner import NotebookFailed
 
     return isinstance(exc, (ConfigError, MissingArtifactError, JsonlError, HubUnavailableError,
-                            NotebookFailed, FileNotFoundError, ValueError))
+                            NotebookFailed, FileNotFoundError, ValueError, MemoryError))

@@ -54,3 +54,17 @@ def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional
         else:
             total = total + chunk_loss(piece, target)
     return total / (targets != IGNORE).sum().clamp(min=1)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The model and its chunked loss as one module, so DDP and DeepSpeed see the loss computed in
+    their wrapper's forward (gradient hooks and reducer set-up depend on it)."""
+
+    def __init__(self, model: Any, chunk_tokens: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return chunked_causal_lm_loss(self.model, input_ids, attention_mask=attention_mask,
+                                      chunk_tokens=self.chunk_tokens)
