@@ -10,6 +10,10 @@ gradients only for trained matrices; recomputation from checkpointing not counte
 bf16 matmul rate measured on the same GPU.
 
     python benchmarks/stage_memory_gpu.py [--stages 1 2 3 4 5 6 7] [--steps 6] [--out DIR]
+
+With --qlora, stage 6 runs as `kormedgemma.training` runs it on a GPU: the model is saved, reloaded
+with its language-model linear layers in 4-bit NF4 (bitsandbytes), LoRA on those layers, both
+embedding matrices trainable, and bitsandbytes' 8-bit AdamW (the a5000 profile's stage 6).
 """
 from __future__ import annotations
 
@@ -125,6 +129,68 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     return result, model
 
 
+def run_qlora_stage6(model, steps: int, peak: float, scratch: Path, compile_layers: bool) -> dict:
+    """Stage 6 with a 4-bit base and an 8-bit optimizer, through the training module's own choices."""
+    import tempfile
+
+    from transformers import Gemma3ForConditionalGeneration
+
+    from kormedgemma.training import _bnb_config, _optimizer
+
+    config = a5000().staged.stage6
+    folder = Path(tempfile.mkdtemp(dir=scratch))
+    started = time.perf_counter()
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    quantized = Gemma3ForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.bfloat16, quantization_config=_bnb_config(torch.bfloat16), device_map={"": 0})
+    result = {"stage": 6, "name": "QLoRA (4-bit NF4 base) + all embeddings, 8-bit AdamW", "micro_batch": config.micro_batch_size,
+              "seq_len": SEQ, "save_and_4bit_load_seconds": round(time.perf_counter() - started, 1),
+              "model_gb_4bit": round(torch.cuda.memory_allocated() / 1e9, 2),
+              "load_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "optimizer": config.optimizer,
+              "compiled_layers": compile_layers}
+    quantized.config.use_cache = False
+    quantized.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = apply_stage(quantized, STAGES[6], BASE_TOKENS, NEW_TOKENS, config.lora)
+    if compile_layers:
+        for layer in trained.get_base_model().model.language_model.layers:
+            layer.compile()
+    params = [p for p in trained.parameters() if p.requires_grad]
+    lora_params = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "lora_" in n)
+    result["trainable_parameters"] = sum(p.numel() for p in params)
+    optimizer = _optimizer(config, params, [])
+    result["optimizer_class"] = type(optimizer).__name__
+    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (config.micro_batch_size, SEQ), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        timings = []
+        for step in range(steps):
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            loss = chunked_causal_lm_loss(trained, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= 2:
+                timings.append(time.perf_counter() - began)
+        seconds = sorted(timings)[len(timings) // 2]
+        tokens_per_second = config.micro_batch_size * SEQ / seconds
+        flops = flops_per_token(trained.get_base_model(), 6, lora_params)
+        result.update({"status": "ok", "loss": round(loss.item(), 3), "step_seconds": round(seconds, 3),
+                       "tokens_per_second": round(tokens_per_second),
+                       "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                       "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+                       "model_flops_per_token": flops, "mfu": round(tokens_per_second * flops / peak, 3)})
+    except torch.OutOfMemoryError as error:
+        result.update({"status": "OOM under 24 GB", "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                       "error": str(error).splitlines()[0][:200]})
+    return result
+
+
 def profile_step(model, stage: int) -> None:
     """Where one training step's GPU time goes (top operators by CUDA time)."""
     from torch.profiler import ProfilerActivity, profile
@@ -156,6 +222,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one step of the first stage and stop")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each decoder layer (fuses Gemma's fp32 RMSNorms, GELU and casts)")
+    parser.add_argument("--qlora", action="store_true",
+                        help="stage 6 as QLoRA: 4-bit base, 8-bit AdamW (runs last: it reloads the model)")
+    parser.add_argument("--scratch", default="/tmp", help="where --qlora saves the bf16 model before reloading it")
     args = parser.parse_args()
     torch.manual_seed(0)
     total = torch.cuda.get_device_properties(0).total_memory
@@ -186,12 +255,16 @@ def main() -> None:
     if args.profile:
         profile_step(model, args.stages[0])
         return
-    plan = [(stage, None) for stage in args.stages]
+    qlora = args.qlora and 6 in args.stages
+    plan = [(stage, None) for stage in args.stages if not (qlora and stage == 6)]
     plan += [(stage, batch) for batch in args.sweep for stage in args.stages if stage <= 5]
     for stage, batch in plan:
         result, model = run_stage(model, stage, args.steps, peak, batch)
         results.append(result)
         print(json.dumps(result), flush=True)
+    if qlora:
+        results.append(run_qlora_stage6(model, args.steps, peak, Path(args.scratch), args.compile))
+        print(json.dumps(results[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")

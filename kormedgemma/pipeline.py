@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from config.training_config import ConfigError
 from kormedgemma.config import ProjectConfig
+from kormedgemma.stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ STEPS: tuple[Step, ...] = (
          inputs=("merged_tokenizer",), outputs=("resized_model",), tiny_only_inputs=("base_model",)),
     Step("2.02", "phase2_embedding/02_initialize_embeddings.ipynb", "initialise the new rows (EEVE/WECHSEL)",
          inputs=("resized_model", "korean", "english", "dictionary"), outputs=("initialized_model",)),
+    *(Step(f"3.0{n}", STAGES[n].notebook, f"EEVE stage {n}: {STAGES[n].name}",
+           inputs=("initialized_model", "korean", "english", *(f"stage{k}" for k in range(1, n))),
+           outputs=(f"stage{n}",) + (("merged_model",) if n == 7 else ()))
+      for n in range(1, 8)),
 )
 
 

@@ -51,6 +51,15 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
         alignment = metrics.get("alignment") or {}
         extra = f"; Procrustes cosine {alignment['train_cosine']}" if "train_cosine" in alignment else ""
         return f"{metrics.get('method')}: {metrics.get('coverage')}{extra}"
+    if key.startswith("stage") and key[5:].isdigit():
+        final = metrics.get("final_eval") or {}
+        resumed = f"; resumed from {metrics['resumed_from']}" if metrics.get("resumed_from") else ""
+        return (f"{metrics.get('steps', 0):,} steps, {metrics.get('tokens', 0):,} tokens at "
+                f"{metrics.get('tokens_per_second', 0):,.0f} tok/s; train loss {metrics.get('first_loss')} → "
+                f"{metrics.get('last_loss')}; valid ko {final.get('korean_valid_loss')} / en "
+                f"{final.get('english_valid_loss')}{resumed}")
+    if key == "merged_model":
+        return f"{metrics.get('parameters', 0):,} parameters, every LoRA merged"
     return json.dumps(metrics, ensure_ascii=False)[:200]
 
 

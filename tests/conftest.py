@@ -55,3 +55,14 @@ def tiny_phase2(tiny_phase1):
     resized = resize_artifact(config)
     initialized = initialize_artifact(config)
     return config, resized, initialized
+
+
+@pytest.fixture(scope="session")
+def tiny_phase3(tiny_phase2):
+    """Phase 3 (seven stages + merge) through the library, on top of the session's phase 2."""
+    from kormedgemma.training import merge_stages, train_stage
+
+    config, _, _ = tiny_phase2
+    metrics = {n: train_stage(config, n, progress_bar=False) for n in range(1, 8)}
+    merge_stages(config)
+    return config, metrics

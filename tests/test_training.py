@@ -1,0 +1,213 @@
+"""Phase 3 end to end on tiny: stage folders, exact resume after a kill, two processes, chain."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from kormedgemma.artifacts import artifact_path
+from kormedgemma.config import load_config, repo_root
+from kormedgemma.io import MissingArtifactError
+from kormedgemma.training import (CRASH_ENV, TRAINED_FILE, BlockOrder, apply_trained, checkpoint_root,
+                                  load_stage_model, new_token_rows, train_stage)
+
+EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _rows(before: torch.Tensor, after: torch.Tensor) -> set[int]:
+    return set(torch.nonzero((before != after).any(dim=1)).flatten().tolist())
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_phase3):
+    """Weights after each stage 0..7, rebuilt from the stage folders."""
+    config, _ = tiny_phase3
+    return {k: _weights(load_stage_model(config, k)[0]) for k in range(8)}
+
+
+# stage → (input rows, output rows, LoRA layers move)
+TABLE = {1: ("new", None, False), 2: (None, "new", False), 3: ("new", "new", False), 4: (None, "all", False),
+         5: ("new", "all", False), 6: ("all", "all", True), 7: (None, None, True)}
+
+
+@pytest.mark.parametrize("number", range(1, 8))
+def test_stage_folder_changes_exactly_the_tensors_of_its_table_row(tiny_phase3, chain, number):
+    config, _ = tiny_phase3
+    first, count = new_token_rows(config)
+    new = set(range(first, first + count))
+    before, after = chain[number - 1], chain[number]
+    input_rows, output_rows, lora = TABLE[number]
+    for name, kind in ((EMBED, input_rows), (HEAD, output_rows)):
+        changed = _rows(before[name], after[name])
+        if kind is None:
+            assert not changed, f"stage {number} moved {len(changed)} rows of {name}"
+        elif kind == "new":
+            assert changed and changed <= new, f"stage {number}: {name} rows outside the new block moved"
+        else:
+            assert changed - new, f"stage {number}: no base row of {name} moved"
+    for name, value in before.items():
+        if name in (EMBED, HEAD):
+            continue
+        moved = not torch.equal(value, after[name])
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            assert not moved, f"stage {number} moved {name}"
+        elif "language_model.layers" in name and name.endswith(tuple(f"{m}.weight" for m in LORA_TARGETS)):
+            assert moved == lora, f"stage {number}: {name} moved={moved}"
+        else:
+            assert not moved, f"stage {number} moved {name}"
+
+
+@pytest.mark.parametrize("number", range(1, 8))
+def test_stage_folder_is_a_full_model_equal_to_the_rebuilt_chain(tiny_phase3, chain, number):
+    config, _ = tiny_phase3
+    folder = artifact_path(config, f"stage{number}")
+    loaded = _weights(AutoModelForImageTextToText.from_pretrained(folder))
+    assert loaded.keys() == chain[number].keys()
+    assert all(torch.equal(loaded[k], chain[number][k]) for k in loaded)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["steps"] == config.staged.__dict__[f"stage{number}"].max_steps
+    assert (folder / "loss.png").stat().st_size > 1000
+
+
+def test_merged_model_equals_stage7_with_lora_merged(tiny_phase3, chain):
+    config, _ = tiny_phase3
+    merged = _weights(AutoModelForImageTextToText.from_pretrained(artifact_path(config, "merged_model")))
+    assert all(torch.equal(merged[k], chain[7][k]) for k in merged)
+    assert not any("lora" in k for k in merged)
+
+
+def test_korean_valid_loss_falls_in_every_stage(tiny_phase3):
+    _, metrics = tiny_phase3
+    for number, m in metrics.items():
+        first, last = m["evals"][0]["korean_valid_loss"], m["evals"][-1]["korean_valid_loss"]
+        assert last < first, f"stage {number}: Korean valid loss {first} → {last}"
+        assert m["tokens"] == m["steps"] * 4 * 128  # tiny: micro-batch 4 × seq 128 × accum 1
+
+
+def test_stage1_leaves_english_valid_loss_untouched(tiny_phase3):
+    """English text uses no new token, and stage 1 moves only new input rows."""
+    _, metrics = tiny_phase3
+    evals = metrics[1]["evals"]
+    assert evals[0]["english_valid_loss"] == evals[-1]["english_valid_loss"]
+
+
+def test_stage6_on_cpu_says_it_runs_plain_lora(tiny_phase3):
+    _, metrics = tiny_phase3
+    notices = " ".join(metrics[6]["notices"])
+    assert "plain LoRA" in notices and "torch AdamW" in notices
+
+
+def _copy_root(source: Path, target: Path, stages: range) -> None:
+    """A private project root holding phase 0-2 outputs and the given stage folders."""
+    for relative in ["data/processed", "models/initialized", "models/base",
+                     *(f"models/staged_training/stage{k}" for k in stages)]:
+        if (source / relative).exists():
+            shutil.copytree(source / relative, target / relative)
+
+
+def _train_stage_process(root: Path, stage: int, env_extra: dict[str, str], *launcher: str,
+                         overrides: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    command = [*(launcher or [sys.executable]), "-m", "kormedgemma", "train-stage", "--stage", str(stage),
+               "--set", f"paths.root={root}"]
+    for item in overrides:
+        command += ["--set", item]
+    return subprocess.run(command, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, tmp_path):
+    config, _ = tiny_phase3
+    root = Path(config.paths.root)
+    _copy_root(root, tmp_path, range(1, 6))
+    crashed = _train_stage_process(tmp_path, 6, {CRASH_ENV: "17"})
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    private = load_config("tiny", overrides={"paths.root": str(tmp_path)})
+    checkpoints = checkpoint_root(private, 6)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000010"]  # step 20 never came
+    assert not (artifact_path(private, "stage6") / "manifest.json").exists()
+    # a checkpoint of another config is refused rather than mixed into this run
+    other = load_config("tiny", overrides={"paths.root": str(tmp_path), "staged.stage6.learning_rate": 1e-4})
+    with pytest.raises(ValueError, match="delete"):
+        train_stage(other, 6, progress_bar=False)
+    resumed = train_stage(private, 6, progress_bar=False)
+    assert resumed["resumed_from"] == "step-000010"
+    uninterrupted = json.loads((artifact_path(config, "stage6") / "metrics.json").read_text())
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
+    assert resumed["evals"] == uninterrupted["evals"]
+    for part in (TRAINED_FILE, "adapter/adapter_model.safetensors"):
+        a = load_file(artifact_path(private, "stage6") / part)
+        b = load_file(artifact_path(config, "stage6") / part)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert not checkpoints.exists()  # spent once the stage is sealed
+
+
+def test_two_processes_equal_one_process_accumulating_two_micro_batches(tiny_phase2, tmp_path):
+    config, _, _ = tiny_phase2
+    root = Path(config.paths.root)
+    for name in ("ddp", "single"):
+        _copy_root(root, tmp_path / name, range(0))
+    steps = ("staged.stage1.max_steps=4", "staged.stage1.save_every=2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    ddp = _train_stage_process(tmp_path / "ddp", 1, {}, *torchrun, overrides=(*steps, "staged.stage1.grad_accum=1"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = load_config("tiny", overrides={"paths.root": str(tmp_path / "single"), "staged.stage1.max_steps": 4,
+                                            "staged.stage1.save_every": 2, "staged.stage1.grad_accum": 2})
+    expected = train_stage(single, 1, progress_bar=False)
+    folder = lambda name: tmp_path / name / "models/staged_training/stage1"  # noqa: E731
+    got = json.loads((folder("ddp") / "metrics.json").read_text())
+    assert got["processes"] == 2 and expected["processes"] == 1
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in expected["history"]], abs=1e-5)
+    torch.testing.assert_close(load_file(folder("ddp") / TRAINED_FILE)["input_embeddings"],
+                               load_file(folder("single") / TRAINED_FILE)["input_embeddings"], rtol=0, atol=1e-6)
+
+
+def test_stage_without_its_predecessor_names_the_notebook_to_run(tiny_phase2, tmp_path):
+    config, _, _ = tiny_phase2
+    _copy_root(Path(config.paths.root), tmp_path, range(0))
+    private = load_config("tiny", overrides={"paths.root": str(tmp_path)})
+    with pytest.raises(MissingArtifactError, match=r"02_stage2_new_output_embeds\.ipynb"):
+        train_stage(private, 3, progress_bar=False)
+
+
+def test_trained_rows_from_another_model_are_refused(tiny_phase3, tmp_path):
+    config, _ = tiny_phase3
+    from safetensors.torch import save_file
+
+    save_file({"input_embeddings": torch.zeros(4, 7)}, str(tmp_path / TRAINED_FILE),
+              metadata={"input_embeddings.first_row": "0"})
+    model, _ = load_stage_model(config, 0)
+    with pytest.raises(ValueError, match="another model"):
+        apply_trained(model, tmp_path)
+
+
+def test_block_order_visits_every_block_once_per_pass_and_depends_only_on_the_seed():
+    order = BlockOrder(count=10, micro_batch=2, seed=3)
+    first_pass = [b for k in range(5) for b in order.blocks(k)]
+    assert sorted(first_pass) == list(range(10))
+    second_pass = [b for k in range(5, 10) for b in order.blocks(k)]
+    assert sorted(second_pass) == list(range(10)) and second_pass != first_pass
+    assert BlockOrder(10, 2, 3).blocks(7) == order.blocks(7)  # a fresh process reads the same blocks
+
+
+def test_deepspeed_zero2_config_leaves_batch_sizes_to_the_stage():
+    ds = json.loads((repo_root() / "config/ds_config_zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert ds[key] == "auto"
+    launch = (repo_root() / "config/accelerate_zero2.yaml").read_text()
+    assert "config/ds_config_zero2.json" in launch and "distributed_type: DEEPSPEED" in launch
