@@ -129,30 +129,25 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     return result, model
 
 
-def run_qlora_stage6(model, steps: int, peak: float, scratch: Path, compile_layers: bool) -> dict:
-    """Stage 6 with a 4-bit base and an 8-bit optimizer, through the training module's own choices."""
-    import tempfile
-
+def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool, chunk_tokens: int = 1024) -> dict:
+    """Stage 6 with a 4-bit base and an 8-bit optimizer, through the training module's own choices;
+    `folder` holds the bf16 model, saved and dropped from the GPU by the caller."""
     from transformers import Gemma3ForConditionalGeneration
 
     from kormedgemma.training import _bnb_config, _optimizer
 
     config = a5000().staged.stage6
-    folder = Path(tempfile.mkdtemp(dir=scratch))
     started = time.perf_counter()
-    model.save_pretrained(folder)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     quantized = Gemma3ForConditionalGeneration.from_pretrained(
         folder, dtype=torch.bfloat16, quantization_config=_bnb_config(torch.bfloat16), device_map={"": 0})
     result = {"stage": 6, "name": "QLoRA (4-bit NF4 base) + all embeddings, 8-bit AdamW", "micro_batch": config.micro_batch_size,
-              "seq_len": SEQ, "save_and_4bit_load_seconds": round(time.perf_counter() - started, 1),
+              "seq_len": SEQ, "load_4bit_seconds": round(time.perf_counter() - started, 1),
               "model_gb_4bit": round(torch.cuda.memory_allocated() / 1e9, 2),
               "load_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "optimizer": config.optimizer,
-              "compiled_layers": compile_layers}
+              "compiled_layers": compile_layers, "loss_chunk_tokens": chunk_tokens}
     quantized.config.use_cache = False
+    quantized.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
     quantized.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = apply_stage(quantized, STAGES[6], BASE_TOKENS, NEW_TOKENS, config.lora)
     if compile_layers:
@@ -167,12 +162,21 @@ def run_qlora_stage6(model, steps: int, peak: float, scratch: Path, compile_laye
     torch.cuda.reset_peak_memory_stats()
     try:
         timings = []
+        gb = lambda: round(torch.cuda.memory_allocated() / 1e9, 2)  # noqa: E731
+        trace = {"before_step": gb()}
         for step in range(steps):
             torch.cuda.synchronize()
             began = time.perf_counter()
-            loss = chunked_causal_lm_loss(trained, ids)
+            loss = chunked_causal_lm_loss(trained, ids, chunk_tokens=chunk_tokens)
+            if step == 0:
+                trace.update(after_forward=gb(), peak_forward=round(torch.cuda.max_memory_allocated() / 1e9, 2))
             loss.backward()
+            if step == 0:
+                trace.update(after_backward=gb(), peak_backward=round(torch.cuda.max_memory_allocated() / 1e9, 2))
             optimizer.step()
+            if step == 0:
+                trace.update(after_optimizer=gb(), peak_optimizer=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+                print(json.dumps({"memory_trace_gb": trace}), flush=True)
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             if step >= 2:
@@ -187,7 +191,7 @@ def run_qlora_stage6(model, steps: int, peak: float, scratch: Path, compile_laye
                        "model_flops_per_token": flops, "mfu": round(tokens_per_second * flops / peak, 3)})
     except torch.OutOfMemoryError as error:
         result.update({"status": "OOM under 24 GB", "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-                       "error": str(error).splitlines()[0][:200]})
+                       "error": str(error).splitlines()[0][:200], "memory_trace_gb": trace})
     return result
 
 
@@ -224,6 +228,7 @@ def main() -> None:
                         help="torch.compile each decoder layer (fuses Gemma's fp32 RMSNorms, GELU and casts)")
     parser.add_argument("--qlora", action="store_true",
                         help="stage 6 as QLoRA: 4-bit base, 8-bit AdamW (runs last: it reloads the model)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per lm_head/loss chunk (--qlora)")
     parser.add_argument("--scratch", default="/tmp", help="where --qlora saves the bf16 model before reloading it")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -263,7 +268,14 @@ def main() -> None:
         results.append(result)
         print(json.dumps(result), flush=True)
     if qlora:
-        results.append(run_qlora_stage6(model, args.steps, peak, Path(args.scratch), args.compile))
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(dir=args.scratch))
+        model.save_pretrained(folder)
+        del model  # the bf16 copy must leave the GPU before the 4-bit one arrives
+        gc.collect()
+        torch.cuda.empty_cache()
+        results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens))
         print(json.dumps(results[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
