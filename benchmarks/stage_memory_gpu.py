@@ -129,7 +129,8 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     return result, model
 
 
-def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool, chunk_tokens: int = 1024) -> dict:
+def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool, chunk_tokens: int = 1024,
+                     micro_batch: int | None = None) -> dict:
     """Stage 6 with a 4-bit base and an 8-bit optimizer, through the training module's own choices;
     `folder` holds the bf16 model, saved and dropped from the GPU by the caller."""
     from transformers import Gemma3ForConditionalGeneration
@@ -137,11 +138,12 @@ def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool
     from kormedgemma.training import _bnb_config, _optimizer
 
     config = a5000().staged.stage6
+    micro_batch = micro_batch or config.micro_batch_size
     started = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
     quantized = Gemma3ForConditionalGeneration.from_pretrained(
         folder, dtype=torch.bfloat16, quantization_config=_bnb_config(torch.bfloat16), device_map={"": 0})
-    result = {"stage": 6, "name": "QLoRA (4-bit NF4 base) + all embeddings, 8-bit AdamW", "micro_batch": config.micro_batch_size,
+    result = {"stage": 6, "name": "QLoRA (4-bit NF4 base) + all embeddings, 8-bit AdamW", "micro_batch": micro_batch,
               "seq_len": SEQ, "load_4bit_seconds": round(time.perf_counter() - started, 1),
               "model_gb_4bit": round(torch.cuda.memory_allocated() / 1e9, 2),
               "load_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "optimizer": config.optimizer,
@@ -158,7 +160,7 @@ def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool
     result["trainable_parameters"] = sum(p.numel() for p in params)
     optimizer = _optimizer(config, params, [])
     result["optimizer_class"] = type(optimizer).__name__
-    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (config.micro_batch_size, SEQ), device="cuda")
+    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (micro_batch, SEQ), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     try:
         timings = []
@@ -182,7 +184,7 @@ def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool
             if step >= 2:
                 timings.append(time.perf_counter() - began)
         seconds = sorted(timings)[len(timings) // 2]
-        tokens_per_second = config.micro_batch_size * SEQ / seconds
+        tokens_per_second = micro_batch * SEQ / seconds
         flops = flops_per_token(trained.get_base_model(), 6, lora_params)
         result.update({"status": "ok", "loss": round(loss.item(), 3), "step_seconds": round(seconds, 3),
                        "tokens_per_second": round(tokens_per_second),
@@ -275,8 +277,11 @@ def main() -> None:
         del model  # the bf16 copy must leave the GPU before the 4-bit one arrives
         gc.collect()
         torch.cuda.empty_cache()
-        results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens))
-        print(json.dumps(results[-1]), flush=True)
+        for batch in [None, *args.sweep]:
+            results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens, batch))
+            print(json.dumps(results[-1]), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")

@@ -471,7 +471,9 @@ def a5000() -> ProjectConfig:
         staged=StagedTrainingConfig(
             stage1=heavy(2e-4, 2000), stage2=heavy(2e-4, 2000), stage3=heavy(1e-4, 2000),
             stage4=heavy(5e-5, 2000), stage5=heavy(5e-5, 2000),
-            stage6=replace(heavy(1e-4, 4000), micro_batch_size=1, grad_accum=32, lora=LoraConfig(),
+            # QLoRA measured on an H100 under a 24 GB cap: micro-batch 4 peaks at 14.8 GB (9.0K tok/s);
+            # 8 reaches 18.5 GB allocated / 23.1 GB reserved for 5% more speed.
+            stage6=replace(heavy(1e-4, 4000), micro_batch_size=4, grad_accum=8, lora=LoraConfig(),
                            load_in_4bit=True, optimizer="adamw_8bit"),
             stage7=replace(heavy(2e-5, 1000), micro_batch_size=1, grad_accum=32, lora=LoraConfig()),
             save_full_model=False,
