@@ -92,7 +92,7 @@ def _with_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
-    if isinstance(model, PeftModel):  # stage 7 continues stage 6's adapter
+    if isinstance(model, PeftModel):  # an adapter already in place (direct API use) keeps training
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("lora_" in name)
         return model
