@@ -14,13 +14,17 @@ from typing import Any, Sequence
 import torch
 
 
-def pack(documents: Sequence[Sequence[int]], seq_len: int, bos_id: int, eos_id: int) -> list[list[int]]:
+def pack(documents: Sequence[Sequence[int]], seq_len: int, bos_id: int, eos_id: int,
+         keep_short: bool = False) -> list[list[int]]:
+    """Full blocks; with `keep_short`, a stream shorter than one block still gives one (shorter)
+    block — an evaluation set smaller than a block is still worth a number."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be ≥ 2 (got {seq_len})")
     stream: list[int] = []
     for ids in documents:
         stream.extend([bos_id, *ids, eos_id])
-    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    blocks = [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    return [stream] if keep_short and not blocks and len(stream) >= 2 else blocks
 
 
 @dataclass

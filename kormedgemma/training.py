@@ -144,10 +144,7 @@ def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: i
     valid = {}
     for language, folder in (("korean", korean), ("english", english)):
         documents = [tokenizer.encode(t, add_special_tokens=False) for t in read_texts(folder / "valid.jsonl")]
-        blocks = pack(documents, spec.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
-        if not blocks:  # a valid split shorter than one block is still worth a number
-            stream = [t for ids in documents for t in (tokenizer.bos_token_id, *ids, tokenizer.eos_token_id)]
-            blocks = [stream] if len(stream) >= 2 else []
+        blocks = pack(documents, spec.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, keep_short=True)
         if blocks:
             valid[language] = torch.tensor(blocks[:spec.eval_blocks], dtype=torch.long)
     return StageData(packed.blocks, float(packed.is_english.float().mean()), valid)
@@ -462,7 +459,7 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
     from kormedgemma.stages import trainable_parameters
 
     timed = [h["seconds"] for h in progress.history[1:]] or [h["seconds"] for h in progress.history]
-    tokens_per_step = hyper.micro_batch_size * hyper.seq_len * hyper.grad_accum * accelerator.num_processes
+    tokens_per_step = progress.tokens // max(progress.step, 1)
     return {
         "stage": number, "name": STAGES[number].name, "steps": progress.step, "tokens": progress.tokens,
         "train_blocks": len(data.train), "english_share": round(data.english_share, 4),
