@@ -314,20 +314,35 @@ class StagedTrainingConfig:
 @dataclass
 class InstructConfig:
     learning_rate: float = 1e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
     epochs: float = 3.0
+    # Cap on optimizer steps (null: as many as `epochs` take).
+    max_steps: Optional[int] = None
     seq_len: int = 1024
     micro_batch_size: int = 4
     grad_accum: int = 4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    # Train on KorMedMCQA's `cot` explanation before the answer where a row has one.
     use_cot: bool = True
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32))
-    # Extra Korean medical instruction data: Hub ids or local JSONL with messages / prompt+response.
+    # Extra Korean medical instruction data: Hub ids or local JSONL with `messages` (chat turns)
+    # or `prompt` + `response` (also `instruction` [+ `input`] + `output`).
     extra_datasets: list[str] = field(default_factory=list)
+    # Dev-split answer loss is measured every eval_every steps; training stops after
+    # early_stopping_patience evaluations without a new best, and the best adapter is kept.
     eval_every: int = 100
     early_stopping_patience: int = 3
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
         _require(self.epochs > 0, "epochs", "must be > 0")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be ≥ 1 or null")
+        _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "early_stopping_patience"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1")
 
@@ -335,21 +350,41 @@ class InstructConfig:
 @dataclass
 class EvaluationConfig:
     shots: list[int] = field(default_factory=lambda: [0, 5])
+    # generate: the harness's scoring; loglikelihood: most likely letter; chat: chat template +
+    # answer extraction (what an instruction-tuned model expects). Notebook 5.01 also runs the
+    # instruction-tuned model in chat mode.
     mode: Literal["generate", "loglikelihood", "chat"] = "generate"
     batch_size: int = 8
+    # The harness allows 1024 tokens, but its stop sequences (".", "\n\n") end an answer long before.
     max_new_tokens: int = 16
+    chat_max_new_tokens: int = 256
     # Cap per subset (null = all); keeps the tiny run short.
     max_questions: Optional[int] = None
     english_benchmarks: list[str] = field(default_factory=lambda: ["medqa", "mmlu_medical", "pubmedqa"])
+    # Folder of <benchmark>.jsonl in the project's English schema; wins over the Hub (tiny: bundled).
+    english_local_path: Optional[str] = None
+    # Cap per English benchmark (null = all).
+    english_max_questions: Optional[int] = None
     # Largest English accuracy drop (absolute) tolerated before the report flags forgetting.
     retention_tolerance: float = 0.02
+    # Held-out text for perplexity: blocks of perplexity_seq_len tokens, at most perplexity_max_texts texts.
+    perplexity_seq_len: int = 1024
+    perplexity_max_texts: int = 2000
 
     def __post_init__(self) -> None:
-        _require(all(s >= 0 for s in self.shots), "shots", "must be ≥ 0")
+        _require(len(self.shots) >= 1 and all(s >= 0 for s in self.shots), "shots", "must be ≥ 0 (at least one)")
         _require(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
+        _require(self.chat_max_new_tokens >= 1, "chat_max_new_tokens", "must be ≥ 1")
         _require(self.max_questions is None or self.max_questions >= 1, "max_questions", "must be ≥ 1 or null")
+        _require(self.english_max_questions is None or self.english_max_questions >= 1, "english_max_questions",
+                 "must be ≥ 1 or null")
+        known = {"medqa", "mmlu_medical", "pubmedqa"}
+        unknown = sorted(set(self.english_benchmarks) - known)
+        _require(not unknown, "english_benchmarks", f"unknown benchmark(s) {unknown}; known: {sorted(known)}")
         _require(0.0 <= self.retention_tolerance <= 1.0, "retention_tolerance", "must be in [0, 1]")
+        _require(self.perplexity_seq_len >= 2, "perplexity_seq_len", "must be ≥ 2")
+        _require(self.perplexity_max_texts >= 1, "perplexity_max_texts", "must be ≥ 1")
 
 
 @dataclass
@@ -427,9 +462,10 @@ def tiny() -> ProjectConfig:
             stage6=replace(stage(1e-3), lora=small_lora, load_in_4bit=True, optimizer="adamw_8bit"),
             stage7=replace(stage(2e-4), lora=small_lora),
         ),
-        instruct=InstructConfig(epochs=2.0, seq_len=256, micro_batch_size=4, grad_accum=1,
-                                lora=small_lora, eval_every=10),
-        evaluation=EvaluationConfig(batch_size=8, max_new_tokens=8),
+        instruct=InstructConfig(learning_rate=1e-3, epochs=4.0, seq_len=256, micro_batch_size=4, grad_accum=1,
+                                warmup_ratio=0.1, lora=small_lora, eval_every=7, gradient_checkpointing=False),
+        evaluation=EvaluationConfig(batch_size=8, max_new_tokens=8, chat_max_new_tokens=32,
+                                    english_local_path="data/samples/english_mcqa", perplexity_seq_len=128),
         deploy=DeployConfig(serve_backend="transformers", calibration_samples=16, calibration_seq_len=128,
                             group_size=32, max_model_len=1024, max_num_seqs=2),
     )

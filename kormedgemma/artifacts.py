@@ -43,6 +43,9 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
     *(Artifact(f"stage{n}", f"models/staged_training/stage{n}", f"3.0{n}", f"EEVE stage {n}: what it trained + metrics")
       for n in range(1, 8)),
     Artifact("merged_model", "models/staged_training/merged", "3.07", "full model after stage 7, LoRA merged"),
+    Artifact("instruct_model", "models/final/instruct", "4.01", "instruction-tuned model, LoRA merged"),
+    Artifact("eval_korean", "models/final/eval/korean", "5.01", "KorMedMCQA accuracy, perplexity, tokenizer efficiency"),
+    Artifact("eval_english", "models/final/eval/english", "5.02", "English medical retention and perplexity"),
 ]}
 
 

@@ -59,6 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", dest="config_file", help="YAML file of overrides")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key (repeatable), e.g. --set staged.stage1.max_steps=100")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="KorMedMCQA accuracy of any model on any folder in its schema",
+        description="Score a model folder or Hub id on <subset>/test.jsonl files (with <subset>/fewshot.jsonl for "
+                    "k-shot) the way lm-evaluation-harness scores its kormedmcqa tasks; writes results.json and "
+                    "predictions.jsonl to --out. Bad rows are counted and listed, not fatal.")
+    evaluate.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help="model folder or Hub id")
+    evaluate.add_argument("--data", required=True, metavar="DIR", help="folder of <subset>/test.jsonl (+ fewshot.jsonl)")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="where results.json and predictions.jsonl go")
+    evaluate.add_argument("--shots", type=int, default=0, help="few-shot examples from <subset>/fewshot.jsonl "
+                                                                "(harness: 0 or 5; default 0)")
+    evaluate.add_argument("--mode", default="generate", choices=("generate", "loglikelihood", "chat"),
+                          help="generate: harness scoring (default); loglikelihood: most likely letter; "
+                               "chat: chat template + answer extraction")
+    evaluate.add_argument("--subset", action="append", dest="subsets", metavar="NAME",
+                          help="only this subset (repeatable; default: every folder with test.jsonl)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="generate mode (default 16)")
+    evaluate.add_argument("--chat-max-new-tokens", type=int, default=256, help="chat mode (default 256)")
+    evaluate.add_argument("--max-questions", type=int, default=None, help="cap per subset")
+    evaluate.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    evaluate.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                          help="default: bfloat16 on GPU, float32 on CPU")
     return parser
 
 
@@ -71,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _tokenizer_stats(args)
         if args.command == "train-stage":
             return _train_stage(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -139,4 +164,28 @@ def _train_stage(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         summary = {k: metrics[k] for k in ("stage", "steps", "first_loss", "last_loss", "tokens_per_second", "resumed_from")}
         print(json.dumps(summary))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kormedgemma.evaluate import chance_warning, run_evaluation
+
+    for name in ("shots", "batch_size", "max_new_tokens", "chat_max_new_tokens"):
+        if getattr(args, name) < (0 if name == "shots" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'shots' else 1}")
+    if args.max_questions is not None and args.max_questions < 1:
+        raise ValueError("--max-questions must be ≥ 1")
+    results = run_evaluation(args.model, Path(args.data), Path(args.out), shots=args.shots, mode=args.mode,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             chat_max_new_tokens=args.chat_max_new_tokens, max_questions=args.max_questions,
+                             subsets=args.subsets, device=args.device, dtype=args.dtype)
+    table = {name: figures["accuracy"] for name, figures in results["subsets"].items()}
+    print(json.dumps({"overall": results["overall"], "subsets": table, "bad_rows": results["bad_row_count"],
+                      "out": args.out}, ensure_ascii=False))
+    warning = chance_warning(results, args.model)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0

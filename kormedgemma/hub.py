@@ -15,12 +15,17 @@ class HubUnavailableError(RuntimeError):
     """A Hub model or dataset was needed and could not be fetched (offline, gated, no login)."""
 
 
+def is_hub_id(ref: str) -> bool:
+    """`owner/name`, and not one of this project's relative folders."""
+    return bool(_HUB_ID.match(str(ref))) and not str(ref).startswith(("models/", "data/", "./", "../"))
+
+
 def model_ref(config: ProjectConfig, ref: str, key: str) -> str:
     """A local folder if `ref` names one (relative to the repo root), else a Hub id, else an error."""
     local = resolve_path(config, ref)
     if local.exists():
         return str(local)
-    if _HUB_ID.match(ref) and not ref.startswith(("models/", "data/", "./", "../")):
+    if is_hub_id(ref):
         return ref
     producer = " (built by phase0_data_preparation/00_setup_environment.ipynb)" if ref == "models/base" else ""
     raise FileNotFoundError(f"{key}: local folder {local} not found{producer}, and {ref!r} is not a Hub id")

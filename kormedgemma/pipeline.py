@@ -56,6 +56,13 @@ STEPS: tuple[Step, ...] = (
            inputs=("initialized_model", "korean", "english", *(f"stage{k}" for k in range(1, n))),
            outputs=(f"stage{n}",) + (("merged_model",) if n == 7 else ()))
       for n in range(1, 8)),
+    Step("4.01", "phase4_instruction_tuning/01_instruction_tuning.ipynb", "instruction tuning on KorMedMCQA",
+         inputs=("merged_model", "kormedmcqa"), outputs=("instruct_model",)),
+    Step("5.01", "phase5_evaluation/01_evaluate_korean.ipynb", "KorMedMCQA, perplexity, tokenizer efficiency",
+         inputs=("merged_model", "instruct_model", "kormedmcqa", "korean"), outputs=("eval_korean",),
+         tiny_only_inputs=("base_model",)),
+    Step("5.02", "phase5_evaluation/02_evaluate_english.ipynb", "English medical retention",
+         inputs=("instruct_model", "english"), outputs=("eval_english",), tiny_only_inputs=("base_model",)),
 )
 
 

@@ -60,6 +60,20 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
                 f"{final.get('english_valid_loss')}{resumed}")
     if key == "merged_model":
         return f"{metrics.get('parameters', 0):,} parameters, every LoRA merged"
+    if key == "instruct_model":
+        stopped = ", stopped early" if metrics.get("stopped_early") else ""
+        return (f"{metrics.get('examples', 0):,} examples ({metrics.get('refused_leakage', 0)} refused as leakage), "
+                f"{metrics.get('steps', 0):,} steps{stopped}; kept step {metrics.get('best_step')} (dev loss "
+                f"{metrics.get('best_dev_loss')}); train loss {metrics.get('first_loss')} → {metrics.get('last_loss')}")
+    if key == "eval_korean":
+        accuracy = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("accuracy") or {}).items()
+                             if value is not None)
+        warn = f"; ⚠ {len(metrics['warnings'])} run(s) at or below chance" if metrics.get("warnings") else ""
+        return f"KorMedMCQA {accuracy}; Korean bits/char {metrics.get('bits_per_char')}{warn}"
+    if key == "eval_english":
+        retention = ", ".join(f"{r['benchmark']} {r['base']:.1%} → {r['adapted']:.1%}" for r in metrics.get("retention", []))
+        flagged = f"; ⚠ dropped beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""
+        return f"{retention}; English bits/char {metrics.get('bits_per_char')}{flagged}"
     return json.dumps(metrics, ensure_ascii=False)[:200]
 
 

@@ -71,7 +71,7 @@ def apply_stage(model: Any, spec: StageSpec, first_new_id: int, new_count: int,
     if spec.lora:
         if lora is None:
             raise ValueError(f"stage {spec.number} trains LoRA: its config needs a lora block")
-        model = _with_lora(model, lora)
+        model = with_lora(model, lora)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if spec.input_rows == "new":
         inner.set_input_embeddings(RowDeltaEmbedding(inner.get_input_embeddings(), first_new_id, new_count))
@@ -88,7 +88,7 @@ def apply_stage(model: Any, spec: StageSpec, first_new_id: int, new_count: int,
     return model
 
 
-def _with_lora(model: Any, lora: LoraConfig) -> Any:
+def with_lora(model: Any, lora: LoraConfig) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 

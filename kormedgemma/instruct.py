@@ -1,0 +1,355 @@
+"""Phase 4: instruction tuning on KorMedMCQA's train split, in the Gemma 3 chat template.
+
+Each question becomes one user turn (the harness prompt, so chat-mode evaluation asks exactly
+what training taught) and one model turn: the `cot` explanation when the row has one, then
+``정답: X`` — the form the KorMedMCQA paper's answer extraction reads first. Loss falls on the
+model turn only (prompt tokens carry label -100): the model should learn to answer, not to
+reproduce exam questions.
+
+Two guards keep the evaluation honest. A training example whose text shares a 25-character
+n-gram with any dev, test or fewshot question (the phase-0 leakage rule) is refused and listed;
+the dev split is only ever measured, for early stopping, never trained on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from config.training_config import InstructConfig
+from kormedgemma.config import ProjectConfig
+from kormedgemma.harness import doc_to_text, letter
+from kormedgemma.loss import IGNORE
+
+HELDOUT_SPLITS = ("dev", "test", "fewshot")
+METRICS_FILE = "metrics.json"
+
+
+# --------------------------------------------------------------------------- examples
+def mcqa_messages(row: dict[str, Any], use_cot: bool = True) -> list[dict[str, str]]:
+    answer = f"정답: {letter(row['answer'])}"
+    if use_cot and row.get("cot"):
+        answer = f"{row['cot'].strip()}\n{answer}"
+    return [{"role": "user", "content": doc_to_text(row)}, {"role": "assistant", "content": answer}]
+
+
+def instruction_messages(row: dict[str, Any]) -> Optional[list[dict[str, str]]]:
+    """Chat turns of one extra-data row (`messages`, `prompt`/`response`, or alpaca-style), or None."""
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        turns = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in row["messages"]
+                 if isinstance(m, dict)]
+        turns = [{**t, "role": "assistant" if t["role"] in ("model", "gpt") else "user" if t["role"] == "human"
+                  else t["role"]} for t in turns]
+        return turns if turns and turns[-1]["role"] == "assistant" else None
+    prompt = row.get("prompt") or row.get("instruction") or row.get("question")
+    if row.get("input"):
+        prompt = f"{prompt}\n\n{row['input']}" if prompt else row["input"]
+    response = row.get("response") or row.get("output") or row.get("answer")
+    if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
+        return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": response.strip()}]
+    return None
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation; labels are -100 everywhere but the last model turn.
+
+    The prompt and the answer are tokenized apart, so the boundary never falls inside a token.
+    """
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the conversation without its own generation prompt as a "
+                         "prefix; loss masking cannot find the answer (is this a Gemma 3 tokenizer?)")
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
+    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+
+@dataclass
+class InstructData:
+    train: list[tuple[list[int], list[int]]]
+    dev: list[tuple[list[int], list[int]]]
+    counts: dict[str, int] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # leakage
+    too_long: int = 0
+
+
+def heldout_index(mcqa_root: Path, ngram_chars: int) -> Any:
+    """Every dev/test/fewshot question with its options, as a leakage index."""
+    from kormedgemma.io import read_jsonl
+    from kormedgemma.preprocess import LeakageIndex
+
+    texts = [doc_to_text(row) if all(k in row for k in "ABCDE") else str(row.get("question", ""))
+             for split in HELDOUT_SPLITS for file in sorted(Path(mcqa_root).glob(f"*/{split}.jsonl"))
+             for row in read_jsonl(file)]
+    return LeakageIndex([str(t) for t in texts if str(t).strip()], ngram_chars)
+
+
+def leaks(index: Any, messages: Sequence[dict[str, str]]) -> bool:
+    from kormedgemma.preprocess import normalize_text
+
+    return index.overlaps(normalize_text("\n".join(m["content"] for m in messages)))
+
+
+def build_instruct_data(config: ProjectConfig, tokenizer: Any) -> InstructData:
+    """Encoded train and dev examples; leaking and over-long examples are counted, never trained."""
+    from kormedgemma.artifacts import require
+    from kormedgemma.io import read_jsonl
+
+    spec = config.instruct
+    mcqa = require(config, "kormedmcqa")
+    index = heldout_index(mcqa, config.data.preprocess.leakage_ngram_chars)
+    data = InstructData(train=[], dev=[])
+    sources: list[tuple[str, Iterable[tuple[int, list[dict[str, str]]]]]] = []
+    for subset in config.data.kormedmcqa.subsets:
+        file = mcqa / subset / "train.jsonl"
+        sources.append((f"kormedmcqa/{subset}/train",
+                        ((n, mcqa_messages(row, spec.use_cot)) for n, row in enumerate(read_jsonl(file), 1))))
+    for ref in spec.extra_datasets:
+        sources.append((ref, _extra_rows(config, ref)))
+    for name, rows in sources:
+        kept = 0
+        for number, messages in rows:
+            if leaks(index, messages):
+                data.refused.append({"source": name, "row": number, "text": messages[0]["content"][:80]})
+                continue
+            example = encode_chat(tokenizer, messages)
+            if len(example[0]) > spec.seq_len:
+                data.too_long += 1
+                continue
+            data.train.append(example)
+            kept += 1
+        data.counts[name] = kept
+    for subset in config.data.kormedmcqa.subsets:
+        for row in read_jsonl(mcqa / subset / "dev.jsonl"):
+            example = encode_chat(tokenizer, mcqa_messages(row, spec.use_cot))
+            if len(example[0]) <= spec.seq_len:
+                data.dev.append(example)
+    if not data.train:
+        raise ValueError(f"no instruction example left to train on ({len(data.refused)} refused as leakage, "
+                         f"{data.too_long} longer than instruct.seq_len={spec.seq_len})")
+    return data
+
+
+def _extra_rows(config: ProjectConfig, ref: str) -> Iterable[tuple[int, list[dict[str, str]]]]:
+    """Rows of one extra instruction dataset: a local JSONL file or a Hub dataset's train split."""
+    from kormedgemma.config import resolve_input
+    from kormedgemma.hub import hub_access, is_hub_id
+    from kormedgemma.io import read_jsonl
+
+    local = resolve_input(config, ref)
+    if local.is_file():
+        rows: Iterable[dict[str, Any]] = read_jsonl(local)
+    elif is_hub_id(ref):
+        with hub_access(f"instruction dataset {ref}", "Download it as JSONL and list the file in instruct.extra_datasets."):
+            from datasets import load_dataset
+
+            rows = load_dataset(ref, split="train")
+    else:
+        raise FileNotFoundError(f"instruct.extra_datasets: {ref} is neither a file nor a Hub id")
+    unusable = 0
+    for number, row in enumerate(rows, start=1):
+        messages = instruction_messages(dict(row))
+        if messages is None:
+            unusable += 1
+            continue
+        yield number, messages
+    if unusable:
+        print(f"notice: {ref}: {unusable} rows had no usable prompt/response and were skipped")
+
+
+# --------------------------------------------------------------------------- batches
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels (-100 on padding) and attention mask."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (tokens, targets) in enumerate(examples):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        labels[row, :len(targets)] = torch.tensor(targets)
+        mask[row, :len(tokens)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def epoch_order(count: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(count))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+# --------------------------------------------------------------------------- training
+def _answer_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    from kormedgemma.loss import chunked_causal_lm_loss
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss = chunked_causal_lm_loss(model, batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
+    return loss, int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def dev_loss(model: Any, dev: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+             device: torch.device) -> Optional[float]:
+    """Mean loss per answer token on the dev split."""
+    if not dev:
+        return None
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(dev), batch_size):
+        loss, count = _answer_loss(model, collate(dev[start:start + batch_size], pad_id), device)
+        total += float(loss) * count
+        tokens += count
+    model.train(was_training)
+    return round(total / max(tokens, 1), 5)
+
+
+def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
+    """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from kormedgemma.artifacts import artifact_path, require
+    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.stages import with_lora
+
+    spec: InstructConfig = config.instruct
+    inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
+    torch.manual_seed(spec.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_eval(inputs["merged_model"], device=str(device), dtype=config.base.torch_dtype)
+    data = build_instruct_data(config, tokenizer)
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = with_lora(model, spec.lora)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                  fused=device.type == "cuda")
+    per_step = spec.micro_batch_size * spec.grad_accum
+    steps = math.ceil(spec.epochs * len(data.train) / per_step)
+    steps = min(steps, spec.max_steps) if spec.max_steps else steps
+    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
+                              num_training_steps=steps)
+    pad = tokenizer.pad_token_id
+    history: list[dict[str, Any]] = []
+    evals = [{"step": 0, "dev_loss": dev_loss(model, data.dev, pad, spec.micro_batch_size, device)}]
+    best = {"step": 0, "dev_loss": evals[0]["dev_loss"], "state": _lora_state(model)}
+    stale, stopped_early, cursor, started = 0, False, 0, time.perf_counter()
+    bar = tqdm(total=steps, desc="instruction tuning", unit="step", disable=not progress_bar)
+    try:
+        for step in range(1, steps + 1):
+            losses = []
+            for _ in range(spec.grad_accum):
+                epoch, position = divmod(cursor, len(data.train))
+                order = epoch_order(len(data.train), epoch, spec.seed)
+                chosen = [data.train[order[(position + k) % len(order)]] for k in range(spec.micro_batch_size)]
+                cursor += spec.micro_batch_size
+                loss, _ = _answer_loss(model, collate(chosen, pad), device)
+                (loss / spec.grad_accum).backward()
+                losses.append(float(loss.detach()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step, "loss": round(sum(losses) / len(losses), 5),
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4)})
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
+            bar.update(1)
+            if data.dev and (step % spec.eval_every == 0 or step == steps):
+                evals.append({"step": step, "dev_loss": dev_loss(model, data.dev, pad, spec.micro_batch_size, device)})
+                if evals[-1]["dev_loss"] < best["dev_loss"]:
+                    best, stale = {"step": step, "dev_loss": evals[-1]["dev_loss"], "state": _lora_state(model)}, 0
+                else:
+                    stale += 1
+                    if stale >= spec.early_stopping_patience:
+                        stopped_early = True
+                        break
+    except torch.OutOfMemoryError as error:
+        raise MemoryError(f"instruction tuning ran out of GPU memory at micro_batch_size={spec.micro_batch_size}, "
+                          f"seq_len={spec.seq_len}: lower instruct.micro_batch_size (raise grad_accum to keep the "
+                          "batch) or instruct.seq_len, and keep gradient_checkpointing on") from error
+    finally:
+        bar.close()
+    if not data.dev:  # nothing to choose by: the last adapter is the one kept
+        best = {"step": len(history), "dev_loss": None, "state": _lora_state(model)}
+    metrics = {
+        "examples": len(data.train), "examples_per_source": data.counts, "dev_examples": len(data.dev),
+        "refused_leakage": data.refused, "too_long": data.too_long, "planned_steps": steps, "steps": len(history),
+        "epochs": round(len(history) * per_step / len(data.train), 3), "stopped_early": stopped_early,
+        "best_step": best["step"], "best_dev_loss": best["dev_loss"],
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(time.perf_counter() - started, 2), "device": str(device),
+        "trainable_parameters": sum(p.numel() for p in parameters), "history": history, "evals": evals,
+    }
+    _write_instruct(config, model, best["state"], tokenizer, inputs, metrics)
+    return artifact_path(config, "instruct_model")
+
+
+def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Tensor], tokenizer: Any,
+                    inputs: dict[str, Path], metrics: dict[str, Any]) -> None:
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.base_model import save_tokenizer
+    from kormedgemma.manifest import write_artifact
+
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, tensor in state.items():
+            named[name].copy_(tensor.to(named[name].device))
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    merged.config.get_text_config().use_cache = True
+    keys = ["instruct", "data.kormedmcqa.subsets", "data.preprocess.leakage_ngram_chars"]
+    with write_artifact(artifact_path(config, "instruct_model"), "4.01", config, keys, inputs) as out:
+        merged.save_pretrained(out.path)
+        save_tokenizer(tokenizer, out.path)
+        (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
+        save_instruct_plot(metrics, out.path / "loss.png")
+        out.metrics.update({k: metrics[k] for k in ("examples", "dev_examples", "steps", "best_step", "best_dev_loss",
+                                                    "first_loss", "last_loss", "stopped_early", "too_long")})
+        out.metrics["refused_leakage"] = len(metrics["refused_leakage"])
+
+
+def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> Any:
+    """Train loss per step and dev loss per evaluation, the kept (best) step marked."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.2))
+    ax = figure.subplots()
+    ax.plot([h["step"] for h in metrics["history"]], [h["loss"] for h in metrics["history"]], color="0.5", lw=1,
+            label="train (answer tokens)")
+    points = [(e["step"], e["dev_loss"]) for e in metrics["evals"] if e["dev_loss"] is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=3, color="tab:blue", label="dev")
+    if metrics.get("best_dev_loss") is not None:
+        ax.axvline(metrics["best_step"], ls="--", lw=0.8, color="tab:green", label=f"kept: step {metrics['best_step']}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("instruction tuning on KorMedMCQA", fontsize=9)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def read_instruct_metrics(config: ProjectConfig) -> dict[str, Any]:
+    from kormedgemma.artifacts import require
+
+    return json.loads((require(config, "instruct_model") / METRICS_FILE).read_text(encoding="utf-8"))
+
