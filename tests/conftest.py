@@ -66,3 +66,13 @@ def tiny_phase3(tiny_phase2):
     metrics = {n: train_stage(config, n, progress_bar=False) for n in range(1, 8)}
     merge_stages(config)
     return config, metrics
+
+
+@pytest.fixture(scope="session")
+def tiny_phase4(tiny_phase3):
+    """Phase 4 (instruction tuning) through the library, on top of the session's phase 3."""
+    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+
+    config, _ = tiny_phase3
+    out = train_instruct(config, progress_bar=False)
+    return config, out, read_instruct_metrics(config)

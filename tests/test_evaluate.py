@@ -1,0 +1,143 @@
+"""The evaluator on the tiny model: padding-proof scoring, planted outputs, CLI, results = predictions."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kormedgemma import evaluate as ev
+from kormedgemma.harness import McqaSet, read_mcqa_folder
+
+ROWS = [{"question": f"문항 {n}: 고혈압 1차 약제는?", "A": "이뇨제", "B": "항생제", "C": "스테로이드", "D": "인슐린",
+         "E": "철분제", "answer": n % 5 + 1, "subject": "cardio"} for n in range(6)]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_phase3):
+    from kormedgemma.artifacts import artifact_path
+
+    config, _ = tiny_phase3
+    path = artifact_path(config, "merged_model")
+    model, tokenizer = ev.load_for_eval(path)
+    return path, model, tokenizer
+
+
+def test_choice_logprobs_do_not_depend_on_batching_or_padding(merged):
+    _, model, tokenizer = merged
+    contexts = ["고혈압의 치료는", "당뇨병 환자에게 메트포르민을 처방할 때 확인할 검사는 무엇인가? 정답：", "A"]
+    choices = [[" A", " 이뇨제"], [" B", " 신장 기능 검사"], [" C", " D"]]
+    alone = ev.choice_logprobs(model, tokenizer, contexts, choices, batch_size=1, progress=False)
+    batched = ev.choice_logprobs(model, tokenizer, contexts, choices, batch_size=8, progress=False)
+    assert torch.allclose(torch.tensor(alone), torch.tensor(batched), atol=1e-4)
+    # and equal to a plain forward over one unpadded sequence
+    head, tail = ev.encode_pair(tokenizer, contexts[1], choices[1][1])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([head + tail])).logits[0].float().log_softmax(-1)
+    direct = sum(float(logits[len(head) - 1 + k, token]) for k, token in enumerate(tail))
+    assert math.isclose(alone[1][1], direct, abs_tol=1e-4)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(merged):
+    _, model, tokenizer = merged
+    prompts = ["고혈압의 치료는", "당뇨병 환자에게 메트포르민을 처방할 때 확인할 검사는 무엇인가?\n정답：", "폐렴"]
+    one = [ev.generate_texts(model, tokenizer, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
+    assert ev.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False) == one
+
+
+def test_rows_past_the_tokenizer_are_never_generated():
+    scores = torch.zeros(2, 10)
+    scores[:, 8] = 5.0
+    masked = ev.MaskRowsPast(7)(torch.zeros(2, 3, dtype=torch.long), scores)
+    assert masked.argmax(-1).tolist() == [0, 0] and torch.isinf(masked[:, 7:]).all()
+
+
+def test_planted_outputs_give_harness_accuracy_and_predictions_recompute_it(monkeypatch, merged):
+    _, model, tokenizer = merged
+    rows = [dict(r, answer=3) for r in ROWS[:3]] + [dict(ROWS[3], answer=1)]
+    data = McqaSet(root=Path("planted"), test={"cardio": rows}, fewshot={})
+    planted = ["정답： C.", "c", " C\n", " B"]
+    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: list(planted))
+    results, predictions = ev.evaluate_mcqa(model, tokenizer, data, progress=False)
+    assert [p["prediction"] for p in predictions] == ["", "C", "C", "B"]
+    assert [p["gold"] for p in predictions] == ["C", "C", "C", "A"]
+    assert results["overall"]["correct"] == 2 and results["overall"]["accuracy"] == 0.5
+    assert results["overall"]["extracted_accuracy"] == 0.75  # the paper's extraction reads "정답： C" as C
+    assert results["overall"]["unanswered"] == 1
+    recomputed = sum(p["prediction"] == p["gold"] for p in predictions) / len(predictions)
+    assert recomputed == results["overall"]["accuracy"]
+
+
+def test_chance_level_is_flagged():
+    predictions = [{"subject": "s", "gold": "A", "prediction": "", "extracted": ""}] * 5
+    results = ev.summarize(predictions)
+    assert results["at_or_below_chance"] and "at or below chance" in ev.chance_warning(results)
+    good = ev.summarize([{"subject": "s", "gold": "A", "prediction": "A", "extracted": "A"}] * 5)
+    assert ev.chance_warning(good) is None
+
+
+def test_evaluate_cli_on_a_folder_the_project_never_saw(merged, tmp_path: Path, capsys):
+    from kormedgemma.cli import main
+
+    path, _, _ = merged
+    data = tmp_path / "unseen"
+    for subset, rows in (("cardio", ROWS[:4]), ("derm", ROWS[4:])):
+        (data / subset).mkdir(parents=True)
+        lines = [json.dumps(r, ensure_ascii=False) for r in rows] + ['{"question": "옵션 없음", "answer": 2}']
+        (data / subset / "test.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (data / subset / "fewshot.jsonl").write_text(
+            "\n".join(json.dumps(dict(r, question=r["question"] + " (예시)"), ensure_ascii=False) for r in ROWS[:5]) + "\n",
+            encoding="utf-8")
+    out = tmp_path / "out"
+    for mode in ("generate", "loglikelihood"):
+        assert main(["evaluate", "--model", str(path), "--data", str(data), "--out", str(out), "--shots", "5",
+                     "--mode", mode, "--batch-size", "3"]) == 0
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert [p["subject"] for p in predictions] == ["cardio"] * 4 + ["derm"] * 2
+        assert {p["prediction"] for p in predictions} <= set("ABCDE") | {""}
+        assert set(predictions[0]) >= {"subject", "question", "gold", "prediction", "raw_output"}
+        for subset in ("cardio", "derm"):
+            mine = [p for p in predictions if p["subject"] == subset]
+            assert results["subsets"][subset]["n"] == len(mine)
+            assert results["subsets"][subset]["accuracy"] == round(sum(p["prediction"] == p["gold"] for p in mine) / len(mine), 4)
+        assert results["overall"]["accuracy"] == round(sum(p["prediction"] == p["gold"] for p in predictions) / 6, 4)
+        assert results["bad_row_count"] == 2 and results["mode"] == mode and results["shots"] == 5
+    assert all(p["prediction"] in "ABCDE" and p["prediction"] for p in predictions)  # log-likelihood always answers
+
+
+def test_evaluate_cli_errors_are_one_line(merged, tmp_path: Path, capsys):
+    from kormedgemma.cli import main
+
+    path, _, _ = merged
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "test.jsonl").write_text(json.dumps(ROWS[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["evaluate", "--model", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--shots", "5"]) == 2
+    assert "5-shot needs 5 usable rows" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
+    from kormedgemma.io import read_jsonl
+
+    config, _, _ = tiny_phase4
+    out = ev.evaluate_korean(config, progress=False)
+    summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    names = [r["name"] for r in summary["runs"]]
+    assert names == ["base_generate_0shot", "base_generate_5shot", "stage7_generate_0shot", "stage7_generate_5shot",
+                     "instruct_generate_0shot", "instruct_generate_5shot", "instruct_chat_0shot"]
+    for run in summary["runs"]:
+        predictions = list(read_jsonl(out / "runs" / run["name"] / "predictions.jsonl"))
+        assert len(predictions) == 12
+        assert run["overall"]["accuracy"] == round(sum(p["prediction"] == p["gold"] for p in predictions) / 12, 4)
+    # the expanded tokenizer spends fewer tokens on Korean, and bits/char is what compares across them
+    base, expanded = summary["tokenizer_efficiency"]
+    assert expanded["tokens_per_char"] < base["tokens_per_char"]
+    assert summary["perplexity"]["stage7"]["bits_per_char"] < summary["perplexity"]["base"]["bits_per_char"]
+    assert (out / "accuracy.png").stat().st_size > 0 and "KorMedMCQA accuracy" in (out / "report.md").read_text()
+    shutil.rmtree(out / "runs", ignore_errors=True)

@@ -1,0 +1,112 @@
+"""Phase 4: answer-only loss, the leakage guard, dev early stopping, what the merged model changed."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kormedgemma.instruct import build_instruct_data, encode_chat, mcqa_messages
+
+ROW = {"question": "지역사회 획득 폐렴의 가장 흔한 원인균은?", "A": "황색포도알균", "B": "폐렴사슬알균", "C": "대장균",
+       "D": "녹농균", "E": "결핵균", "answer": 2, "cot": "폐렴사슬알균이 가장 흔하다.", "subject": "doctor"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_phase3):
+    from transformers import AutoTokenizer
+
+    from kormedgemma.artifacts import artifact_path
+
+    config, _ = tiny_phase3
+    return AutoTokenizer.from_pretrained(artifact_path(config, "merged_model"))
+
+
+def test_messages_put_the_explanation_before_the_answer():
+    user, model = mcqa_messages(ROW)
+    assert user["content"].endswith("E. 결핵균\n정답：") and model["content"] == "폐렴사슬알균이 가장 흔하다.\n정답: B"
+    assert mcqa_messages(ROW, use_cot=False)[1]["content"] == "정답: B"
+
+
+def test_prompt_tokens_carry_label_minus_100_and_the_answer_is_trained(tokenizer):
+    messages = mcqa_messages(ROW, use_cot=False)
+    ids, labels = encode_chat(tokenizer, messages)
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert ids[:len(prompt_ids)] == prompt_ids
+    assert labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
+    trained = [t for t, label in zip(ids, labels) if label != -100]
+    assert trained == ids[len(prompt_ids):] == labels[len(prompt_ids):]
+    assert tokenizer.decode(trained) == "정답: B<end_of_turn>\n"
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_a_test_question_planted_in_train_is_refused(tiny_phase3, tokenizer, tmp_path: Path):
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.config import apply_overrides
+
+    config, _ = tiny_phase3
+    source = artifact_path(config, "kormedmcqa")
+    copy = apply_overrides(config, {"paths.root": str(tmp_path)})
+    target = artifact_path(copy, "kormedmcqa")
+    shutil.copytree(source, target)
+    test_row = json.loads((target / "nurse" / "test.jsonl").read_text(encoding="utf-8").splitlines()[1])
+    with open(target / "doctor" / "train.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dict(test_row, subject="doctor"), ensure_ascii=False) + "\n")
+    data = build_instruct_data(copy, tokenizer)
+    assert [r["source"] for r in data.refused] == ["kormedmcqa/doctor/train"]
+    assert data.refused[0]["row"] == 8 and data.refused[0]["text"].startswith(test_row["question"][:40])
+    assert data.counts["kormedmcqa/doctor/train"] == 7 and len(data.train) == 28
+    assert len(data.dev) == 8  # dev rows are measured, never trained
+    dev_ids = {tuple(ids) for ids, _ in data.dev}
+    assert not dev_ids & {tuple(ids) for ids, _ in data.train}
+
+
+def test_instruction_tuning_lowers_the_dev_loss_and_keeps_the_best_step(tiny_phase4):
+    _, out, metrics = tiny_phase4
+    assert metrics["examples"] == 28 and metrics["dev_examples"] == 8 and metrics["refused_leakage"] == []
+    first_dev = metrics["evals"][0]["dev_loss"]
+    assert metrics["best_dev_loss"] < first_dev - 1.0
+    assert metrics["best_dev_loss"] == min(e["dev_loss"] for e in metrics["evals"])
+    assert metrics["best_step"] == next(e["step"] for e in metrics["evals"] if e["dev_loss"] == metrics["best_dev_loss"])
+    assert metrics["last_loss"] < metrics["first_loss"]
+    assert (out / "loss.png").is_file() and (out / "tokenizer.model").is_file()
+
+
+def test_merged_instruct_model_changed_only_the_lora_layers(tiny_phase4):
+    from safetensors.torch import load_file
+
+    from kormedgemma.artifacts import artifact_path
+
+    config, out, _ = tiny_phase4
+    before = load_file(artifact_path(config, "merged_model") / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = tuple(f"{m}.weight" for m in config.instruct.lora.target_modules)
+    assert changed and all(k.endswith(targets) and "language_model" in k for k in changed)
+    assert not any("vision" in k or "embed" in k or "lm_head" in k for k in changed)
+
+
+def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.config import apply_overrides
+    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+
+    config, _ = tiny_phase3
+    wild = apply_overrides(config, {"paths.root": str(tmp_path), "instruct.learning_rate": 3.0,
+                                    "instruct.warmup_ratio": 0.0, "instruct.eval_every": 2,
+                                    "instruct.early_stopping_patience": 2, "instruct.max_grad_norm": 100.0})
+    for key in ("merged_model", "kormedmcqa"):  # its own root: the session's phase-4 artifact stays as it is
+        shutil.copytree(artifact_path(config, key), artifact_path(wild, key))
+    out = train_instruct(wild, progress_bar=False)
+    metrics = read_instruct_metrics(wild)
+    assert metrics["stopped_early"] and metrics["steps"] < metrics["planned_steps"]
+    assert metrics["best_step"] == 0
+    before = load_file(artifact_path(config, "merged_model") / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
