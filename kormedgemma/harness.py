@@ -15,7 +15,6 @@ harness's behaviour on planted outputs. The answer-extraction cascade of the Kor
 """
 from __future__ import annotations
 
-import json
 import re
 import string
 from dataclasses import dataclass, field
@@ -141,22 +140,14 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
 
 
 def _read_rows(path: Path, subset: str, bad: list[dict[str, Any]], validate: Any) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": f"not valid JSON ({exc.msg})"})
-                continue
-            if not isinstance(raw, dict):
-                bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": "not a JSON object"})
-                continue
-            clean, reason = validate(raw, subset)
-            if clean is None:
-                bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": reason})
-            else:
-                rows.append(clean)
+    from kormedgemma.io import numbered_jsonl
+
+    rows, skipped = [], []
+    for number, raw in numbered_jsonl(path, skipped):
+        clean, reason = validate(raw, subset)
+        if clean is None:
+            bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": reason})
+        else:
+            rows.append(clean)
+    bad.extend({"file": f"{subset}/{path.name}", "row": line, "reason": reason} for line, reason in skipped)
     return rows

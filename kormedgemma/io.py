@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 
 class JsonlError(ValueError):
@@ -74,6 +74,13 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Yield each line's object; a bad line raises JsonlError naming file and line number."""
+    for _, row in numbered_jsonl(path):
+        yield row
+
+
+def numbered_jsonl(path: Path, skipped: Optional[list[tuple[int, str]]] = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per line. A bad line raises JsonlError, or, when a `skipped` list is
+    given, is recorded there as (line number, reason) and passed over."""
     path = Path(path)
     if not path.is_file():
         raise MissingArtifactError(f"{path} not found")
@@ -83,13 +90,15 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
+                reason = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
             except json.JSONDecodeError as exc:
-                raise JsonlError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                 "fix or delete that line") from None
-            if not isinstance(row, dict):
-                raise JsonlError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}; "
-                                 "fix or delete that line")
-            yield row
+                row, reason = None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            if reason is None:
+                yield number, row
+            elif skipped is not None:
+                skipped.append((number, reason))
+            else:
+                raise JsonlError(f"{path}:{number}: {reason}; fix or delete that line")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
