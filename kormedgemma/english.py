@@ -137,11 +137,8 @@ def retention_table(results: dict[str, dict[str, Any]], tolerance: float) -> lis
 
 def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     """5.02: English benchmarks and English bits per character, base vs instruction-tuned model."""
-    import gc
-
-    import torch
-
     from kormedgemma.artifacts import artifact_path, require
+    from kormedgemma.environment import free_memory
     from kormedgemma.evaluate import load_for_eval
     from kormedgemma.hub import model_ref
     from kormedgemma.io import write_json
@@ -164,9 +161,7 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
         ppl[label] = perplexity(model, tokenizer, texts, spec.perplexity_seq_len, spec.batch_size, progress,
                                 desc=f"{label} English perplexity")
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     table = retention_table(results, spec.retention_tolerance)
     summary = {"models": models, "tolerance": spec.retention_tolerance, "retention": table, "perplexity": ppl,
                "bad_rows": [b for _, (_, bad) in benchmarks.items() for b in bad],

@@ -15,6 +15,17 @@ A5000_DISK_GB = 150
 A5000_VRAM_GB = 22
 
 
+def free_memory() -> None:
+    """Drop a model's last references and hand cached CUDA blocks back before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def environment_report(config: ProjectConfig) -> list[dict[str, Any]]:
     """Rows of (check, value, status); status is 'ok', 'warn' or 'missing'."""
     rows: list[dict[str, Any]] = []

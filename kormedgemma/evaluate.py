@@ -202,7 +202,6 @@ def evaluate_mcqa(model: Any, tokenizer: Any, data: McqaSet, *, shots: int = 0, 
     items = [(subset, row) for subset, rows in data.test.items() for row in rows]
     prompts = [build_prompt(row, data.fewshot.get(subset, []), shots) for subset, row in items]
     started = time.perf_counter()
-    extracted: list[str] = []
     if mode == "loglikelihood":
         scores = choice_logprobs(model, tokenizer, prompts, [[f" {x}" for x in LETTERS]] * len(prompts),
                                  batch_size=batch_size, desc=f"{shots}-shot log-likelihood", progress=progress)
@@ -317,14 +316,6 @@ def run_evaluation(model_ref: str, data_dir: Path, out_dir: Path, *, shots: int 
 
 
 # --------------------------------------------------------------------------- phase 5.01: the artifact
-def _free_model() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def korean_models(config: Any) -> dict[str, str]:
     """The three models notebook 5.01 compares: base MedGemma, after stage 7, instruction-tuned."""
     from kormedgemma.artifacts import require
@@ -339,6 +330,7 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
     tokenizer efficiency, written to models/final/eval/korean/ (results.json, report.md, plots,
     and each run's predictions under runs/)."""
     from kormedgemma.artifacts import artifact_path, require
+    from kormedgemma.environment import free_memory
     from kormedgemma.harness import read_mcqa_folder
     from kormedgemma.io import write_json, write_text
     from kormedgemma.manifest import write_artifact
@@ -357,12 +349,13 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
     plan = [(label, spec.mode, shots) for label in ("base", "stage7", "instruct") for shots in spec.shots]
     if spec.mode != "chat":
         plan.append(("instruct", "chat", 0))
+    models = korean_models(config)
     runs: list[dict[str, Any]] = []
     ppl: dict[str, Any] = {}
     tokenizers: dict[str, Any] = {}
     keys = ["evaluation", "base.model", "data.kormedmcqa.subsets"]
     with write_artifact(artifact_path(config, "eval_korean"), "5.01", config, keys, inputs) as out:
-        for label, ref in korean_models(config).items():
+        for label, ref in models.items():
             model, tokenizer = load_for_eval(ref)
             tokenizers[label] = tokenizer
             for _, mode, shots in [p for p in plan if p[0] == label]:
@@ -377,11 +370,11 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
             ppl[label] = perplexity(model, tokenizer, texts, spec.perplexity_seq_len, spec.batch_size, progress,
                                     desc=f"{label} Korean perplexity")
             del model
-            _free_model()
+            free_memory()
         efficiency = efficiency_table({"base": tokenizers["base"], "expanded": tokenizers["instruct"]},
                                       {"korean valid": texts})
         warnings = [w for w in (chance_warning(r, r["name"]) for r in runs) if w]
-        summary = {"models": korean_models(config), "runs": [_run_summary(r) for r in runs], "perplexity": ppl,
+        summary = {"models": models, "runs": [_run_summary(r) for r in runs], "perplexity": ppl,
                    "tokenizer_efficiency": efficiency, "bad_rows": data.bad_rows, "warnings": warnings}
         write_json(out.path / "results.json", summary)
         plot_accuracy(summary, out.path / "accuracy.png")
@@ -403,8 +396,8 @@ def accuracy_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for run in summary["runs"]:
         row: dict[str, Any] = {"model": run["model"], "mode": run["mode"], "shots": run["shots"]}
         row.update({subset: figures["accuracy"] for subset, figures in run["subsets"].items()})
-        row.update({"overall": run["overall"]["accuracy"], "unanswered": run["overall"]["unanswered"],
-                    "s/100 q": run["seconds_per_100_questions"]})
+        row.update({"overall": run["overall"]["accuracy"], "extracted": run["overall"]["extracted_accuracy"],
+                    "unanswered": run["overall"]["unanswered"], "s/100 q": run["seconds_per_100_questions"]})
         rows.append(row)
     return rows
 

@@ -114,7 +114,6 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
     is counted and listed, never fatal: one bad line must not cost a night's evaluation.
     """
     from kormedgemma.io import MissingArtifactError
-    from kormedgemma.sources import validate_mcqa_row
 
     root = Path(root)
     if not root.is_dir():
@@ -128,23 +127,24 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
             f"(found subsets: {', '.join(found) or 'none'}); the folder must follow the KorMedMCQA layout")
     result = McqaSet(root=root)
     for subset in chosen:
-        rows = _read_rows(root / subset / f"{split}.jsonl", subset, result.bad_rows, validate_mcqa_row)
+        rows = _read_rows(root / subset / f"{split}.jsonl", subset, result.bad_rows)
         result.test[subset] = rows[:max_questions] if max_questions else rows
         shots = root / subset / "fewshot.jsonl"
         if shots.is_file():
-            result.fewshot[subset] = _read_rows(shots, subset, result.bad_rows, validate_mcqa_row)
+            result.fewshot[subset] = _read_rows(shots, subset, result.bad_rows)
     if result.questions == 0:
         raise ValueError(f"{root}: no usable {split} question ({len(result.bad_rows)} bad rows): "
                          f"{result.bad_rows[:3]}")
     return result
 
 
-def _read_rows(path: Path, subset: str, bad: list[dict[str, Any]], validate: Any) -> list[dict[str, Any]]:
+def _read_rows(path: Path, subset: str, bad: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from kormedgemma.io import numbered_jsonl
+    from kormedgemma.sources import validate_mcqa_row
 
     rows, skipped = [], []
     for number, raw in numbered_jsonl(path, skipped):
-        clean, reason = validate(raw, subset)
+        clean, reason = validate_mcqa_row(raw, subset)
         if clean is None:
             bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": reason})
         else:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +70,12 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[lis
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
+def show_labels(tokenizer: Any, ids: Sequence[int], labels: Sequence[int]) -> str:
+    """The example as text, trained tokens in [brackets]: what the notebook shows to prove the mask."""
+    return "".join(f"[{tokenizer.decode([t])}]" if label != IGNORE else tokenizer.decode([t])
+                   for t, label in zip(ids, labels))
+
+
 @dataclass
 class InstructData:
     train: list[tuple[list[int], list[int]]]
@@ -81,14 +86,10 @@ class InstructData:
 
 
 def heldout_index(mcqa_root: Path, ngram_chars: int) -> Any:
-    """Every dev/test/fewshot question with its options, as a leakage index."""
-    from kormedgemma.io import read_jsonl
-    from kormedgemma.preprocess import LeakageIndex
+    """Every dev/test/fewshot question as a leakage index (phase 0's rule, one more split)."""
+    from kormedgemma.preprocess import LeakageIndex, heldout_questions
 
-    texts = [doc_to_text(row) if all(k in row for k in "ABCDE") else str(row.get("question", ""))
-             for split in HELDOUT_SPLITS for file in sorted(Path(mcqa_root).glob(f"*/{split}.jsonl"))
-             for row in read_jsonl(file)]
-    return LeakageIndex([str(t) for t in texts if str(t).strip()], ngram_chars)
+    return LeakageIndex(heldout_questions(mcqa_root, HELDOUT_SPLITS), ngram_chars)
 
 
 def leaks(index: Any, messages: Sequence[dict[str, str]]) -> bool:
@@ -178,12 +179,6 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def epoch_order(count: int, epoch: int, seed: int) -> list[int]:
-    order = list(range(count))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order
-
-
 # --------------------------------------------------------------------------- training
 def _answer_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
     from kormedgemma.loss import chunked_causal_lm_loss
@@ -222,6 +217,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.evaluate import load_for_eval
     from kormedgemma.stages import with_lora
+    from kormedgemma.training import BlockOrder
 
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
@@ -250,16 +246,15 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     history: list[dict[str, Any]] = []
     evals = [{"step": 0, "dev_loss": dev_loss(model, data.dev, pad, spec.micro_batch_size, device)}]
     best = {"step": 0, "dev_loss": evals[0]["dev_loss"], "state": _lora_state(model)}
-    stale, stopped_early, cursor, started = 0, False, 0, time.perf_counter()
+    order = BlockOrder(len(data.train), spec.micro_batch_size, spec.seed)  # a fresh permutation each epoch
+    stale, stopped_early, micro_batches, started = 0, False, 0, time.perf_counter()
     bar = tqdm(total=steps, desc="instruction tuning", unit="step", disable=not progress_bar)
     try:
         for step in range(1, steps + 1):
             losses = []
             for _ in range(spec.grad_accum):
-                epoch, position = divmod(cursor, len(data.train))
-                order = epoch_order(len(data.train), epoch, spec.seed)
-                chosen = [data.train[order[(position + k) % len(order)]] for k in range(spec.micro_batch_size)]
-                cursor += spec.micro_batch_size
+                chosen = [data.train[i] for i in order.blocks(micro_batches)]
+                micro_batches += 1
                 loss, _ = _answer_loss(model, collate(chosen, pad), device)
                 (loss / spec.grad_accum).backward()
                 losses.append(float(loss.detach()))

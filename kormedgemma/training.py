@@ -483,6 +483,7 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
     from kormedgemma.artifacts import artifact_path
     from kormedgemma.base_model import save_tokenizer
     from kormedgemma.curves import save_stage_plot
+    from kormedgemma.environment import free_memory
     from kormedgemma.manifest import write_artifact
 
     tensors, meta = trained_tensors(model, spec, first, count)
@@ -500,7 +501,7 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
         save_stage_plot(metrics, out.path / "loss.png")
         if config.staged.save_full_model:
             del model
-            _free(accelerator.device)
+            free_memory()
             full, _ = load_stage_model(config, number - 1, extra=out.path)
             full.save_pretrained(out.path)
             del full
@@ -508,14 +509,6 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
                                                     "trainable_parameters", "resumed_from")})
         out.metrics["final_eval"] = metrics["evals"][-1] if metrics["evals"] else None
     accelerator.wait_for_everyone()
-
-
-def _free(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def merge_stages(config: ProjectConfig) -> Path:

@@ -98,7 +98,7 @@ def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_p
     from kormedgemma.instruct import read_instruct_metrics, train_instruct
 
     config, _ = tiny_phase3
-    wild = apply_overrides(config, {"paths.root": str(tmp_path), "instruct.learning_rate": 3.0,
+    wild = apply_overrides(config, {"paths.root": str(tmp_path), "instruct.learning_rate": 30.0,
                                     "instruct.warmup_ratio": 0.0, "instruct.eval_every": 2,
                                     "instruct.early_stopping_patience": 2, "instruct.max_grad_norm": 100.0})
     for key in ("merged_model", "kormedmcqa"):  # its own root: the session's phase-4 artifact stays as it is
@@ -110,3 +110,16 @@ def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_p
     before = load_file(artifact_path(config, "merged_model") / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+
+def test_shown_labels_bracket_exactly_the_answer(tokenizer):
+    import re
+
+    from kormedgemma.instruct import show_labels
+
+    ids, labels = encode_chat(tokenizer, mcqa_messages(ROW, use_cot=False))
+    shown = show_labels(tokenizer, ids, labels)
+    trained = [t for t, label in zip(ids, labels) if label != -100]
+    assert re.findall(r"\[(.*?)\]", shown, flags=re.S) == [tokenizer.decode([t]) for t in trained]
+    assert shown.startswith(tokenizer.decode(ids[:3]))
