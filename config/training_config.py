@@ -401,12 +401,24 @@ class DeployConfig:
     # Kept in full precision: the vision tower, projector and lm_head.
     ignore: list[str] = field(default_factory=lambda: [
         "lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"])
+    calibration_seed: int = 0
+    # KorMedMCQA shots for the bf16-vs-4-bit comparison (an instruction-tuned model is served 0-shot).
+    eval_shots: int = 0
     serve_backend: Literal["vllm", "transformers"] = "vllm"
     host: str = "127.0.0.1"
     port: int = 8000
+    # Name clients pass as `model`; vLLM and the transformers server both answer to it.
+    served_model_name: str = "korean-medgemma"
     max_model_len: int = 8192
     max_num_seqs: int = 16
     gpu_memory_utilization: float = 0.90
+    # The serving card (RTX 4090) and vLLM's activations + CUDA graphs, for the memory plan.
+    serve_gpu_gb: float = 24.0
+    serve_overhead_gb: float = 2.0
+    # Seconds to wait for the server's /health (vLLM loads and compiles for a minute or two).
+    startup_timeout_s: float = 600.0
+    check_question: str = "제2형 당뇨병 환자에게 메트포르민을 처방할 때 주의해야 할 점은 무엇인가요?"
+    check_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 1, "group_size", "must be ≥ 1")
@@ -416,6 +428,11 @@ class DeployConfig:
         _require(self.max_model_len >= 1, "max_model_len", "must be ≥ 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be ≥ 1")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.eval_shots >= 0, "eval_shots", "must be ≥ 0")
+        _require(self.serve_gpu_gb > 0, "serve_gpu_gb", "must be > 0")
+        _require(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
+        _require(self.check_max_tokens >= 1, "check_max_tokens", "must be ≥ 1")
+        _require(bool(self.check_question.strip()), "check_question", "must not be empty")
 
 
 @dataclass
@@ -471,7 +488,8 @@ def tiny() -> ProjectConfig:
         evaluation=EvaluationConfig(batch_size=8, max_new_tokens=8, chat_max_new_tokens=32,
                                     english_local_path="data/samples/english_mcqa", perplexity_seq_len=128),
         deploy=DeployConfig(serve_backend="transformers", calibration_samples=16, calibration_seq_len=128,
-                            group_size=32, max_model_len=1024, max_num_seqs=2),
+                            group_size=32, max_model_len=1024, max_num_seqs=2, startup_timeout_s=120.0,
+                            check_max_tokens=24),
     )
 
 

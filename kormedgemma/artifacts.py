@@ -46,6 +46,8 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
     Artifact("instruct_model", "models/final/instruct", "4.01", "instruction-tuned model, LoRA merged"),
     Artifact("eval_korean", "models/final/eval/korean", "5.01", "KorMedMCQA accuracy, perplexity, tokenizer efficiency"),
     Artifact("eval_english", "models/final/eval/english", "5.02", "English medical retention and perplexity"),
+    Artifact("awq_model", "models/final/korean_medgemma_awq", "6.01", "4-bit AWQ model + its quality and memory report"),
+    Artifact("serve_check", "models/final/serve_check", "6.02", "a Korean medical answer served over the OpenAI API"),
 ]}
 
 

@@ -84,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     evaluate.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                           help="default: bfloat16 on GPU, float32 on CPU")
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible server for a model folder (vLLM on GPU, transformers on CPU)",
+        description="Serve /v1/chat/completions and /v1/models. --backend vllm starts vLLM's own server "
+                    "(from PATH or .venv-serve/, see `make serve-env`) and waits until it is healthy; "
+                    "--backend transformers runs a small FastAPI server in this process.")
+    serve.add_argument("--model", required=True, metavar="DIR", help="model folder (e.g. models/final/korean_medgemma_awq)")
+    serve.add_argument("--backend", choices=("vllm", "transformers"), default=None,
+                       help="default: deploy.serve_backend of the profile")
+    serve.add_argument("--host", default=None, help="default: deploy.host (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default: deploy.port (8000)")
+    serve.add_argument("--profile", default="tiny", help="config profile whose deploy section is used")
+    serve.add_argument("--config", dest="config_file", help="YAML file of overrides")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set deploy.max_model_len=4096")
+    serve.add_argument("--device", default=None, help="transformers backend: cuda or cpu (default: cuda when present)")
     return parser
 
 
@@ -98,6 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _train_stage(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "serve":
+            return _serve(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -191,4 +209,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     warning = chance_warning(results, args.model)
     if warning:
         print(warning, file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kormedgemma.config import load_config
+    from kormedgemma.serve import ServerProcess, serve_transformers, server_command
+
+    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    deploy = config.deploy
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json there; run phase6_deployment/01_quantize_awq first "
+                                "or point at a finished model folder")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ValueError("--port must be in 1..65535")
+    backend = args.backend or deploy.serve_backend
+    host, port = args.host or deploy.host, args.port or deploy.port
+    if backend == "transformers":
+        print(f"serving {model} as {deploy.served_model_name!r} at http://{host}:{port}/v1 (transformers backend)",
+              flush=True)
+        serve_transformers(model, deploy, host, port, args.device)
+        return 0
+    command = server_command(model, deploy, backend, host, port, config.profile)
+    print("starting: " + " ".join(command), flush=True)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    with ServerProcess(command, url, deploy.startup_timeout_s, Path("runs") / "serve" / "vllm.log") as server:
+        print(f"healthy after {server.startup_s:.0f} s: {url}/v1 serves {deploy.served_model_name!r} "
+              f"(log: runs/serve/vllm.log); Ctrl-C stops it", flush=True)
+        server.process.wait()
     return 0

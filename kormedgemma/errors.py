@@ -7,7 +7,10 @@ from kormedgemma.io import JsonlError, MissingArtifactError
 
 
 def is_user_error(exc: BaseException) -> bool:
+    from kormedgemma.quantize import QuantizationError
     from kormedgemma.runner import NotebookFailed
+    from kormedgemma.serve import ServeError
 
     return isinstance(exc, (ConfigError, MissingArtifactError, JsonlError, HubUnavailableError,
-                            NotebookFailed, FileNotFoundError, ValueError, MemoryError))
+                            NotebookFailed, FileNotFoundError, ValueError, MemoryError, QuantizationError,
+                            ServeError))

@@ -63,6 +63,10 @@ STEPS: tuple[Step, ...] = (
          tiny_only_inputs=("base_model",)),
     Step("5.02", "phase5_evaluation/02_evaluate_english.ipynb", "English medical retention",
          inputs=("instruct_model", "english"), outputs=("eval_english",), tiny_only_inputs=("base_model",)),
+    Step("6.01", "phase6_deployment/01_quantize_awq.ipynb", "W4A16 AWQ quantisation, bf16 vs 4-bit, memory plan",
+         inputs=("instruct_model", "korean", "kormedmcqa"), outputs=("awq_model",)),
+    Step("6.02", "phase6_deployment/02_deploy_vllm.ipynb", "serve the 4-bit model and ask it a question",
+         inputs=("awq_model",), outputs=("serve_check",)),
 )
 
 

@@ -74,7 +74,22 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
         retention = ", ".join(f"{r['benchmark']} {r['base']:.1%} → {r['adapted']:.1%}" for r in metrics.get("retention", []))
         flagged = f"; ⚠ dropped beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""
         return f"{retention}; English bits/char {metrics.get('bits_per_char')}{flagged}"
+    if key == "awq_model":
+        acc = metrics.get("accuracy") or {}
+        bpc = metrics.get("bits_per_char") or {}
+        fits = "fits" if metrics.get("fits_full_concurrency") else "⚠ does not fit full concurrency"
+        return (f"{metrics.get('backend')} {metrics.get('scheme')}: {metrics.get('source_gb')} → "
+                f"{metrics.get('quantized_gb')} GB in {metrics.get('seconds')} s; Korean bits/char "
+                f"{bpc.get('source')} → {bpc.get('quantized')}; KorMedMCQA {_pct(acc.get('source'))} → "
+                f"{_pct(acc.get('quantized'))}; {metrics.get('serve_gpu_gb')} GB card: {fits}")
+    if key == "serve_check":
+        return (f"{metrics.get('backend')} answered in {metrics.get('latency_s')} s "
+                f"({metrics.get('completion_tokens')} tokens): {str(metrics.get('answer', ''))[:60]!r}")
     return json.dumps(metrics, ensure_ascii=False)[:200]
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "n/a"
 
 
 def artifact_rows(config: ProjectConfig) -> Iterable[dict[str, Any]]:
