@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 PROFILE ?= tiny
 RUN_ARGS ?=
 
-.PHONY: demo test venv clean-artifacts
+SERVE_VENV ?= .venv-serve
+
+.PHONY: demo test venv serve-env clean-artifacts
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,17 @@ demo: venv
 ## Run the test suite.
 test: venv
 	$(PY) -m pytest -q
+
+## Serving environment for the GPU box: vLLM pins its own torch, so it gets its own venv.
+## Then: $(SERVE_VENV)/bin/python -m kormedgemma serve --model models/final/korean_medgemma_awq --backend vllm --profile a5000
+serve-env: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: requirements-serve.txt pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -r requirements-serve.txt
+	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
 
 ## Remove pipeline artifacts (data/raw, data/processed, models, runs); keeps bundled samples.
 clean-artifacts:

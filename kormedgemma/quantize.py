@@ -122,6 +122,22 @@ def _cpu_safe_calibration() -> Iterator[None]:
         IntermediatesCache._pin_intermediate = original
 
 
+@contextlib.contextmanager
+def _quiet_grid_search() -> Iterator[None]:
+    """AWQ opens a progress bar per mapping per layer for its 20-point scale search; in a notebook
+    each redraw is a new output (thousands for 34 layers). The per-layer calibration bars stay."""
+    import functools
+
+    from llmcompressor.modifiers.transform.awq import base
+    from tqdm import tqdm
+
+    base.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        base.tqdm = tqdm
+
+
 def _load_for_quantization(model_dir: Path) -> tuple[Any, Any]:
     """On the CPU, in bf16 where a GPU exists: llm-compressor moves one decoder layer at a time to
     the GPU, so the whole model never has to fit there alongside calibration activations."""
@@ -151,15 +167,16 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, texts: Sequence[str],
 
     from llmcompressor import LoggerConfig, configure_logger
 
-    # One line per module at INFO buries the notebook; LLM_COMPRESSOR_LOG_LEVEL still overrides.
-    configure_logger(LoggerConfig(console_log_level="WARNING"))
+    # One line per module at INFO buries the notebook; without a GPU every layer also warns "No
+    # accelerator available", so there only errors show. LLM_COMPRESSOR_LOG_LEVEL still overrides.
+    configure_logger(LoggerConfig(console_log_level="WARNING" if torch.accelerator.is_available() else "ERROR"))
     model, tokenizer = _load_for_quantization(Path(model_dir))
     blocks = calibration_blocks(tokenizer, texts, deploy.calibration_samples, deploy.calibration_seq_len, seed)
     dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with _cpu_safe_calibration():
+    with _cpu_safe_calibration(), _quiet_grid_search():
         oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=awq_recipe(deploy, model),
                 num_calibration_samples=len(blocks), max_seq_length=deploy.calibration_seq_len,
                 shuffle_calibration_samples=False)

@@ -201,10 +201,13 @@ def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
     def stream(ids: torch.Tensor, settings: GenerationConfig, request_id: str) -> Iterator[str]:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+        produced: list[list[int]] = []
+
         def run() -> None:
             with lock, torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings,
-                               logits_processor=processors, streamer=streamer)
+                output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings,
+                                        logits_processor=processors, streamer=streamer)
+            produced.append(output[0, ids.shape[1]:].tolist())
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
@@ -219,7 +222,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
             if text:
                 yield chunk({"content": text})
         worker.join()
-        yield chunk({}, "stop")
+        yield chunk({}, finish_reason(produced[0], settings.max_new_tokens) if produced else "stop")
         yield "data: [DONE]\n\n"
 
     return app
@@ -360,6 +363,22 @@ def ask(client: Any, model: str, question: str, max_tokens: int, system: Optiona
             "tokens_per_second": round(usage.completion_tokens / latency, 2) if usage and latency > 0 else None}
 
 
+def ask_streaming(client: Any, model: str, question: str, max_tokens: int) -> dict[str, Any]:
+    """The same question streamed: seconds to the first text chunk, and to the last."""
+    started = time.perf_counter()
+    first: Optional[float] = None
+    parts: list[str] = []
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                            max_tokens=max_tokens, temperature=0, stream=True)
+    for event in stream:
+        delta = event.choices[0].delta.content if event.choices else None
+        if delta:
+            first = first if first is not None else time.perf_counter() - started
+            parts.append(delta)
+    return {"answer": "".join(parts), "first_token_s": round(first, 3) if first is not None else None,
+            "total_s": round(time.perf_counter() - started, 3), "chunks": len(parts)}
+
+
 def check_bad_requests(base_url: str, model: str, max_model_len: int) -> list[dict[str, Any]]:
     """Send the three requests a server must refuse politely; (request, status, message) each."""
     cases = [("empty messages", {"model": model, "messages": []}),
@@ -404,10 +423,12 @@ def serve_check(config: Any, backend: Optional[str] = None, progress: bool = Tru
             client = openai_client(url)
             served = [m.id for m in client.models.list().data]
             answer = ask(client, deploy.served_model_name, deploy.check_question, deploy.check_max_tokens)
+            streamed = ask_streaming(client, deploy.served_model_name, deploy.check_question, deploy.check_max_tokens)
             refused = check_bad_requests(url, deploy.served_model_name, deploy.max_model_len)
         result = {"backend": backend, "command": command, "url": url, "startup_s": round(server.startup_s or 0, 2),
-                  "models": served, **answer, "bad_requests": refused}
+                  "models": served, **answer, "streamed": streamed, "bad_requests": refused}
         write_json(out.path / "check.json", result)
         out.metrics.update({k: result[k] for k in ("backend", "startup_s", "latency_s", "completion_tokens", "answer")})
+        out.metrics["first_token_s"] = streamed["first_token_s"]
         out.metrics["bad_request_statuses"] = [r["status"] for r in refused]
     return final

@@ -76,3 +76,15 @@ def tiny_phase4(tiny_phase3):
     config, _ = tiny_phase3
     out = train_instruct(config, progress_bar=False)
     return config, out, read_instruct_metrics(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_phase6(tiny_phase4):
+    """Phase 6.01 (AWQ W4A16 + the source-vs-4-bit report) on top of the session's phase 4."""
+    import json
+
+    from kormedgemma.quantize import quantize_step
+
+    config, _, _ = tiny_phase4
+    out = quantize_step(config, progress=False)
+    return config, out, json.loads((out / "quantization.json").read_text(encoding="utf-8"))
