@@ -229,9 +229,9 @@ def _serve(args: argparse.Namespace) -> int:
     backend = args.backend or deploy.serve_backend
     host, port = args.host or deploy.host, args.port or deploy.port
     if backend == "transformers":
-        print(f"serving {model} as {deploy.served_model_name!r} at http://{host}:{port}/v1 (transformers backend)",
-              flush=True)
-        serve_transformers(model, deploy, host, port, args.device)
+        print(f"serving {model} as {deploy.served_model_name!r} at http://{host}:{port}/v1 (transformers backend); "
+              "Ctrl-C stops it", flush=True)
+        serve_transformers(model, deploy, host, port, args.device)  # uvicorn handles Ctrl-C itself
         return 0
     command = server_command(model, deploy, backend, host, port, config.profile)
     print("starting: " + " ".join(command), flush=True)
@@ -239,5 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
     with ServerProcess(command, url, deploy.startup_timeout_s, Path("runs") / "serve" / "vllm.log") as server:
         print(f"healthy after {server.startup_s:.0f} s: {url}/v1 serves {deploy.served_model_name!r} "
               f"(log: runs/serve/vllm.log); Ctrl-C stops it", flush=True)
-        server.process.wait()
+        try:
+            server.process.wait()
+        except KeyboardInterrupt:
+            print("stopping the server", flush=True)
     return 0

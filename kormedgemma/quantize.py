@@ -354,7 +354,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     accuracy (the phase-5 evaluator) and logits error, plus the serving card's memory plan."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.environment import free_memory
-    from kormedgemma.evaluate import chance_warning, evaluate_mcqa, load_for_eval, write_results
+    from kormedgemma.evaluate import chance_warning, check_shots, evaluate_mcqa, load_for_eval, write_results
     from kormedgemma.harness import read_mcqa_folder
     from kormedgemma.io import write_json, write_text
     from kormedgemma.manifest import write_artifact
@@ -368,6 +368,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     data = read_mcqa_folder(inputs["kormedmcqa"], subsets=config.data.kormedmcqa.subsets,
                             max_questions=spec.max_questions)
     check_mcqa = deploy.eval_shots
+    check_shots(data, check_mcqa)  # before a long calibration, not after it
     keys = ["deploy", "evaluation", "data.kormedmcqa.subsets"]
     with write_artifact(artifact_path(config, "awq_model"), "6.01", config, keys, inputs) as out:
         info = quantize(inputs["instruct_model"], out.path, calibration, deploy, deploy.calibration_seed)

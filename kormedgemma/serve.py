@@ -65,8 +65,7 @@ def vllm_command(model_dir: Path, deploy: DeployConfig, executable: str = "vllm"
     command = [executable, "serve", str(model_dir), "--served-model-name", deploy.served_model_name,
                "--host", host or deploy.host, "--port", str(port or deploy.port),
                "--max-model-len", str(deploy.max_model_len), "--max-num-seqs", str(deploy.max_num_seqs),
-               "--gpu-memory-utilization", str(deploy.gpu_memory_utilization), "--dtype", "bfloat16",
-               "--generation-config", "vllm"]
+               "--gpu-memory-utilization", str(deploy.gpu_memory_utilization), "--dtype", "bfloat16"]
     method = quantization_method(model_dir)
     if method:
         command += ["--quantization", method]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kormedgemma import evaluate as ev
-from kormedgemma.harness import McqaSet, read_mcqa_folder
+from kormedgemma.harness import McqaSet
 
 ROWS = [{"question": f"문항 {n}: 고혈압 1차 약제는?", "A": "이뇨제", "B": "항생제", "C": "스테로이드", "D": "인슐린",
          "E": "철분제", "answer": n % 5 + 1, "subject": "cardio"} for n in range(6)]

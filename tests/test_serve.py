@@ -6,7 +6,6 @@ import json
 import stat
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
