@@ -81,7 +81,8 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
         return (f"{metrics.get('backend')} {metrics.get('scheme')}: {metrics.get('source_gb')} → "
                 f"{metrics.get('quantized_gb')} GB in {metrics.get('seconds')} s; Korean bits/char "
                 f"{bpc.get('source')} → {bpc.get('quantized')}; KorMedMCQA {_pct(acc.get('source'))} → "
-                f"{_pct(acc.get('quantized'))}; {metrics.get('serve_gpu_gb')} GB card: {fits}")
+                f"{_pct(acc.get('quantized'))}; {metrics.get('serve_gpu_gb')} GB card: {fits}"
+                + (f"; ⚠ {len(metrics['warnings'])} run(s) at or below chance" if metrics.get("warnings") else ""))
     if key == "serve_check":
         return (f"{metrics.get('backend')} answered in {metrics.get('latency_s')} s "
                 f"({metrics.get('completion_tokens')} tokens): {str(metrics.get('answer', ''))[:60]!r}")

@@ -124,6 +124,12 @@ def test_report_accuracy_is_recomputed_from_its_predictions(tiny_phase6):
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["metrics"]["quantized_gb"] < manifest["metrics"]["source_gb"]
     assert (out / "deployment.png").stat().st_size > 0 and "Memory plan" in (out / "report.md").read_text(encoding="utf-8")
+    from kormedgemma.report import headline
+
+    line = headline("awq_model", manifest["metrics"])
+    assert f"{manifest['metrics']['source_gb']} → {manifest['metrics']['quantized_gb']} GB" in line
+    # a random-weight model answers nothing: both runs are flagged, in the manifest and the headline
+    assert len(manifest["metrics"]["warnings"]) == 2 and "⚠ 2 run(s) at or below chance" in line
 
 
 def test_failed_quantisation_leaves_the_previous_checkpoint_intact(tiny_phase6):
