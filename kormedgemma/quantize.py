@@ -330,6 +330,22 @@ def memory_plan(model_dir: Path, deploy: DeployConfig, gpu_gb: float = 24.0,
     }
 
 
+def memory_plan_table(model_dir: Path, deploy: DeployConfig, lengths: Sequence[int] = (2048, 4096, 8192, 16384),
+                      ) -> list[dict[str, Any]]:
+    """The plan at several context lengths (and the configured one): where `max_model_len` can go."""
+    from dataclasses import replace
+
+    rows = []
+    for length in sorted({*lengths, deploy.max_model_len}):
+        plan = memory_plan(model_dir, replace(deploy, max_model_len=length), deploy.serve_gpu_gb,
+                           deploy.serve_overhead_gb)
+        rows.append({"max_model_len": length, "KV GB / sequence": plan["kv_per_sequence_gb"],
+                     "full-length sequences that fit": plan["sequences_that_fit"],
+                     "worst case": plan["sequences_that_fit_all_full"],
+                     f"fits {deploy.max_num_seqs} at once": plan["fits_full_concurrency"]})
+    return rows
+
+
 def memory_plan_lines(plan: dict[str, Any]) -> list[str]:
     """The plan as sentences, for the notebook and report.md."""
     verdict = ("fits" if plan["fits_full_concurrency"] else

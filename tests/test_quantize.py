@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from config.training_config import DeployConfig
-from kormedgemma.quantize import (QuantizationError, calibration_blocks, memory_plan, quantize, quantization_scheme)
+from kormedgemma.quantize import (QuantizationError, calibration_blocks, memory_plan, memory_plan_table, quantize,
+                                  quantization_scheme)
 
 
 class _Tokens:
@@ -169,3 +170,8 @@ def test_memory_plan_counts_sliding_window_layers_exactly(tmp_path):
     assert plan["fits_full_concurrency"] and plan["starts"]
     tight = memory_plan(folder, DeployConfig(max_model_len=131072, max_num_seqs=16), gpu_gb=24.0)
     assert not tight["fits_full_concurrency"]
+    table = memory_plan_table(folder, DeployConfig(max_model_len=8192, max_num_seqs=16, serve_overhead_gb=2.0))
+    assert [r["max_model_len"] for r in table] == [2048, 4096, 8192, 16384]
+    assert table[2]["full-length sequences that fit"] == plan["sequences_that_fit"]
+    # sliding layers cap at 1,024 tokens, so KV per sequence grows slower than the length
+    assert table[3]["KV GB / sequence"] < 2 * table[2]["KV GB / sequence"]
