@@ -66,6 +66,7 @@ def test_streamed_chunks_join_to_the_non_streamed_answer(client):
     ({"max_tokens": 250}, 400, "exceeds the maximum context length"),
     ({"messages": [{"role": "doctor", "content": "x"}]}, 400, "invalid request"),
     ({"temperature": 5}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "must alternate"),
 ])
 def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_serving(client, body, status, words):
     http, _ = client
