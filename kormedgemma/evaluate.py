@@ -315,6 +315,15 @@ def run_evaluation(model_ref: str, data_dir: Path, out_dir: Path, *, shots: int 
     return results
 
 
+def evaluate_with(model: Any, tokenizer: Any, data: McqaSet, spec: Any, shots: int, mode: Mode,
+                  progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`evaluate_mcqa` with the `evaluation` config's batch size, token caps and static-cache
+    switch: the one place pipeline steps (5.01, 6.01) turn config into evaluator settings."""
+    return evaluate_mcqa(model, tokenizer, data, shots=shots, mode=mode, batch_size=spec.batch_size,
+                         max_new_tokens=spec.max_new_tokens, chat_max_new_tokens=spec.chat_max_new_tokens,
+                         static_cache=spec.static_cache and torch.cuda.is_available(), progress=progress)
+
+
 # --------------------------------------------------------------------------- phase 5.01: the artifact
 def korean_models(config: Any) -> dict[str, str]:
     """The three models notebook 5.01 compares: base MedGemma, after stage 7, instruction-tuned."""
@@ -359,10 +368,7 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
             model, tokenizer = load_for_eval(ref)
             tokenizers[label] = tokenizer
             for _, mode, shots in [p for p in plan if p[0] == label]:
-                results, predictions = evaluate_mcqa(
-                    model, tokenizer, data, shots=shots, mode=mode, batch_size=spec.batch_size,
-                    max_new_tokens=spec.max_new_tokens, chat_max_new_tokens=spec.chat_max_new_tokens,
-                    static_cache=spec.static_cache and torch.cuda.is_available(), progress=progress)
+                results, predictions = evaluate_with(model, tokenizer, data, spec, shots, mode, progress)
                 results["model"] = ref
                 name = f"{label}_{mode}_{shots}shot"
                 write_results(out.path / "runs" / name, results, predictions)

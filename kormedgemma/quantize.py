@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -103,56 +103,30 @@ def awq_recipe(deploy: DeployConfig, model: Any) -> list[Any]:
             QuantizationModifier(config_groups={"group_0": quantization_scheme(deploy)}, ignore=list(deploy.ignore))]
 
 
-@contextlib.contextmanager
-def _cpu_safe_calibration() -> Iterator[None]:
-    """llm-compressor 0.14 pins its cached calibration activations in page-locked memory before each
-    AWQ grid search, unconditionally; without an accelerator torch refuses (`Cannot access
-    accelerator device`). Pinning only speeds host→GPU copies, so on a CPU-only machine (the tiny
-    profile, CI) it is skipped for the duration of the call. With a GPU nothing changes."""
-    if torch.accelerator.is_available():
-        yield
-        return
-    from llmcompressor.pipelines.cache import IntermediatesCache
+def _library_patches() -> contextlib.ExitStack:
+    """Two llm-compressor 0.14 behaviours changed for the duration of one `oneshot` call:
 
-    original = IntermediatesCache.__dict__["_pin_intermediate"]
-    IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
-    try:
-        yield
-    finally:
-        IntermediatesCache._pin_intermediate = original
-
-
-@contextlib.contextmanager
-def _quiet_grid_search() -> Iterator[None]:
-    """AWQ opens a progress bar per mapping per layer for its 20-point scale search; in a notebook
-    each redraw is a new output (thousands for 34 layers). The per-layer calibration bars stay."""
+    - It pins its cached calibration activations in page-locked memory before each AWQ grid search,
+      unconditionally; without an accelerator torch refuses (`Cannot access accelerator device`).
+      Pinning only speeds host→GPU copies, so on a CPU-only machine (the tiny profile, CI) it is
+      skipped. With a GPU nothing changes.
+    - AWQ opens a progress bar per mapping per layer for its 20-point scale search; in a notebook
+      each redraw is a new output (thousands for 34 layers). Those are silenced; the per-layer
+      calibration bars stay.
+    """
     import functools
+    from unittest import mock
 
     from llmcompressor.modifiers.transform.awq import base
+    from llmcompressor.pipelines.cache import IntermediatesCache
     from tqdm import tqdm
 
-    base.tqdm = functools.partial(tqdm, disable=True)
-    try:
-        yield
-    finally:
-        base.tqdm = tqdm
-
-
-def _load_for_quantization(model_dir: Path) -> tuple[Any, Any]:
-    """On the CPU, in bf16 where a GPU exists: llm-compressor moves one decoder layer at a time to
-    the GPU, so the whole model never has to fit there alongside calibration activations."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
-    from kormedgemma.base_model import check_tokenizer_matches_model
-
-    config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cls = AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = cls.from_pretrained(model_dir, dtype=dtype)
-    check_tokenizer_matches_model(tokenizer, model)
-    return model.eval(), tokenizer
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(base, "tqdm", functools.partial(tqdm, disable=True)))
+    if not torch.accelerator.is_available():
+        stack.enter_context(mock.patch.object(IntermediatesCache, "_pin_intermediate",
+                                              classmethod(lambda cls, intermediate: None)))
+    return stack
 
 
 def quantize_llmcompressor(model_dir: Path, out_dir: Path, texts: Sequence[str], deploy: DeployConfig,
@@ -170,13 +144,18 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, texts: Sequence[str],
     # One line per module at INFO buries the notebook; without a GPU every layer also warns "No
     # accelerator available", so there only errors show. LLM_COMPRESSOR_LOG_LEVEL still overrides.
     configure_logger(LoggerConfig(console_log_level="WARNING" if torch.accelerator.is_available() else "ERROR"))
-    model, tokenizer = _load_for_quantization(Path(model_dir))
+    from kormedgemma.evaluate import load_for_eval
+
+    # On the CPU (in bf16 where a GPU exists): llm-compressor moves one decoder layer at a time to
+    # the GPU, so the whole model never has to fit there beside the calibration activations.
+    model, tokenizer = load_for_eval(model_dir, device="cpu",
+                                     dtype="bfloat16" if torch.cuda.is_available() else "float32")
     blocks = calibration_blocks(tokenizer, texts, deploy.calibration_samples, deploy.calibration_seq_len, seed)
     dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    with _cpu_safe_calibration(), _quiet_grid_search():
+    with _library_patches():
         oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=awq_recipe(deploy, model),
                 num_calibration_samples=len(blocks), max_seq_length=deploy.calibration_seq_len,
                 shuffle_calibration_samples=False)
@@ -370,7 +349,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     accuracy (the phase-5 evaluator) and logits error, plus the serving card's memory plan."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.environment import free_memory
-    from kormedgemma.evaluate import chance_warning, check_shots, evaluate_mcqa, load_for_eval, write_results
+    from kormedgemma.evaluate import chance_warning, check_shots, evaluate_with, load_for_eval, write_results
     from kormedgemma.harness import read_mcqa_folder
     from kormedgemma.io import write_json, write_text
     from kormedgemma.manifest import write_artifact
@@ -399,10 +378,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
             logits = last_logits(model, probe)
             if reference is None:
                 reference = logits
-            results, predictions = evaluate_mcqa(
-                model, tokenizer, data, shots=check_mcqa, mode=spec.mode, batch_size=spec.batch_size,
-                max_new_tokens=spec.max_new_tokens, chat_max_new_tokens=spec.chat_max_new_tokens,
-                progress=progress)
+            results, predictions = evaluate_with(model, tokenizer, data, spec, check_mcqa, spec.mode, progress)
             write_results(out.path / "eval" / f"{label}_{spec.mode}_{check_mcqa}shot", results, predictions)
             compare[label] = {
                 "model": str(ref if label == "source" else artifact_path(config, "awq_model")),
