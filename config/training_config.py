@@ -144,27 +144,45 @@ class DictionaryConfig:
 @dataclass
 class PreprocessConfig:
     min_chars: int = 20
+    # Longer documents are split at paragraph, then sentence boundaries into pieces of at most
+    # this many characters (never dropped); pieces shorter than min_chars join a neighbour.
     max_chars: int = 20000
     # Share of non-space characters that are Hangul; applies to Korean text only.
     min_hangul_ratio: float = 0.3
-    minhash_threshold: float = 0.8
-    minhash_num_perm: int = 128
-    shingle_chars: int = 5
-    # A Korean text sharing any whitespace-free character n-gram of this length with a
-    # KorMedMCQA dev/test question is dropped (questions shorter than n must appear whole).
-    leakage_ngram_chars: int = 25
+    # MinHash near-duplicate removal (datatrove's four sharded stages) on whitespace-word n-grams.
+    # A pair is caught with high probability above a Jaccard similarity of about
+    # (1 / buckets) ** (1 / hashes_per_bucket): 0.72 at 14 × 8 (0.92 probability at 0.8).
+    minhash_ngram_words: int = 5
+    minhash_buckets: int = 14
+    minhash_hashes_per_bucket: int = 8
+    # KorMedMCQA leakage guard (kormedgemma.leakage): a Korean text is dropped when it holds at
+    # least leakage_min_share of a dev/test/fewshot question's Hangul-bearing character n-grams
+    # (spaces ignored) over a span of at least leakage_min_span_chars characters of the question.
+    leakage_ngram_chars: int = 13
+    leakage_min_share: float = 0.5
+    leakage_min_span_chars: int = 40
     valid_fraction: float = 0.05
     seed: int = 0
+    # Worker processes for phase 0 (0 = every core of this machine).
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _require(self.min_chars >= 1, "min_chars", f"must be ≥ 1 (got {self.min_chars})")
-        _require(self.max_chars > self.min_chars, "max_chars", "must exceed min_chars")
+        _require(self.max_chars > 2 * self.min_chars, "max_chars", "must exceed twice min_chars")
         _require(0.0 <= self.min_hangul_ratio <= 1.0, "min_hangul_ratio", "must be in [0, 1]")
-        _require(0.0 < self.minhash_threshold <= 1.0, "minhash_threshold", "must be in (0, 1]")
-        _require(self.minhash_num_perm >= 16, "minhash_num_perm", "must be ≥ 16")
-        _require(self.shingle_chars >= 1, "shingle_chars", "must be ≥ 1")
+        _require(self.minhash_ngram_words >= 1, "minhash_ngram_words", "must be ≥ 1")
+        _require(self.minhash_buckets >= 1, "minhash_buckets", "must be ≥ 1")
+        _require(self.minhash_hashes_per_bucket >= 1, "minhash_hashes_per_bucket", "must be ≥ 1")
         _require(self.leakage_ngram_chars >= 5, "leakage_ngram_chars", "must be ≥ 5")
+        _require(0.0 < self.leakage_min_share <= 1.0, "leakage_min_share", "must be in (0, 1]")
+        _require(self.leakage_min_span_chars >= 1, "leakage_min_span_chars", "must be ≥ 1")
         _require(0.0 < self.valid_fraction < 0.5, "valid_fraction", "must be in (0, 0.5)")
+        _require(self.workers >= 0, "workers", "must be ≥ 0 (0 = every core)")
+
+    @property
+    def minhash_threshold(self) -> float:
+        """Jaccard similarity at which a pair is caught with probability ~1/2 ... 0.6 (LSH S-curve)."""
+        return (1 / self.minhash_buckets) ** (1 / self.minhash_hashes_per_bucket)
 
 
 @dataclass
@@ -173,8 +191,12 @@ class DataConfig:
     kormedmcqa: KorMedMCQAConfig = field(default_factory=KorMedMCQAConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # Collected text is written in shards of about this size: phase 0 gives each worker whole
+    # shards, so shards bound a worker's memory and let every core take part.
+    raw_shard_mb: int = 64
 
     def __post_init__(self) -> None:
+        _require(self.raw_shard_mb >= 1, "raw_shard_mb", "must be ≥ 1")
         langs = {s.language for s in self.sources.values() if s.enabled}
         _require("ko" in langs, "sources", "needs at least one enabled Korean (language: ko) source")
 

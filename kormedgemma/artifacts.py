@@ -38,6 +38,7 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in [
     Artifact("korean_sp", "models/tokenizer/korean_sp", "1.01", "Korean SentencePiece model"),
     Artifact("new_tokens", "models/tokenizer/new_tokens.json", "1.02", "chosen pieces with corpus frequency"),
     Artifact("merged_tokenizer", "models/tokenizer/merged", "1.03", "base tokenizer + new Korean pieces"),
+    Artifact("token_store", "data/tokens", "1.04", "processed corpora as token ids under the merged tokenizer"),
     Artifact("resized_model", "models/resized", "2.01", "base model, untied, grown to the merged vocabulary"),
     Artifact("initialized_model", "models/initialized", "2.02", "new rows initialised + merged tokenizer"),
     *(Artifact(f"stage{n}", f"models/staged_training/stage{n}", f"3.0{n}", f"EEVE stage {n}: what it trained + metrics")

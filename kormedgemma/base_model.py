@@ -233,3 +233,36 @@ def build_base_artifact(config: ProjectConfig) -> Path:
                         {"tokenizer_corpus": corpus}) as out:
         out.metrics.update(build_tiny_base(config, out.path))
     return final
+
+
+def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local folder or a Hub id, in eval mode on `device`.
+
+    Gemma 3 checkpoints (MedGemma, every model this pipeline writes) load as image-text-to-text
+    models; any other causal LM loads as one, so `evaluate` can score a baseline too. Every phase that
+    reads a finished model folder (4, 5, 6) loads it here.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    from kormedgemma.hub import hub_access, is_hub_id
+
+    local = Path(ref).expanduser()
+    if not local.exists() and not is_hub_id(str(ref)):
+        raise FileNotFoundError(f"model {ref}: no such folder, and not a Hub id (owner/name)")
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"model {ref}: the folder holds no config.json (is it a finished model folder?)")
+    target = str(local) if local.exists() else str(ref)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    with hub_access(f"model {ref}", "Pass a local model folder, or log in (`hf auth login`) on a machine with network."):
+        config = AutoConfig.from_pretrained(target)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        cls = AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
+        model = cls.from_pretrained(target, dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    check_tokenizer_matches_model(tokenizer, model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

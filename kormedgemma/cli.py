@@ -153,7 +153,8 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from kormedgemma.hub import hub_access
-    from kormedgemma.tokenizer import efficiency_table, read_texts
+    from kormedgemma.corpus.readers import read_texts
+    from kormedgemma.tokenizer import efficiency_table
 
     texts = read_texts(args.text, args.field)
     if not texts:

@@ -419,7 +419,7 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     from kormedgemma.base_model import check_tokenizer_matches_model, load_tokenizer
     from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
     from kormedgemma.manifest import write_artifact
-    from kormedgemma.tokenizer import read_texts
+    from kormedgemma.corpus.readers import read_split
 
     spec = config.embeddings
     resized = require(config, "resized_model")
@@ -439,9 +439,9 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
         else:
             # Trained on the project's own corpora, with the dictionary terms as extra sentences so
             # that every anchor word has a vector on both sides.
-            korean_vectors = train_word_vectors(read_texts(korean / "train.jsonl") + [ko for ko, _ in pairs],
+            korean_vectors = train_word_vectors(read_split(korean, "train") + [ko for ko, _ in pairs],
                                                 vectors.dim, vectors.epochs, spec.seed)
-            english_vectors = train_word_vectors(read_texts(english / "train.jsonl") + [en for _, en in pairs],
+            english_vectors = train_word_vectors(read_split(english, "train") + [en for _, en in pairs],
                                                  vectors.dim, vectors.epochs, spec.seed)
         korean_vectors, english_vectors = CenteredVectors(korean_vectors), CenteredVectors(english_vectors)
         wechsel_inputs = {"korean_vectors": korean_vectors, "english_vectors": english_vectors,

@@ -139,7 +139,7 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     """5.02: English benchmarks and English bits per character, base vs instruction-tuned model."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.environment import free_memory
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.base_model import load_for_eval
     from kormedgemma.hub import model_ref
     from kormedgemma.io import write_json
     from kormedgemma.manifest import write_artifact
@@ -151,7 +151,7 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
         inputs["base_model"] = require(config, "base_model")
     models = {"base": model_ref(config, config.base.model, "base.model"), "adapted": str(inputs["instruct_model"])}
     benchmarks = {name: load_benchmark(config, name) for name in spec.english_benchmarks}
-    texts = heldout_texts(inputs["english"] / "valid.jsonl", spec.perplexity_max_texts)
+    texts = heldout_texts(inputs["english"], spec.perplexity_max_texts)
     results: dict[str, dict[str, Any]] = {name: {} for name in benchmarks}
     ppl: dict[str, Any] = {}
     for label, ref in models.items():

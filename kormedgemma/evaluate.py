@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
+from kormedgemma.base_model import load_for_eval
 from kormedgemma.harness import (LETTERS, STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, extract_choice,
                                  harness_choice, letter)
 
@@ -29,39 +30,6 @@ Mode = Literal["generate", "loglikelihood", "chat"]
 MODES: tuple[str, ...] = ("generate", "loglikelihood", "chat")
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-
-
-# --------------------------------------------------------------------------- loading any model
-def load_for_eval(ref: str | Path, device: Optional[str] = None, dtype: Optional[str] = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local folder or a Hub id, in eval mode on `device`.
-
-    Gemma 3 checkpoints (MedGemma, every model this pipeline writes) load as image-text-to-text
-    models; any other causal LM loads as one, so `evaluate` can score a baseline too.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
-    from kormedgemma.base_model import check_tokenizer_matches_model
-    from kormedgemma.hub import hub_access, is_hub_id
-
-    local = Path(ref).expanduser()
-    if not local.exists() and not is_hub_id(str(ref)):
-        raise FileNotFoundError(f"model {ref}: no such folder, and not a Hub id (owner/name)")
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"model {ref}: the folder holds no config.json (is it a finished model folder?)")
-    target = str(local) if local.exists() else str(ref)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    with hub_access(f"model {ref}", "Pass a local model folder, or log in (`hf auth login`) on a machine with network."):
-        config = AutoConfig.from_pretrained(target)
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        cls = AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
-        model = cls.from_pretrained(target, dtype=getattr(torch, dtype))
-    model.to(device).eval()
-    check_tokenizer_matches_model(tokenizer, model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -354,7 +322,7 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
                             max_questions=spec.max_questions)
     for shots in spec.shots:
         check_shots(data, shots)
-    texts = heldout_texts(inputs["korean"] / "valid.jsonl", spec.perplexity_max_texts)
+    texts = heldout_texts(inputs["korean"], spec.perplexity_max_texts)
     plan = [(label, spec.mode, shots) for label in ("base", "stage7", "instruct") for shots in spec.shots]
     if spec.mode != "chat":
         plan.append(("instruct", "chat", 0))

@@ -108,29 +108,35 @@ class McqaSet:
 
 def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence[str]] = None,
                      max_questions: Optional[int] = None) -> McqaSet:
-    """Read `<subset>/<split>.jsonl` (and `<subset>/fewshot.jsonl` when present) under `root`.
+    """Read `<subset>/<split>` (and `<subset>/fewshot` when present) under `root`.
 
-    A row with no question, a missing option, an answer outside 1–5 or a line that is not JSON
-    is counted and listed, never fatal: one bad line must not cost a night's evaluation.
+    Each file is `.jsonl` or `.csv` (pandas export, answers 1–5 or A–E), and `dev` may be named
+    `valid`: the folders of KorMedMCQA as its GitHub copies have them are read as they are.
+    A row with no question, a missing option, a bad answer or a line that cannot be parsed is
+    counted and listed, never fatal: one bad line must not cost a night's evaluation.
     """
     from kormedgemma.io import MissingArtifactError
+    from kormedgemma.sources import find_mcqa_file, mcqa_looked_for
 
     root = Path(root)
+    layout = f"<subset>/{split}.jsonl or .csv"
     if not root.is_dir():
-        raise MissingArtifactError(f"{root} is not a folder: --data needs a folder of <subset>/{split}.jsonl files")
-    found = sorted(p.parent.name for p in root.glob(f"*/{split}.jsonl"))
+        raise MissingArtifactError(f"{root} is not a folder: --data needs a folder of {layout} files")
+    files = {folder.name: find_mcqa_file(folder, split) for folder in sorted(root.iterdir()) if folder.is_dir()}
+    found = [subset for subset, path in files.items() if path is not None]
     chosen = list(subsets) if subsets else found
     missing = [s for s in chosen if s not in found]
     if missing or not chosen:
         raise MissingArtifactError(
-            f"{root}: no {', '.join(f'{s}/{split}.jsonl' for s in missing) or f'<subset>/{split}.jsonl'} "
-            f"(found subsets: {', '.join(found) or 'none'}); the folder must follow the KorMedMCQA layout")
+            f"{root}: no {' and no '.join(f'{s}/{split}' for s in missing) or layout} "
+            f"({mcqa_looked_for(split)}; found subsets: {', '.join(found) or 'none'}); "
+            f"the folder must follow the KorMedMCQA layout")
     result = McqaSet(root=root)
     for subset in chosen:
-        rows = _read_rows(root / subset / f"{split}.jsonl", subset, result.bad_rows)
+        rows = _read_rows(files[subset], subset, result.bad_rows)
         result.test[subset] = rows[:max_questions] if max_questions else rows
-        shots = root / subset / "fewshot.jsonl"
-        if shots.is_file():
+        shots = find_mcqa_file(root / subset, "fewshot")
+        if shots is not None:
             result.fewshot[subset] = _read_rows(shots, subset, result.bad_rows)
     if result.questions == 0:
         raise ValueError(f"{root}: no usable {split} question ({len(result.bad_rows)} bad rows): "
@@ -139,11 +145,10 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
 
 
 def _read_rows(path: Path, subset: str, bad: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from kormedgemma.io import numbered_jsonl
-    from kormedgemma.sources import validate_mcqa_row
+    from kormedgemma.sources import numbered_mcqa_rows, validate_mcqa_row
 
     rows, skipped = [], []
-    for number, raw in numbered_jsonl(path, skipped):
+    for number, raw in numbered_mcqa_rows(path, skipped):
         clean, reason = validate_mcqa_row(raw, subset)
         if clean is None:
             bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": reason})

@@ -23,6 +23,7 @@ import torch
 
 from config.training_config import InstructConfig
 from kormedgemma.config import ProjectConfig
+from kormedgemma.corpus.batching import BlockOrder, collate
 from kormedgemma.harness import doc_to_text, letter
 from kormedgemma.loss import IGNORE
 
@@ -85,15 +86,16 @@ class InstructData:
     too_long: int = 0
 
 
-def heldout_index(mcqa_root: Path, ngram_chars: int) -> Any:
-    """Every dev/test/fewshot question as a leakage index (phase 0's rule, one more split)."""
-    from kormedgemma.preprocess import LeakageIndex, heldout_questions
+def heldout_index(mcqa_root: Path, spec: Any) -> Any:
+    """Every dev/test/fewshot question as a leakage index (phase 0's rule and settings)."""
+    from kormedgemma.leakage import LeakageIndex, heldout_questions
 
-    return LeakageIndex(heldout_questions(mcqa_root, HELDOUT_SPLITS), ngram_chars)
+    return LeakageIndex(heldout_questions(mcqa_root, HELDOUT_SPLITS), ngram_chars=spec.leakage_ngram_chars,
+                        min_share=spec.leakage_min_share, min_span_chars=spec.leakage_min_span_chars)
 
 
 def leaks(index: Any, messages: Sequence[dict[str, str]]) -> bool:
-    from kormedgemma.preprocess import normalize_text
+    from kormedgemma.text import normalize_text
 
     return index.overlaps(normalize_text("\n".join(m["content"] for m in messages)))
 
@@ -105,7 +107,7 @@ def build_instruct_data(config: ProjectConfig, tokenizer: Any) -> InstructData:
 
     spec = config.instruct
     mcqa = require(config, "kormedmcqa")
-    index = heldout_index(mcqa, config.data.preprocess.leakage_ngram_chars)
+    index = heldout_index(mcqa, config.data.preprocess)
     data = InstructData(train=[], dev=[])
     sources: list[tuple[str, Iterable[tuple[int, list[dict[str, str]]]]]] = []
     for subset in config.data.kormedmcqa.subsets:
@@ -165,20 +167,6 @@ def _extra_rows(config: ProjectConfig, ref: str) -> Iterable[tuple[int, list[dic
         print(f"notice: {ref}: {unusable} rows had no usable prompt/response and were skipped")
 
 
-# --------------------------------------------------------------------------- batches
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, labels (-100 on padding) and attention mask."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (tokens, targets) in enumerate(examples):
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        labels[row, :len(targets)] = torch.tensor(targets)
-        mask[row, :len(tokens)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 # --------------------------------------------------------------------------- training
 def _answer_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
     from kormedgemma.loss import chunked_causal_lm_loss
@@ -215,9 +203,8 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     from transformers import get_scheduler
 
     from kormedgemma.artifacts import artifact_path, require
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.base_model import load_for_eval
     from kormedgemma.stages import with_lora
-    from kormedgemma.training import BlockOrder
 
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
@@ -309,7 +296,8 @@ def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Te
     merged = model.merge_and_unload()
     merged.config.use_cache = True
     merged.config.get_text_config().use_cache = True
-    keys = ["instruct", "data.kormedmcqa.subsets", "data.preprocess.leakage_ngram_chars"]
+    keys = ["instruct", "data.kormedmcqa.subsets", "data.preprocess.leakage_ngram_chars",
+            "data.preprocess.leakage_min_share", "data.preprocess.leakage_min_span_chars"]
     with write_artifact(artifact_path(config, "instruct_model"), "4.01", config, keys, inputs) as out:
         merged.save_pretrained(out.path)
         save_tokenizer(tokenizer, out.path)

@@ -110,3 +110,28 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
             handle.write("\n")
             count += 1
     return count
+
+
+def write_jsonl_shards(folder: Path, rows: Iterable[dict[str, Any]], shard_bytes: int) -> int:
+    """Rows into `folder/00000.jsonl, 00001.jsonl, …`, a new shard once one reaches `shard_bytes`.
+
+    Shards are what lets phase 0 spread a source over worker processes (datatrove hands whole
+    files to tasks). Meant for a folder inside an atomic artifact: the folder is what is atomic."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    count, shard, written, handle = 0, 0, 0, None
+    try:
+        for row in rows:
+            if handle is None or written >= shard_bytes:
+                if handle is not None:
+                    handle.close()
+                handle = open(folder / f"{shard:05d}.jsonl", "wb")
+                shard, written = shard + 1, 0
+            line = json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
+            handle.write(line)
+            written += len(line)
+            count += 1
+    finally:
+        if handle is not None:
+            handle.close()
+    return count

@@ -14,13 +14,14 @@ from typing import Any, Sequence
 import torch
 
 
-def heldout_texts(path: Path, max_texts: int) -> list[str]:
-    from kormedgemma.tokenizer import read_texts
+def heldout_texts(corpus: Path, max_texts: int) -> list[str]:
+    """The first `max_texts` texts of a processed corpus's valid split (streamed, never all of it)."""
+    from kormedgemma.corpus.readers import read_split
 
-    texts = read_texts(Path(path))
+    texts = read_split(Path(corpus), "valid", limit=max_texts)
     if not texts:
-        raise ValueError(f"{path} holds no text to measure perplexity on")
-    return texts[:max_texts]
+        raise ValueError(f"{corpus} holds no valid text to measure perplexity on")
+    return texts
 
 
 def document_windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> list[list[int]]:
@@ -38,7 +39,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: int = 
     """Total log-loss of every token after the first of each window, per token and per character."""
     from tqdm.auto import tqdm
 
-    from kormedgemma.instruct import collate
+    from kormedgemma.corpus.batching import collate
     from kormedgemma.loss import IGNORE, chunked_causal_lm_loss
 
     device = next(model.parameters()).device

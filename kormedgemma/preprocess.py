@@ -1,207 +1,231 @@
-"""Phase 0 preprocessing: normalise, filter, deduplicate, decontaminate, split.
+"""Phase 0.04 preprocessing on datatrove: normalise, split, filter, deduplicate, decontaminate, split.
+
+A real run cleans ~8 billion characters, more than a workstation's RAM. datatrove runs the steps
+(`kormedgemma.cleaning`) over the raw shards on every local core, one document at a time, and
+the MinHash near-duplicate search as its four sharded stages (signatures → buckets → clusters →
+filter) that spill to disk instead of holding an LSH index of the corpus in memory. The same
+pipeline runs on Slurm or Ray by swapping `LocalPipelineExecutor` for datatrove's
+`SlurmPipelineExecutor`/`RayPipelineExecutor` (see README, "Phase 0 on a cluster").
 
 Order matters: normalisation first (so duplicates that differ only in Unicode form or spacing
-collide), cheap filters before MinHash, and the KorMedMCQA leakage guard last so the count it
-reports is the number of real overlaps rather than overlaps of texts that would have been
-dropped anyway.
+collide), long documents split before the length filter (so they are kept, in pieces), cheap
+filters before MinHash, and the KorMedMCQA leakage guard after deduplication so the count it
+reports is the number of real overlaps rather than overlaps of texts dropped anyway.
+
+Output: `data/processed/<corpus>/{train,valid}/<shard>.jsonl` of `{"text", "source"}`, read by
+later phases through `kormedgemma.corpus`.
 """
 from __future__ import annotations
 
-import hashlib
-import random
-import re
-import unicodedata
+import json
+import os
+import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from config.training_config import PreprocessConfig, ProjectConfig
 from kormedgemma.io import read_jsonl, write_jsonl
 from kormedgemma.sources import validate_mcqa_row
 
-_CONTROL = re.compile(r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]")
-_ZERO_WIDTH = re.compile(r"[\u200b-\u200d\u2060\ufeff]")
-_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
-_NO_SPACE = re.compile(r"\s+")
-
-
-def normalize_text(text: str) -> str:
-    """NFC, no control or zero-width characters, single spaces, trimmed lines, ≤ 2 newlines."""
-    text = unicodedata.normalize("NFC", text)
-    text = _ZERO_WIDTH.sub("", _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n")))
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
-
-
-def hangul_ratio(text: str) -> float:
-    """Share of non-space characters that are Hangul (syllables or jamo)."""
-    chars = _NO_SPACE.sub("", text)
-    return len(_HANGUL.findall(chars)) / len(chars) if chars else 0.0
-
-
-def _dedup_key(text: str) -> str:
-    return hashlib.sha1(_NO_SPACE.sub(" ", text).strip().lower().encode("utf-8")).hexdigest()
-
-
-def _shingles(text: str, size: int) -> set[bytes]:
-    compact = _NO_SPACE.sub(" ", text.lower())
-    if len(compact) <= size:
-        return {compact.encode("utf-8")}
-    return {compact[i:i + size].encode("utf-8") for i in range(len(compact) - size + 1)}
-
-
-def near_duplicate_flags(texts: list[str], threshold: float, num_perm: int, shingle_chars: int,
-                         seed: int = 1) -> list[bool]:
-    """True for each text whose MinHash Jaccard estimate with an earlier kept text ≥ threshold."""
-    from datasketch import MinHash, MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    flags = []
-    for index, text in enumerate(tqdm(texts, desc="near-dup (MinHash)", unit="doc", mininterval=2.0)):
-        signature = MinHash(num_perm=num_perm, seed=seed)
-        signature.update_batch(list(_shingles(text, shingle_chars)))
-        if lsh.query(signature):
-            flags.append(True)
-            continue
-        lsh.insert(str(index), signature)
-        flags.append(False)
-    return flags
-
-
-class LeakageIndex:
-    """Flags text sharing a long character n-gram with any held-out question (spaces ignored).
-
-    Korean spacing varies between sources, so comparison is on whitespace-free text; questions
-    shorter than n must appear whole.
-    """
-
-    def __init__(self, questions: Iterable[str], ngram_chars: int) -> None:
-        self.n = ngram_chars
-        self.grams: set[str] = set()
-        self.short: list[str] = []
-        for question in questions:
-            compact = _NO_SPACE.sub("", normalize_text(question))
-            if not compact:
-                continue
-            if len(compact) < self.n:
-                self.short.append(compact)
-            else:
-                self.grams.update(compact[i:i + self.n] for i in range(len(compact) - self.n + 1))
-
-    def __len__(self) -> int:
-        return len(self.grams) + len(self.short)
-
-    def overlaps(self, text: str) -> bool:
-        compact = _NO_SPACE.sub("", text)
-        if any(q in compact for q in self.short):
-            return True
-        return any(compact[i:i + self.n] in self.grams for i in range(len(compact) - self.n + 1))
+SPLITS = ("train", "valid")
+WORK_DIR = "data/processed/.work"
+LEAKS_FILE = "leaks.jsonl"
 
 
 @dataclass
 class CleanResult:
-    rows: list[dict[str, Any]]
+    """Counts per filter, length statistics per split, and the documents the leakage guard removed."""
+
     counts: dict[str, int] = field(default_factory=dict)
-    examples_dropped: dict[str, list[str]] = field(default_factory=dict)
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    leaks: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stats(self, split: str) -> dict[str, float]:
+        return length_stats(self.lengths.get(split, np.zeros(0, dtype=np.uint32)))
 
 
-def clean_corpus(rows: Iterable[dict[str, Any]], spec: PreprocessConfig, korean: bool,
-                 leakage: Optional[LeakageIndex] = None) -> CleanResult:
-    """Run the filters in order; counts record how many texts survive each stage."""
-    result = CleanResult(rows=[])
-    stage_counts: dict[str, int] = {}
-    dropped: dict[str, list[str]] = {}
+def raw_shards(folder: Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).rglob("*.jsonl") if p.is_file())
+    if not files or all(p.stat().st_size == 0 for p in files):
+        raise ValueError(f"{folder} holds no text (empty corpus): re-run the collection notebook "
+                         "(phase0_data_preparation/02_collect_korean_medical.ipynb) or check data.sources")
+    return files
 
-    def drop(reason: str, text: str) -> None:
-        stage_counts[reason] = stage_counts.get(reason, 0) + 1
-        if len(dropped.setdefault(reason, [])) < 3:
-            dropped[reason].append(text[:120])
 
-    kept: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    total = 0
-    for row in rows:
-        total += 1
-        text = normalize_text(str(row.get("text", "")))
-        if not text:
-            drop("empty", text)
-            continue
-        if not spec.min_chars <= len(text) <= spec.max_chars:
-            drop("length", text)
-            continue
-        if korean and hangul_ratio(text) < spec.min_hangul_ratio:
-            drop("hangul_ratio", text)
-            continue
-        key = _dedup_key(text)
-        if key in seen:
-            drop("exact_duplicate", text)
-            continue
-        seen.add(key)
-        kept.append({"text": text, "source": row.get("source", "unknown")})
-    flags = near_duplicate_flags([r["text"] for r in kept], spec.minhash_threshold, spec.minhash_num_perm,
-                                 spec.shingle_chars)
-    survivors = []
-    for row, is_duplicate in zip(kept, flags):
-        if is_duplicate:
-            drop("near_duplicate", row["text"])
-        elif leakage is not None and leakage.overlaps(row["text"]):
-            drop("kormedmcqa_overlap", row["text"])
-        else:
-            survivors.append(row)
-    result.rows = survivors
-    result.counts = {"input": total, **{f"dropped_{k}": v for k, v in stage_counts.items()},
-                     "kept": len(survivors)}
-    result.examples_dropped = dropped
+def worker_count(spec: PreprocessConfig, tasks: int) -> int:
+    return max(1, min(spec.workers or os.cpu_count() or 1, tasks))
+
+
+def minhash_config(spec: PreprocessConfig) -> Any:
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.text import TextNormConfig
+
+    # No NFD/diacritic folding: it would decompose every Hangul syllable into jamo for nothing.
+    return MinhashConfig(n_grams=spec.minhash_ngram_words, num_buckets=spec.minhash_buckets,
+                         hashes_per_bucket=spec.minhash_hashes_per_bucket, seed=spec.seed + 1,
+                         norm_config=TextNormConfig(norm_unicode_diacritics=False),
+                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+def clean_corpus(raw: Path, out: Path, spec: PreprocessConfig, *, korean: bool, work: Path,
+                 leakage: Any = None, progress: bool = True) -> CleanResult:
+    """Clean every shard under `raw` into `out/{train,valid}/`; `work` keeps the MinHash stages'
+    files, so a run killed after stage k restarts at stage k + 1 (datatrove skips finished tasks)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                                  MinhashDedupSignature)
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from kormedgemma import cleaning
+
+    files = raw_shards(raw)
+    tasks = len(files)
+    workers = worker_count(spec, tasks)
+    config = minhash_config(spec)
+    work = Path(work)
+
+    def front() -> list:
+        steps = [JsonlReader(str(raw), glob_pattern="**/*.jsonl", text_key="text", add_file_path=False),
+                 cleaning.Normalize(), cleaning.SplitLong(spec.max_chars, spec.min_chars),
+                 cleaning.MinLength(spec.min_chars)]
+        return steps + ([cleaning.HangulShare(spec.min_hangul_ratio)] if korean else [])
+
+    leaks_folder = work / "leaks"
+    tail = [MinhashDedupFilter(str(work / "remove"))]
+    if leakage is not None:
+        tail.append(cleaning.Leakage(leakage, exclusion_writer=JsonlWriter(
+            str(leaks_folder), output_filename="${rank}.jsonl", compression=None, adapter=cleaning.leak_adapter)))
+    tail += [cleaning.TagSplit(spec.valid_fraction, spec.seed), cleaning.RecordLengths(str(work / "lengths")),
+             JsonlWriter(str(out), output_filename="${split}/${rank}.jsonl", compression=None,
+                         adapter=cleaning.row_adapter)]
+    stages = [
+        ("MinHash signatures", LocalPipelineExecutor(
+            front() + [MinhashDedupSignature(str(work / "signatures"), config=config,
+                                             language=cleaning.WhitespaceWords())],
+            tasks=tasks, workers=workers, logging_dir=str(work / "logs/1_signatures"))),
+        ("MinHash buckets", LocalPipelineExecutor(
+            [MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=config)],
+            tasks=config.num_buckets, workers=worker_count(spec, config.num_buckets),
+            logging_dir=str(work / "logs/2_buckets"))),
+        ("MinHash clusters", LocalPipelineExecutor(
+            [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)],
+            tasks=1, workers=1, logging_dir=str(work / "logs/3_clusters"))),
+        # The final pass reads the raw shards again through the same steps: datatrove's MinHash
+        # filter identifies documents by their position in a task's stream, so the stream must
+        # be rebuilt exactly as stage 1 saw it. Its logs go to a fresh folder: it always reruns,
+        # because its output folder is new each time.
+        ("filter and write", LocalPipelineExecutor(
+            front() + tail, tasks=tasks, workers=workers,
+            logging_dir=str(work / f"logs/4_write-{time.time_ns()}"))),
+    ]
+    shutil.rmtree(work / "lengths", ignore_errors=True)
+    shutil.rmtree(leaks_folder, ignore_errors=True)
+    result = CleanResult()
+    final_stats = None
+    for number, (name, executor) in enumerate(stages, start=1):
+        started = time.perf_counter()
+        stats = run_executor(executor, f"{'korean' if korean else 'english'} {number}/4 {name}", progress)
+        result.seconds[name] = round(time.perf_counter() - started, 2)
+        final_stats = stats
+    result.counts = _filter_counts(final_stats)
+    result.lengths = _read_lengths(work / "lengths", tasks)
+    result.leaks = [row for file in sorted(leaks_folder.glob("*.jsonl")) for row in read_jsonl(file)]
+    result.counts["kept"] = int(sum(len(v) for v in result.lengths.values()))
     return result
 
 
-def split_train_valid(rows: list[dict[str, Any]], valid_fraction: float, seed: int) -> tuple[list, list]:
-    """Shuffle with a fixed seed and hold out `valid_fraction` (at least one row for valid)."""
-    if len(rows) < 2:
-        raise ValueError(f"only {len(rows)} text(s) left after cleaning: too few to split into "
-                         "train/valid; add data or relax data.preprocess filters")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_valid = max(1, round(len(rows) * valid_fraction))
-    valid = [rows[i] for i in sorted(order[:n_valid])]
-    train = [rows[i] for i in sorted(order[n_valid:])]
-    return train, valid
+def run_executor(executor: Any, desc: str, progress: bool = True) -> Any:
+    """Run a datatrove executor with a progress bar over its finished tasks.
+
+    The executor blocks until every task is done and reports through log lines only; a thread
+    runs it while this one counts datatrove's completion markers for the bar."""
+    from tqdm.auto import tqdm
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["stats"] = executor.run()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    completions = Path(executor.logging_dir.path) / "completions"
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    with tqdm(total=executor.world_size, desc=desc, unit="task", disable=not progress) as bar:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            done = len(list(completions.glob("*"))) if completions.is_dir() else 0
+            bar.update(done - bar.n)
+        done = len(list(completions.glob("*"))) if completions.is_dir() else 0
+        bar.update(done - bar.n)
+    if "error" in outcome:
+        raise outcome["error"]
+    failed = executor.world_size - done
+    if failed:
+        raise RuntimeError(f"{desc}: {failed} of {executor.world_size} datatrove task(s) did not finish; "
+                           f"their logs are in {Path(executor.logging_dir.path) / 'logs'}")
+    return outcome.get("stats")
 
 
-def read_raw_folder(folder: Path) -> list[dict[str, Any]]:
-    files = sorted(Path(folder).glob("*.jsonl"))
-    rows = [row for file in files for row in read_jsonl(file)]
-    if not rows:
-        raise ValueError(f"{folder} holds no text (empty corpus): re-run the collection notebook "
-                         "or check data.sources")
-    return rows
+def _filter_counts(stats: Any) -> dict[str, int]:
+    """Documents in, and how many each step removed, from the final pass's merged statistics."""
+    by_name = {}
+    for step in stats.stats if stats is not None else []:
+        by_name[step.name.split(": ", 1)[-1]] = {key: int(value.total) for key, value in step.stats.items()}
+    counts: dict[str, int] = {}
+    steps = stats.stats if stats is not None else []
+    counts["input"] = int(steps[0].stats["documents"].total) if steps and "documents" in steps[0].stats else 0
+    normalise = by_name.get("normalise", {})
+    counts["dropped_empty"] = normalise.get("dropped_empty", 0)
+    split = by_name.get("split long documents", {})
+    counts["split_documents"] = split.get("split_documents", 0)
+    counts["pieces_from_splits"] = split.get("pieces", 0)
+    for name, reason in (("min length", "length"), ("hangul share", "hangul_ratio"),
+                         ("kormedmcqa leakage", "kormedmcqa_overlap")):
+        if name in by_name:
+            counts[f"dropped_{reason}"] = by_name[name].get("dropped", 0)
+    dedup = next((v for k, v in by_name.items() if "stage 4" in k), {})
+    counts["dropped_near_duplicate"] = dedup.get("dropped", 0)
+    return counts
 
 
-def length_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
-    lengths = sorted(len(r["text"]) for r in rows)
-    if not lengths:
+def _read_lengths(folder: Path, tasks: int) -> dict[str, np.ndarray]:
+    lengths = {}
+    for split in SPLITS:
+        parts = [np.fromfile(folder / f"{split}_{rank:05d}.u32", dtype=np.uint32) for rank in range(tasks)
+                 if (folder / f"{split}_{rank:05d}.u32").is_file()]
+        lengths[split] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    return lengths
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    if lengths.size == 0:
         return {"docs": 0, "chars": 0}
-    return {"docs": len(lengths), "chars": sum(lengths), "mean_chars": round(sum(lengths) / len(lengths), 1),
-            "median_chars": lengths[len(lengths) // 2], "p95_chars": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
-            "max_chars": lengths[-1]}
+    ordered = np.sort(lengths)
+    return {"docs": int(ordered.size), "chars": int(ordered.sum(dtype=np.int64)),
+            "mean_chars": round(float(ordered.mean()), 1), "median_chars": int(ordered[ordered.size // 2]),
+            "p95_chars": int(ordered[min(ordered.size - 1, int(0.95 * ordered.size))]),
+            "max_chars": int(ordered[-1])}
 
 
-def write_split(out_dir: Path, train: list, valid: list) -> None:
-    write_jsonl(out_dir / "train.jsonl", train)
-    write_jsonl(out_dir / "valid.jsonl", valid)
+def work_folder(config: ProjectConfig, key: str, raw: Path) -> Path:
+    """Where the MinHash stages of one corpus keep their files until it is written; named by the
+    config and the raw collection's manifest, so a changed input never reuses stale signatures."""
+    from kormedgemma.config import config_hash, config_to_dict, resolve_path
+    from kormedgemma.manifest import manifest_path
 
-
-def heldout_questions(raw_mcqa: Path, splits: Iterable[str] = ("dev", "test")) -> list[str]:
-    """Questions (with options) that must never appear in training text."""
-    questions = []
-    for split in splits:
-        for file in sorted(Path(raw_mcqa).glob(f"*/{split}.jsonl")):
-            questions.extend(str(row.get("question", "")) for row in read_jsonl(file))
-    return [q for q in questions if q.strip()]
+    manifest = manifest_path(raw)
+    stamp = manifest.read_text(encoding="utf-8") if manifest.is_file() else str(sorted(p.name for p in raw.rglob("*")))
+    return resolve_path(config, WORK_DIR) / f"{key}-{config_hash({'spec': config_to_dict(config.data.preprocess), 'raw': stamp})}"
 
 
 def clean_kormedmcqa(raw_mcqa: Path, out_dir: Path, subsets: list[str], splits: list[str]) -> dict[str, Any]:
@@ -223,26 +247,25 @@ def clean_kormedmcqa(raw_mcqa: Path, out_dir: Path, subsets: list[str], splits: 
     return {"rows": counts, "bad_rows": bad, "total": sum(sum(c.values()) for c in counts.values())}
 
 
-def plot_length_histogram(corpora: dict[str, list[dict[str, Any]]], path: Optional[Path] = None) -> Any:
+def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] = None) -> Any:
     """Histogram of text lengths (characters, log scale) per corpus; saved to `path` if given."""
     import matplotlib
 
     if path is not None and not _in_notebook():
         matplotlib.use("Agg")  # headless library call: draw to file, never open a window
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import ScalarFormatter
 
     figure, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 3.2), squeeze=False)
-    for axis, (name, rows) in zip(axes[0], corpora.items()):
-        lengths = [len(r["text"]) for r in rows] or [1]
-        if max(lengths) / min(lengths) > 20:  # web documents span 20 to 20,000 characters: log bins
-            axis.hist(lengths, bins=np.geomspace(min(lengths), max(lengths) + 1, 30), color="#4C72B0")
+    for axis, (name, values) in zip(axes[0], corpora.items()):
+        lengths = np.asarray(values, dtype=np.int64) if len(values) else np.ones(1, dtype=np.int64)
+        if lengths.max() / max(lengths.min(), 1) > 20:  # web documents span 20 to 20,000 characters: log bins
+            axis.hist(lengths, bins=np.geomspace(max(lengths.min(), 1), lengths.max() + 1, 30), color="#4C72B0")
             axis.set_xscale("log")
             axis.xaxis.set_major_formatter(ScalarFormatter())
         else:
-            axis.hist(lengths, bins=min(30, max(lengths) - min(lengths) + 1), color="#4C72B0")
-        axis.set_title(f"{name}: {len(rows):,} texts")
+            axis.hist(lengths, bins=int(min(30, lengths.max() - lengths.min() + 1)), color="#4C72B0")
+        axis.set_title(f"{name}: {len(values):,} texts")
         axis.set_xlabel("characters")
         axis.set_ylabel("texts")
     figure.tight_layout()
@@ -260,25 +283,37 @@ def _in_notebook() -> bool:
         return False
 
 
-def preprocess_all(config: ProjectConfig) -> dict[str, Any]:
+def preprocess_all(config: ProjectConfig, progress: bool = True) -> dict[str, Any]:
     """Phase 0.04: processed Korean, English and KorMedMCQA artifacts; returns their statistics."""
     from kormedgemma.artifacts import artifact_path, require
+    from kormedgemma.leakage import LeakageIndex, heldout_questions
     from kormedgemma.manifest import write_artifact
 
     spec = config.data.preprocess
     raw_korean, raw_english, raw_mcqa = (require(config, k) for k in ("raw_korean", "raw_english", "raw_kormedmcqa"))
     figures: dict[str, Any] = {}
 
-    leakage = LeakageIndex(heldout_questions(raw_mcqa), spec.leakage_ngram_chars)
+    leakage = LeakageIndex(heldout_questions(raw_mcqa), ngram_chars=spec.leakage_ngram_chars,
+                           min_share=spec.leakage_min_share, min_span_chars=spec.leakage_min_span_chars)
     for key, raw, korean in (("korean", raw_korean, True), ("english", raw_english, False)):
         inputs = {"raw": raw} if not korean else {"raw": raw, "kormedmcqa_heldout": raw_mcqa}
+        work = work_folder(config, key, raw)
         with write_artifact(artifact_path(config, key), "0.04", config, ["data.preprocess"], inputs) as out:
-            result = clean_corpus(read_raw_folder(raw), spec, korean=korean, leakage=leakage if korean else None)
-            train, valid = split_train_valid(result.rows, spec.valid_fraction, spec.seed)
-            write_split(out.path, train, valid)
-            plot_length_histogram({f"{key} train": train}, out.path / "length_histogram.png")
-            out.metrics.update({"filters": result.counts, "train": length_stats(train),
-                                "valid": length_stats(valid), "dropped_examples": result.examples_dropped})
+            result = clean_corpus(raw, out.path, spec, korean=korean, work=work,
+                                  leakage=leakage if korean else None, progress=progress)
+            for split in SPLITS:
+                if result.lengths[split].size == 0:
+                    raise ValueError(f"{key}: no {split} text left after cleaning ({result.counts}); add data, "
+                                     f"relax data.preprocess filters or change valid_fraction={spec.valid_fraction}")
+            if korean:
+                write_jsonl(out.path / LEAKS_FILE, result.leaks)
+            plot_length_histogram({f"{key} train": result.lengths["train"]}, out.path / "length_histogram.png")
+            out.metrics.update({"filters": result.counts, "train": result.stats("train"),
+                                "valid": result.stats("valid"), "seconds": result.seconds,
+                                "leaks": len(result.leaks),
+                                "leak_examples": [{k: row.get(k) for k in ("question_source", "question", "share",
+                                                                           "excerpt")} for row in result.leaks[:5]]})
+        shutil.rmtree(work, ignore_errors=True)  # the corpus is sealed: its MinHash files are spent
         figures[key] = out.metrics
 
     mcqa = config.data.kormedmcqa

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from config.training_config import DeployConfig
@@ -40,32 +41,22 @@ class QuantizationError(RuntimeError):
 
 # --------------------------------------------------------------------------- calibration
 
-def calibration_blocks(tokenizer: Any, texts: Sequence[str], samples: int, seq_len: int,
-                       seed: int = 0) -> list[list[int]]:
-    """`samples` blocks of exactly `seq_len` token ids, packed from shuffled documents.
+def calibration_blocks(stream: np.ndarray, samples: int, seq_len: int, seed: int = 0) -> list[list[int]]:
+    """`samples` blocks of exactly `seq_len` token ids, drawn at random from a packed token stream.
 
-    Packing (`<bos> doc <eos> <bos> doc …`) means every calibration sample is full length, so a
-    corpus of short Korean paragraphs still shows AWQ activations at every position. Fewer blocks
-    than asked come back when the corpus is too small; the caller records it.
+    The stream is the token store's (`<bos> doc <eos> <bos> doc …`), so every calibration sample is
+    full length and a corpus of short Korean paragraphs still shows AWQ activations at every
+    position; only the chosen blocks are read from the memory map. Fewer blocks than asked come
+    back when the corpus is too small; the caller records it.
     """
-    if not texts:
-        raise ValueError("the calibration corpus is empty: run phase 0 (04_preprocess_data) first, "
-                         "or point deploy calibration at a corpus with text")
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    blocks: list[list[int]] = []
-    buffer: list[int] = []
-    for index in order:
-        buffer.extend([tokenizer.bos_token_id, *tokenizer.encode(texts[index], add_special_tokens=False),
-                       tokenizer.eos_token_id])
-        while len(buffer) >= seq_len and len(blocks) < samples:
-            blocks.append(buffer[:seq_len])
-            buffer = buffer[seq_len:]
-        if len(blocks) >= samples:
-            break
-    if not blocks and buffer:
-        blocks.append(buffer[:seq_len])  # a corpus shorter than one block still calibrates
-    return blocks
+    if len(stream) < 2:
+        raise ValueError("the calibration corpus is empty: run phase 0 (04_preprocess_data) and the token store "
+                         "(phase1_tokenizer/04_tokenize_corpus) first")
+    available = len(stream) // seq_len
+    if available == 0:
+        return [[int(t) for t in stream]]  # a corpus shorter than one block still calibrates
+    chosen = random.Random(seed).sample(range(available), min(samples, available))
+    return [np.asarray(stream[i * seq_len:(i + 1) * seq_len], dtype=np.int64).tolist() for i in chosen]
 
 
 # --------------------------------------------------------------------------- llm-compressor
@@ -129,8 +120,8 @@ def _library_patches() -> contextlib.ExitStack:
     return stack
 
 
-def quantize_llmcompressor(model_dir: Path, out_dir: Path, texts: Sequence[str], deploy: DeployConfig,
-                           seed: int = 0) -> dict[str, Any]:
+def quantize_llmcompressor(model_dir: Path, out_dir: Path, blocks: Sequence[Sequence[int]],
+                           deploy: DeployConfig) -> dict[str, Any]:
     """AWQ-calibrate and compress `model_dir` into `out_dir` (a folder vLLM and transformers load)."""
     try:
         from datasets import Dataset
@@ -144,13 +135,12 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, texts: Sequence[str],
     # One line per module at INFO buries the notebook; without a GPU every layer also warns "No
     # accelerator available", so there only errors show. LLM_COMPRESSOR_LOG_LEVEL still overrides.
     configure_logger(LoggerConfig(console_log_level="WARNING" if torch.accelerator.is_available() else "ERROR"))
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.base_model import load_for_eval
 
     # On the CPU (in bf16 where a GPU exists): llm-compressor moves one decoder layer at a time to
     # the GPU, so the whole model never has to fit there beside the calibration activations.
     model, tokenizer = load_for_eval(model_dir, device="cpu",
                                      dtype="bfloat16" if torch.cuda.is_available() else "float32")
-    blocks = calibration_blocks(tokenizer, texts, deploy.calibration_samples, deploy.calibration_seq_len, seed)
     dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -193,8 +183,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 # --------------------------------------------------------------------------- AutoAWQ (optional)
 
-def quantize_autoawq(model_dir: Path, out_dir: Path, texts: Sequence[str], deploy: DeployConfig,
-                     seed: int = 0) -> dict[str, Any]:
+def quantize_autoawq(model_dir: Path, out_dir: Path, blocks: Sequence[Sequence[int]],
+                     deploy: DeployConfig) -> dict[str, Any]:
     """AutoAWQ's GEMM kernels format (vLLM `--quantization awq`). Text-only: AutoAWQ does not
     quantise Gemma 3's vision tower and drops it."""
     try:
@@ -209,7 +199,6 @@ def quantize_autoawq(model_dir: Path, out_dir: Path, texts: Sequence[str], deplo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    blocks = calibration_blocks(tokenizer, texts, deploy.calibration_samples, deploy.calibration_seq_len, seed)
     started = time.perf_counter()
     model = AutoAWQForCausalLM.from_pretrained(str(model_dir))
     model.quantize(tokenizer, quant_config={"w_bit": 4, "q_group_size": deploy.group_size, "zero_point": True,
@@ -224,14 +213,13 @@ def quantize_autoawq(model_dir: Path, out_dir: Path, texts: Sequence[str], deplo
             "seconds": round(time.perf_counter() - started, 2), "peak_gpu_gb": _peak_gpu_gb()}
 
 
-def quantize(model_dir: Path, out_dir: Path, texts: Sequence[str], deploy: DeployConfig,
-             seed: int = 0) -> dict[str, Any]:
-    """Run the configured backend into `out_dir` (which must be empty or new)."""
+def quantize(model_dir: Path, out_dir: Path, blocks: Sequence[Sequence[int]], deploy: DeployConfig) -> dict[str, Any]:
+    """Run the configured backend on calibration `blocks` (token ids) into `out_dir` (empty or new)."""
     backend = {"llmcompressor": quantize_llmcompressor, "autoawq": quantize_autoawq}.get(deploy.backend)
     if backend is None:
         raise QuantizationError(f"deploy.backend {deploy.backend!r} is unknown; use llmcompressor or autoawq")
     try:
-        return backend(Path(model_dir), Path(out_dir), texts, deploy, seed)
+        return backend(Path(model_dir), Path(out_dir), blocks, deploy)
     except torch.OutOfMemoryError as err:
         raise QuantizationError(
             "out of GPU memory while quantising: lower deploy.calibration_samples or "
@@ -349,24 +337,30 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     accuracy (the phase-5 evaluator) and logits error, plus the serving card's memory plan."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.environment import free_memory
-    from kormedgemma.evaluate import chance_warning, check_shots, evaluate_with, load_for_eval, write_results
+    from kormedgemma.base_model import load_for_eval
+    from kormedgemma.evaluate import chance_warning, check_shots, evaluate_with, write_results
     from kormedgemma.harness import read_mcqa_folder
     from kormedgemma.io import write_json, write_text
     from kormedgemma.manifest import write_artifact
+    from transformers import AutoTokenizer
+
+    from kormedgemma.corpus.token_store import TokenStore
     from kormedgemma.perplexity import document_windows, heldout_texts, perplexity
-    from kormedgemma.tokenizer import read_texts
 
     deploy, spec = config.deploy, config.evaluation
-    inputs = {key: require(config, key) for key in ("instruct_model", "korean", "kormedmcqa")}
-    calibration = read_texts(inputs["korean"] / "train.jsonl")
-    heldout = heldout_texts(inputs["korean"] / "valid.jsonl", spec.perplexity_max_texts)
+    inputs = {key: require(config, key) for key in ("instruct_model", "token_store", "korean", "kormedmcqa")}
+    store = TokenStore(inputs["token_store"])
+    store.check_tokenizer(AutoTokenizer.from_pretrained(inputs["instruct_model"]))
+    calibration = calibration_blocks(store.stream("korean", "train"), deploy.calibration_samples,
+                                     deploy.calibration_seq_len, deploy.calibration_seed)
+    heldout = heldout_texts(inputs["korean"], spec.perplexity_max_texts)
     data = read_mcqa_folder(inputs["kormedmcqa"], subsets=config.data.kormedmcqa.subsets,
                             max_questions=spec.max_questions)
     check_mcqa = deploy.eval_shots
     check_shots(data, check_mcqa)  # before a long calibration, not after it
     keys = ["deploy", "evaluation", "data.kormedmcqa.subsets"]
     with write_artifact(artifact_path(config, "awq_model"), "6.01", config, keys, inputs) as out:
-        info = quantize(inputs["instruct_model"], out.path, calibration, deploy, deploy.calibration_seed)
+        info = quantize(inputs["instruct_model"], out.path, calibration, deploy)
         compare: dict[str, Any] = {}
         probe: Optional[torch.Tensor] = None
         reference: Optional[torch.Tensor] = None

@@ -233,7 +233,7 @@ def serve_transformers(model_dir: Path, deploy: DeployConfig, host: Optional[str
     serve it until interrupted."""
     import uvicorn
 
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.base_model import load_for_eval
 
     model, tokenizer = load_for_eval(model_dir, device=device)
     app = build_app(model, tokenizer, deploy.served_model_name, deploy.max_model_len)

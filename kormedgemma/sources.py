@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from config.training_config import KorMedMCQAConfig, ProjectConfig, SourceConfig
 from kormedgemma.config import resolve_input
 from kormedgemma.hub import hub_access
-from kormedgemma.io import read_jsonl, write_jsonl
+from kormedgemma.io import MissingArtifactError, numbered_jsonl, read_jsonl, write_jsonl, write_jsonl_shards
 
 MCQA_FIELDS = ("question", "A", "B", "C", "D", "E", "answer")
 
@@ -77,9 +77,15 @@ def iter_source_texts(config: ProjectConfig, name: str, source: SourceConfig) ->
 def _iter_local(path: Path, text_field: str) -> Iterator[str]:
     if not path.exists():
         raise FileNotFoundError(f"local source {path} not found")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".csv")) if path.is_dir() else [path]
     for file in files:
-        if file.suffix == ".jsonl":
+        if file.suffix == ".csv":
+            with open(file, encoding="utf-8", newline="") as handle:
+                for number, row in enumerate(csv.DictReader(handle), start=2):
+                    if text_field not in row:
+                        raise ValueError(f"{file}:{number}: no column {text_field!r} (set the source's text_field)")
+                    yield row[text_field]
+        elif file.suffix == ".jsonl":
             for row in read_jsonl(file):
                 if text_field not in row:
                     raise ValueError(f"{file}: row without the text field {text_field!r} "
@@ -104,7 +110,7 @@ def _iter_hub(name: str, source: SourceConfig) -> Iterator[str]:
 
 
 def collect_texts(config: ProjectConfig, language: str, out_dir: Path) -> dict[str, int]:
-    """Write `<source>.jsonl` ({"text", "source"}) for each enabled source of `language`."""
+    """Write `<source>/<shard>.jsonl` ({"text", "source"}) for each enabled source of `language`."""
     counts: dict[str, int] = {}
     for name, source in config.data.sources.items():
         if not source.enabled or source.language != language:
@@ -112,7 +118,7 @@ def collect_texts(config: ProjectConfig, language: str, out_dir: Path) -> dict[s
         rows = ({"text": text, "source": name} for text in
                 tqdm(iter_source_texts(config, name, source), desc=f"collect {name}", unit="doc",
                      total=source.max_docs, mininterval=2.0))
-        counts[name] = write_jsonl(out_dir / f"{name}.jsonl", rows)
+        counts[name] = write_jsonl_shards(out_dir / name, rows, config.data.raw_shard_mb * 1_000_000)
         if counts[name] == 0:
             raise ValueError(f"source {name!r} produced no text: check its path/filters "
                              f"(medical_filter={source.medical_filter})")
@@ -137,12 +143,12 @@ def collect_kormedmcqa(config: ProjectConfig, out_dir: Path) -> dict[str, dict[s
 def _mcqa_rows(config: ProjectConfig, mcqa: KorMedMCQAConfig, subset: str, split: str) -> Iterator[dict]:
     if mcqa.local_path:
         folder = resolve_input(config, mcqa.local_path) / subset
-        for candidate in (folder / f"{split}.jsonl", folder / f"{split}.csv"):
-            if candidate.is_file():
-                yield from (read_jsonl(candidate) if candidate.suffix == ".jsonl" else _read_csv(candidate))
-                return
-        raise FileNotFoundError(f"KorMedMCQA {subset}/{split} not found under {folder} "
-                                f"(expected {split}.jsonl or {split}.csv)")
+        path = find_mcqa_file(folder, split)
+        if path is None:
+            raise FileNotFoundError(f"KorMedMCQA {subset}/{split} not found under {folder} "
+                                    f"({mcqa_looked_for(split)})")
+        yield from (row for _, row in numbered_mcqa_rows(path))
+        return
     with hub_access(f"KorMedMCQA ({mcqa.hub_id}, {subset}/{split})",
                     "Download it elsewhere (<subset>/<split>.jsonl) and set data.kormedmcqa.local_path"):
         from datasets import load_dataset
@@ -152,33 +158,105 @@ def _mcqa_rows(config: ProjectConfig, mcqa: KorMedMCQAConfig, subset: str, split
         yield {key: _plain(value) for key, value in row.items()}
 
 
-def _read_csv(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        yield from csv.DictReader(handle)
+# The Hub's `dev` split is `valid.csv` in the GitHub copies of KorMedMCQA (and in pandas exports).
+MCQA_SPLIT_ALIASES = {"dev": ("valid",)}
+MCQA_SUFFIXES = (".jsonl", ".csv")
+
+
+def mcqa_file_names(split: str) -> list[str]:
+    """File names that hold `split` in a `<subset>/` folder, in the order they are tried."""
+    return [f"{name}{suffix}" for name in (split, *MCQA_SPLIT_ALIASES.get(split, ())) for suffix in MCQA_SUFFIXES]
+
+
+def find_mcqa_file(folder: Path, split: str) -> Optional[Path]:
+    """The file holding `split` in `folder` (one subset), or None: the one place that locates it."""
+    return next((folder / name for name in mcqa_file_names(split) if (folder / name).is_file()), None)
+
+
+def mcqa_looked_for(split: str) -> str:
+    """What `find_mcqa_file` looked for, for error messages."""
+    aliases = MCQA_SPLIT_ALIASES.get(split, ())
+    alias = "".join(f"; {a!r} is accepted as another name of the {split!r} split" for a in aliases)
+    return f"looked for {', '.join(mcqa_file_names(split))}{alias}"
+
+
+def numbered_mcqa_rows(path: Path, skipped: Optional[list[tuple[int, str]]] = None) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a KorMedMCQA .jsonl or .csv file: the one place that reads them.
+
+    CSV is read as pandas writes it: a header row, quoted fields that may span lines (the number
+    is the line a row starts on), and a first column with an empty header (the pandas index),
+    which is dropped. Values stay as written (strings). A bad line or row raises, or, when a
+    `skipped` list is given, is recorded there as (line number, reason) and passed over.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        yield from numbered_jsonl(path, skipped)
+        return
+    if path.suffix != ".csv":
+        raise ValueError(f"{path}: KorMedMCQA files are .jsonl or .csv")
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} not found")
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return
+        keep = [(i, name) for i, name in enumerate(header) if name.strip()]
+        start = reader.line_num + 1
+        for record in reader:
+            if any(cell.strip() for cell in record):
+                if len(record) != len(header):
+                    reason = f"{len(record)} fields where the header has {len(header)}"
+                    if skipped is None:
+                        raise ValueError(f"{path}:{start}: {reason}; fix or delete that row")
+                    skipped.append((start, reason))
+                else:
+                    yield start, {name: record[i] for i, name in keep}
+            start = reader.line_num + 1
 
 
 def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None))) else json.loads(json.dumps(value, default=str))
 
 
+def mcqa_answer(value: Any) -> tuple[Optional[int], Optional[str]]:
+    """(1–5, None) or (None, reason). Upstream answers are 1–5; GitHub CSV copies use letters A–E."""
+    if isinstance(value, bool):
+        return None, f"answer {value!r} is not 1-5 or a letter A-E"
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip() if isinstance(value, str) else ""
+        if len(text) == 1 and text.upper() in "ABCDE":
+            return "ABCDE".index(text.upper()) + 1, None
+        if not (text.isascii() and text.isdigit()):
+            return None, f"answer {value!r} is not 1-5 or a letter A-E"
+        number = int(text)
+    if not 1 <= number <= 5:
+        return None, f"answer {number} outside 1-5"
+    return number, None
+
+
 def validate_mcqa_row(row: dict[str, Any], subset: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-    """(clean row in the project schema, None) or (None, reason it is unusable)."""
-    question = str(row.get("question") or "").strip()
-    if not question:
+    """(clean row in the project schema, None) or (None, reason it is unusable).
+
+    The question and options keep their text as written: lm-evaluation-harness renders
+    ``{{A}}``… unchanged and strips only the question (`harness.doc_to_text` does the same), so
+    stripping here would change the prompts the published scores were measured on.
+    """
+    question = row.get("question")
+    if question is None or str(question).strip() == "":
         return None, "empty question"
     options = {}
     for letter in "ABCDE":
         option = row.get(letter)
         if option is None or str(option).strip() == "":
             return None, f"missing option {letter}"
-        options[letter] = str(option).strip()
-    try:
-        answer = int(str(row.get("answer")).strip())
-    except ValueError:
-        return None, f"answer {row.get('answer')!r} is not a number"
-    if not 1 <= answer <= 5:
-        return None, f"answer {answer} outside 1-5"
-    clean = {"question": question, **options, "answer": answer,
+        options[letter] = str(option)
+    answer, reason = mcqa_answer(row.get("answer"))
+    if answer is None:
+        return None, reason
+    clean = {"question": str(question), **options, "answer": answer,
              "subject": str(row.get("subject") or subset)}
     cot = row.get("cot")
     if isinstance(cot, str) and cot.strip():

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from config.training_config import ProjectConfig, TokenizerConfig
+from kormedgemma.corpus.readers import iter_split, read_split
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -366,45 +367,52 @@ def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Option
     return figure
 
 
-def read_texts(path: Path, field: str = "text") -> list[str]:
-    """Texts of a .jsonl (field `text`) or a plain text file (one text a line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} not found")
-    if path.suffix == ".jsonl":
-        return list(iter_corpus(path, field))
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def iter_corpus(path: Path, field: str = "text") -> Iterator[str]:
-    """The non-empty texts of a JSONL file, streamed (corpora can be larger than memory)."""
-    from kormedgemma.io import read_jsonl
-
-    for row in read_jsonl(path):
-        text = row.get(field)
-        if isinstance(text, str) and text.strip():
-            yield text
-
-
 # --------------------------------------------------------------------------- pipeline steps
+def sentencepiece_vocab_error(message: str, spec: TokenizerConfig) -> Optional[str]:
+    """The fix for a SentencePiece training failure about the vocabulary size, or None.
+
+    SentencePiece fails both ways and the fixes are opposite:
+    "Vocabulary size too high (5000). Please set it to a value <= 299." (the corpus cannot fill
+    the vocabulary) and "Vocabulary size is smaller than required_chars. 1000 vs 3257. Increase
+    vocab_size or decrease character_coverage ..." (every kept character, plus the byte and
+    <unk> pieces, needs a slot).
+    """
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)(?:.*?<=\s*(\d+))?", message)
+    if too_high:
+        most = f": SentencePiece can make at most {too_high.group(2)} pieces from it" if too_high.group(2) else ""
+        return (f"tokenizer.vocab_size={spec.vocab_size} is too large for this corpus{most}. "
+                f"Lower tokenizer.vocab_size{f' to {too_high.group(2)} or less' if too_high.group(2) else ''} "
+                f"or add Korean text (SentencePiece: {message})")
+    too_small = re.search(r"smaller than required_chars\.?(?:\s*(\d+)\s*vs\s*(\d+))?", message)
+    if too_small:
+        needed = too_small.group(2)
+        return (f"tokenizer.vocab_size={spec.vocab_size} is too small for the characters of this corpus: with "
+                f"tokenizer.character_coverage={spec.character_coverage} SentencePiece needs "
+                f"{needed or 'more'} pieces for the characters it must keep plus its byte and <unk> pieces. "
+                f"Raise tokenizer.vocab_size{f' to at least {needed}' if needed else ''} "
+                f"or lower tokenizer.character_coverage "
+                f"(SentencePiece: {message})")
+    return None
+
+
 def train_tokenizer_artifact(config: ProjectConfig) -> Path:
-    """1.01: models/tokenizer/korean_sp/ from data/processed/korean/train.jsonl."""
+    """1.01: models/tokenizer/korean_sp/ from the processed Korean train split."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.manifest import write_artifact
 
     korean = require(config, "korean")
-    train = korean / "train.jsonl"
-    if not any(True for _ in iter_corpus(train)):
+    train = korean / "train"
+    if not any(True for _ in iter_split(korean, "train")):
         raise ValueError(f"{train} is empty: nothing to train the Korean tokenizer on (re-run phase 0.04)")
     final = artifact_path(config, "korean_sp")
     with write_artifact(final, "1.01", config, ["tokenizer"], {"korean_train": train}) as out:
         started = time.perf_counter()
         try:
-            model = train_korean_sentencepiece(iter_corpus(train), out.path, config.tokenizer)
+            model = train_korean_sentencepiece(iter_split(korean, "train"), out.path, config.tokenizer)
         except RuntimeError as exc:
-            if "Vocabulary size too high" in str(exc) or "vocab_size" in str(exc):
-                raise ValueError(f"tokenizer.vocab_size={config.tokenizer.vocab_size} is too large for this corpus "
-                                 f"({exc}); lower it or add Korean text") from None
+            advice = sentencepiece_vocab_error(str(exc), config.tokenizer)
+            if advice is not None:
+                raise ValueError(advice) from None
             raise
         import sentencepiece as spm
 
@@ -419,7 +427,8 @@ def filter_tokens_artifact(config: ProjectConfig) -> dict[str, Any]:
     from kormedgemma.base_model import base_tokenizer_folder
     from kormedgemma.manifest import write_artifact
 
-    train = require(config, "korean") / "train.jsonl"
+    korean = require(config, "korean")
+    train = korean / "train"
     sp_model = require(config, "korean_sp") / "korean_sp.model"
     base_folder = base_tokenizer_folder(config)
     base_vocab = base_vocabulary(base_folder)
@@ -427,7 +436,7 @@ def filter_tokens_artifact(config: ProjectConfig) -> dict[str, Any]:
     final = artifact_path(config, "new_tokens")
     with write_artifact(final, "1.02", config, ["tokenizer"], {"korean_train": train, "korean_sp": sp_model,
                                                                "base_tokenizer": base_folder / "tokenizer.model"}) as out:
-        counted = count_piece_frequencies(sp_model, iter_corpus(train), spec.num_threads)
+        counted = count_piece_frequencies(sp_model, iter_split(korean, "train"), spec.num_threads)
         candidates = frequent_new_pieces(sp_model, counted.counts, base_vocab, spec)
         if not candidates:
             raise ValueError(f"no Korean piece reaches min_frequency={spec.min_frequency} that the base lacks: "
@@ -465,12 +474,12 @@ def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
     new_tokens = require(config, "new_tokens")
     base_folder = base_tokenizer_folder(config)
     pieces = load_new_pieces(new_tokens)
-    korean_valid = read_texts(korean / "valid.jsonl")
-    english_valid = read_texts(english / "valid.jsonl")
+    korean_valid = read_split(korean, "valid")
+    english_valid = read_split(english, "valid")
     final = artifact_path(config, "merged_tokenizer")
     with write_artifact(final, "1.03", config, ["tokenizer"], {"new_tokens": new_tokens,
-                        "base_tokenizer": base_folder / "tokenizer.json", "korean_valid": korean / "valid.jsonl",
-                        "english_valid": english / "valid.jsonl"}) as out:
+                        "base_tokenizer": base_folder / "tokenizer.json", "korean_valid": korean / "valid",
+                        "english_valid": english / "valid"}) as out:
         merged_info = merge_tokenizers(base_folder, pieces, out.path)
         base = AutoTokenizer.from_pretrained(base_folder)
         merged = AutoTokenizer.from_pretrained(out.path)

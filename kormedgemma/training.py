@@ -28,6 +28,7 @@ import torch
 
 from config.training_config import StageConfig
 from kormedgemma.config import ProjectConfig, config_hash, config_to_dict
+from kormedgemma.corpus.batching import BlockOrder
 from kormedgemma.stages import STAGES, StageSpec, apply_stage
 
 TRAINED_FILE = "trained.safetensors"
@@ -128,44 +129,27 @@ def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tupl
 # --------------------------------------------------------------------------- data
 @dataclass
 class StageData:
-    train: torch.Tensor  # [n, seq_len]
+    train: Any  # PackedBlocks: indexed by a list of block numbers, gives [k, seq_len] ids
     english_share: float
     valid: dict[str, torch.Tensor]  # language → [m, ≤seq_len] blocks
 
 
 def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: int) -> StageData:
+    """Blocks from the token store (step 1.04): views over memory maps, never the corpus in RAM."""
     from kormedgemma.artifacts import require
-    from kormedgemma.packing import build_blocks, pack
-    from kormedgemma.tokenizer import read_texts
+    from kormedgemma.corpus.batching import PackedBlocks, leading_blocks
+    from kormedgemma.corpus.token_store import TokenStore
 
-    korean, english = require(config, "korean"), require(config, "english")
-    packed = build_blocks(tokenizer, read_texts(korean / "train.jsonl"), read_texts(english / "train.jsonl"),
-                          spec.seq_len, spec.english_replay_fraction, seed)
+    store = TokenStore(require(config, "token_store"))
+    store.check_tokenizer(tokenizer)
+    train = PackedBlocks.build(store.stream("korean", "train"), store.stream("english", "train"), spec.seq_len,
+                               spec.english_replay_fraction, seed)
     valid = {}
-    for language, folder in (("korean", korean), ("english", english)):
-        documents = [tokenizer.encode(t, add_special_tokens=False) for t in read_texts(folder / "valid.jsonl")]
-        blocks = pack(documents, spec.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, keep_short=True)
-        if blocks:
-            valid[language] = torch.tensor(blocks[:spec.eval_blocks], dtype=torch.long)
-    return StageData(packed.blocks, float(packed.is_english.float().mean()), valid)
-
-
-class BlockOrder:
-    """Micro-batch k of a run → block ids. Each pass over the data is a fresh permutation from
-    (seed, pass), so the order never depends on how often the process restarted."""
-
-    def __init__(self, count: int, micro_batch: int, seed: int) -> None:
-        self.count, self.micro_batch, self.seed = count, micro_batch, seed
-        self._cache: dict[int, torch.Tensor] = {}
-
-    def _pass(self, index: int) -> torch.Tensor:
-        if index not in self._cache:
-            self._cache = {index: torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 100_003 + index))}
-        return self._cache[index]
-
-    def blocks(self, micro_batch_index: int) -> list[int]:
-        first = micro_batch_index * self.micro_batch
-        return [int(self._pass(i // self.count)[i % self.count]) for i in range(first, first + self.micro_batch)]
+    for language in ("korean", "english"):
+        blocks = leading_blocks(store.stream(language, "valid"), spec.seq_len, spec.eval_blocks)
+        if blocks is not None:
+            valid[language] = blocks
+    return StageData(train, train.english_share, valid)
 
 
 # --------------------------------------------------------------------------- progress (checkpointed)
@@ -300,7 +284,7 @@ def stage_inputs(config: ProjectConfig, number: int) -> dict[str, Path]:
     if number > 1:
         require(config, f"stage{number - 1}")  # the predecessor first: its notebook is the one to name
     inputs = {f"stage{k}": require(config, f"stage{k}") for k in range(1, number)}
-    for key in ("initialized_model", "korean", "english"):
+    for key in ("initialized_model", "token_store"):
         inputs[key] = require(config, key)
     return inputs
 

@@ -30,19 +30,21 @@ def tiny_phase0(tmp_path_factory: pytest.TempPathFactory):
     build_base_artifact(config)
     collect_all(config)
     build_dictionary_artifact(config)
-    figures = preprocess_all(config)
+    figures = preprocess_all(config, progress=False)
     return config, figures
 
 
 @pytest.fixture(scope="session")
 def tiny_phase1(tiny_phase0):
     """Phase 1 through the library, on top of the session's phase 0."""
+    from kormedgemma.corpus.token_store import token_store_artifact
     from kormedgemma.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
 
     config, _ = tiny_phase0
     train_tokenizer_artifact(config)
     filtered = filter_tokens_artifact(config)
     merged = merge_artifact(config)
+    token_store_artifact(config, progress=False)
     return config, filtered, merged
 
 

@@ -93,7 +93,7 @@ def test_wechsel_neighbours_reproduce_each_row(tiny_phase1):
     """Run WECHSEL alone and check every new row is Σ w_i · base_row_i with Σ w_i = 1, w_i ≥ 0."""
     from kormedgemma.embeddings import CenteredVectors, align, train_word_vectors, wechsel_rows
     from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
-    from kormedgemma.tokenizer import read_texts
+    from kormedgemma.corpus.readers import read_split
 
     config, _, _ = tiny_phase1
     base_tok = AutoTokenizer.from_pretrained(artifact_path(config, "base_model"))
@@ -101,8 +101,8 @@ def test_wechsel_neighbours_reproduce_each_row(tiny_phase1):
     base = AutoModelForImageTextToText.from_pretrained(artifact_path(config, "base_model"))
     base_in = base.get_input_embeddings().weight.detach()[: len(base_tok)]
     pairs = [(ko, en) for ko, en, _ in load_dictionary(artifact_path(config, "dictionary") / DICTIONARY_FILE)]
-    ko = CenteredVectors(train_word_vectors(read_texts(artifact_path(config, "korean") / "train.jsonl"), 16, 5, 0))
-    en = CenteredVectors(train_word_vectors(read_texts(artifact_path(config, "english") / "train.jsonl"), 16, 5, 0))
+    ko = CenteredVectors(train_word_vectors(read_split(artifact_path(config, "korean"), "train"), 16, 5, 0))
+    en = CenteredVectors(train_word_vectors(read_split(artifact_path(config, "english"), "train"), 16, 5, 0))
     new_ids = list(range(len(base_tok), len(merged_tok)))
     result = wechsel_rows(base_tok, merged_tok, new_ids, base_in, base_in, ko, en, align(ko, en, pairs), {},
                           EmbeddingConfig(wechsel_k=7, wechsel_temperature=0.1))

@@ -86,3 +86,70 @@ def test_a_folder_without_test_files_names_the_layout(tmp_path: Path):
 
     with pytest.raises(MissingArtifactError, match="KorMedMCQA layout"):
         read_mcqa_folder(tmp_path)
+
+
+KORMEDMCQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kormedmcqa"
+
+
+def test_a_pandas_csv_folder_is_read_as_written(tmp_path: Path):
+    import pandas as pd
+
+    columns = ["subject", "year", "period", "q_number", "question", "A", "B", "C", "D", "E", "answer", "cot"]
+    folder = tmp_path / "doctor"
+    folder.mkdir()
+    pd.DataFrame([
+        ["doctor", 2021, 1, 1, "심방세동 환자의\n뇌졸중 예방약은? ", "와파린 ", "아스피린", "헤파린", "디곡신", "아미오다론", "a", None],
+        ["doctor", 2021, 1, 2, "질문 2", "가", "나", "다", "라", "마", "F", None],      # bad answer
+        ["doctor", 2021, 1, 3, "질문 3", "가", "나", " ", "라", "마", "C", None],      # blank option
+        ["doctor", 2021, 1, 4, "질문 4", "가", "나", "다", "라", "마", " e", None],
+    ], columns=columns).to_csv(folder / "valid.csv")
+    pd.DataFrame([["doctor", 2019, 1, 9, "질문 9", "가", "나", "다", "라", "마", 3, "풀이"]] * 5,
+                 columns=columns).to_csv(folder / "fewshot.csv")
+    data = read_mcqa_folder(tmp_path, split="dev")
+    assert data.questions == 2 and [r["answer"] for r in data.test["doctor"]] == [1, 5]
+    # line numbers: header is line 1, the first question spans lines 2-3
+    assert data.bad_rows == [{"file": "doctor/valid.csv", "row": 4, "reason": "answer 'F' is not 1-5 or a letter A-E"},
+                             {"file": "doctor/valid.csv", "row": 5, "reason": "missing option C"}]
+    assert [r["answer"] for r in data.fewshot["doctor"]] == [3] * 5
+    assert doc_to_text(data.test["doctor"][0]) == (
+        "심방세동 환자의\n뇌졸중 예방약은?\nA. 와파린 \nB. 아스피린\nC. 헤파린\nD. 디곡신\nE. 아미오다론\n정답：")
+    assert build_prompt(data.test["doctor"][1], data.fewshot["doctor"], 1).startswith(
+        "질문 9\nA. 가\nB. 나\nC. 다\nD. 라\nE. 마\n정답： C\n\n질문 4\n")
+
+
+def test_a_folder_without_the_split_lists_what_was_looked_for(tmp_path: Path):
+    from kormedgemma.io import MissingArtifactError
+
+    (tmp_path / "doctor").mkdir()
+    (tmp_path / "doctor" / "test.jsonl").write_text(json.dumps(_row(1, 2)) + "\n", encoding="utf-8")
+    with pytest.raises(MissingArtifactError, match=r"no nurse/test \(looked for test\.jsonl, test\.csv; "
+                                                   r"found subsets: doctor\)"):
+        read_mcqa_folder(tmp_path, subsets=["doctor", "nurse"])
+    with pytest.raises(MissingArtifactError, match=r"looked for dev\.jsonl, dev\.csv, valid\.jsonl, valid\.csv; "
+                                                   r"'valid' is accepted as another name of the 'dev' split"):
+        read_mcqa_folder(tmp_path, split="dev")
+
+
+@pytest.mark.skipif(not KORMEDMCQA.is_dir(), reason=f"the real KorMedMCQA copy ({KORMEDMCQA}) is not on this machine")
+def test_the_real_kormedmcqa_folder_gives_the_harness_prompts():
+    import csv
+
+    test = read_mcqa_folder(KORMEDMCQA)
+    assert {s: len(rows) for s, rows in test.test.items()} == {"dentist": 811, "doctor": 435, "nurse": 878, "pharm": 885}
+    assert {s: len(rows) for s, rows in test.fewshot.items()} == {s: 5 for s in ("dentist", "doctor", "nurse", "pharm")}
+    assert test.bad_rows == []
+    dev = read_mcqa_folder(KORMEDMCQA, split="dev")
+    assert {s: len(rows) for s, rows in dev.test.items()} == {"dentist": 304, "doctor": 164, "nurse": 291, "pharm": 300}
+    assert dev.bad_rows == []
+
+    with open(KORMEDMCQA / "doctor" / "test.csv", encoding="utf-8", newline="") as handle:
+        first = next(csv.DictReader(handle))
+    expected = (f"{first['question'].strip()}\nA. {first['A']}\nB. {first['B']}\nC. {first['C']}\n"
+                f"D. {first['D']}\nE. {first['E']}\n정답：")
+    row = test.test["doctor"][0]
+    assert doc_to_text(row) == build_prompt(row) == expected
+    assert row["answer"] == "ABCDE".index(first["answer"]) + 1
+    # Options are kept as written: the real test split has options ending in a space.
+    spaced = [(s, r[k]) for s, rows in test.test.items() for r in rows for k in "ABCDE" if r[k] != r[k].strip()]
+    assert len(spaced) == 2 and all(option.endswith(" ") for _, option in spaced)
+    assert all(f"\n{k}. {r[k]}\n" in doc_to_text(r) for rows in test.test.values() for r in rows for k in "ABCD")

@@ -5,6 +5,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -14,32 +15,22 @@ from kormedgemma.quantize import (QuantizationError, calibration_blocks, memory_
                                   quantization_scheme)
 
 
-class _Tokens:
-    """A tokenizer whose ids are the characters' positions in a tiny alphabet (exact ids in tests)."""
-    bos_token_id, eos_token_id = 2, 1
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [10 + "abcdefghij".index(c) for c in text]
-
-
-def test_calibration_blocks_are_packed_documents_cut_to_full_length():
-    blocks = calibration_blocks(_Tokens(), ["abc", "de", "fghij"], samples=2, seq_len=4, seed=0)
-    assert [len(b) for b in blocks] == [4, 4]
-    stream = [t for b in blocks for t in b]
-    # every document appears as <bos> ids <eos>, whole, in the shuffled order
-    docs = {"abc": [2, 10, 11, 12, 1], "de": [2, 13, 14, 1], "fghij": [2, 15, 16, 17, 18, 19, 1]}
-    flat = "".join(f"<{t}>" for t in stream)
-    assert sum("".join(f"<{t}>" for t in ids) in flat for ids in docs.values()) >= 1
-    assert stream[0] == 2
-    again = calibration_blocks(_Tokens(), ["abc", "de", "fghij"], samples=2, seq_len=4, seed=0)
-    assert again == blocks  # the seed fixes the sample
+def test_calibration_blocks_are_full_length_slices_of_the_token_stream():
+    stream = np.arange(100, 140, dtype=np.uint32)  # 40 ids → 10 blocks of 4
+    blocks = calibration_blocks(stream, samples=3, seq_len=4, seed=0)
+    assert len(blocks) == 3 and all(len(b) == 4 for b in blocks)
+    for block in blocks:  # each one is an aligned block of the stream, read as it is
+        assert (block[0] - 100) % 4 == 0 and block == list(range(block[0], block[0] + 4))
+    assert len({b[0] for b in blocks}) == 3  # distinct blocks
+    assert calibration_blocks(stream, samples=3, seq_len=4, seed=0) == blocks  # the seed fixes the sample
+    assert calibration_blocks(stream, samples=3, seq_len=4, seed=1) != blocks
 
 
 def test_calibration_returns_fewer_blocks_when_the_corpus_is_small_and_refuses_an_empty_one():
-    assert len(calibration_blocks(_Tokens(), ["abcdefghij"], samples=50, seq_len=4)) == 3  # 12 ids → 3 blocks
-    assert calibration_blocks(_Tokens(), ["ab"], samples=5, seq_len=64) == [[2, 10, 11, 1]]
+    assert len(calibration_blocks(np.arange(12, dtype=np.uint32), samples=50, seq_len=4)) == 3  # 12 ids → 3 blocks
+    assert calibration_blocks(np.array([2, 10, 11, 1], dtype=np.uint32), samples=5, seq_len=64) == [[2, 10, 11, 1]]
     with pytest.raises(ValueError, match="calibration corpus is empty"):
-        calibration_blocks(_Tokens(), [], samples=5, seq_len=4)
+        calibration_blocks(np.zeros(0, dtype=np.uint32), samples=5, seq_len=4)
 
 
 def test_scheme_takes_the_configured_group_size_and_rejects_unknown_presets():
@@ -52,14 +43,14 @@ def test_scheme_takes_the_configured_group_size_and_rejects_unknown_presets():
 
 def test_unknown_or_missing_backend_fails_with_the_fix(tmp_path):
     with pytest.raises(QuantizationError, match="unknown"):
-        quantize(tmp_path, tmp_path / "out", ["가"], replace(DeployConfig(), backend="gptq"))
+        quantize(tmp_path, tmp_path / "out", [[2, 3]], replace(DeployConfig(), backend="gptq"))
     try:
         import awq  # noqa: F401
         pytest.skip("AutoAWQ is installed here")
     except ImportError:
         pass
     with pytest.raises(QuantizationError, match="pip install autoawq"):
-        quantize(tmp_path, tmp_path / "out", ["가"], replace(DeployConfig(), backend="autoawq"))
+        quantize(tmp_path, tmp_path / "out", [[2, 3]], replace(DeployConfig(), backend="autoawq"))
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kormedgemma.config import load_config
@@ -123,3 +125,108 @@ def test_kormedmcqa_from_a_local_folder_in_csv(tmp_path):
                                             "data.kormedmcqa.subsets": ["doctor"],
                                             "data.kormedmcqa.splits": ["test"]})
     assert collect_kormedmcqa(config, tmp_path / "out") == {"doctor": {"test": 1}}
+
+
+MCQA_COLUMNS = ["subject", "year", "period", "q_number", "question", "A", "B", "C", "D", "E", "answer", "cot"]
+KORMEDMCQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kormedmcqa"
+# SOURCE.txt's table: train, valid (the upstream dev), test, fewshot.
+KORMEDMCQA_ROWS = {"doctor": (1890, 164, 435, 5), "nurse": (582, 291, 878, 5),
+                   "pharm": (632, 300, 885, 5), "dentist": (297, 304, 811, 5)}
+
+
+def _pandas_csv(path: Path, rows: list[list]) -> None:
+    """A split the way the GitHub copies of KorMedMCQA hold it: pandas to_csv, index column included."""
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=MCQA_COLUMNS).to_csv(path)
+
+
+def _mcqa_config(root: Path, splits: list[str], subsets: tuple[str, ...] = ("doctor",)):
+    return load_config("tiny", overrides={"data.kormedmcqa.local_path": str(root),
+                                          "data.kormedmcqa.subsets": list(subsets),
+                                          "data.kormedmcqa.splits": splits})
+
+
+def test_kormedmcqa_pandas_csv_with_letters_and_a_valid_split(tmp_path):
+    from kormedgemma.io import read_jsonl
+    from kormedgemma.sources import collect_kormedmcqa, validate_mcqa_row
+
+    folder = tmp_path / "kmcqa" / "doctor"
+    _pandas_csv(folder / "test.csv", [
+        ["doctor", 2022, 1, 1, " 고혈압의 1차 약제는?\n", "이뇨제 ", "항생제", "스테로이드", "진통제", "항히스타민제", "A", None],
+        ["doctor", 2022, 1, 2, "폐렴의 흔한 원인균은?", "대장균", "폐렴사슬알균", "녹농균", "결핵균", "포도알균", " e ", None],
+    ])
+    _pandas_csv(folder / "valid.csv", [
+        ["doctor", 2021, 1, 7, "당뇨병 진단 기준 HbA1c는?", "5.0%", "5.7%", "6.0%", "6.5%", "7.0%", "d", None]])
+    _pandas_csv(folder / "fewshot.csv", [
+        ["doctor", 2019, 2, 3, "쇼크의 1차 처치는?", "수액", "수혈", "승압제", "산소", "관찰", 1, "차근차근 생각해봅시다. 수액이다."]])
+    assert (folder / "test.csv").read_text(encoding="utf-8").startswith(",subject,year,")  # the pandas index column
+    config = _mcqa_config(tmp_path / "kmcqa", ["test", "dev", "fewshot"])
+    out = tmp_path / "out"
+    assert collect_kormedmcqa(config, out) == {"doctor": {"test": 2, "dev": 1, "fewshot": 1}}
+
+    raw = {split: list(read_jsonl(out / "doctor" / f"{split}.jsonl")) for split in ("test", "dev", "fewshot")}
+    assert "" not in raw["test"][0] and "Unnamed: 0" not in raw["test"][0]
+    assert set(raw["test"][0]) == set(MCQA_COLUMNS)
+    clean = {split: [validate_mcqa_row(row, "doctor") for row in rows] for split, rows in raw.items()}
+    assert all(reason is None for rows in clean.values() for _, reason in rows)
+    test, dev, fewshot = ([row for row, _ in clean[s]] for s in ("test", "dev", "fewshot"))
+    assert [row["answer"] for row in test] == [1, 5]
+    assert dev[0]["answer"] == 4 and dev[0]["question"] == "당뇨병 진단 기준 HbA1c는?"  # dev came from valid.csv
+    assert fewshot[0]["answer"] == 1 and fewshot[0]["cot"] == "차근차근 생각해봅시다. 수액이다."
+    assert test[0]["A"] == "이뇨제 " and test[0]["question"] == " 고혈압의 1차 약제는?\n"  # as written
+
+
+def test_kormedmcqa_missing_dev_names_the_valid_alias(tmp_path):
+    from kormedgemma.sources import collect_kormedmcqa
+
+    _pandas_csv(tmp_path / "kmcqa" / "doctor" / "test.csv", [
+        ["doctor", 2022, 1, 1, "질문?", "가", "나", "다", "라", "마", "B", None]])
+    with pytest.raises(FileNotFoundError, match=r"doctor/dev not found .*looked for dev\.jsonl, dev\.csv, "
+                                                 r"valid\.jsonl, valid\.csv; 'valid' is accepted"):
+        collect_kormedmcqa(_mcqa_config(tmp_path / "kmcqa", ["test", "dev"]), tmp_path / "out")
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (3, (3, None)), ("4", (4, None)), (" 2 ", (2, None)), ("B", (2, None)), (" e\n", (5, None)),
+    (0, (None, "answer 0 outside 1-5")), ("6", (None, "answer 6 outside 1-5")),
+    ("F", (None, "answer 'F' is not 1-5 or a letter A-E")), ("AB", (None, "answer 'AB' is not 1-5 or a letter A-E")),
+    ("", (None, "answer '' is not 1-5 or a letter A-E")), (None, (None, "answer None is not 1-5 or a letter A-E")),
+    (True, (None, "answer True is not 1-5 or a letter A-E")), (2.5, (None, "answer 2.5 is not 1-5 or a letter A-E")),
+])
+def test_mcqa_answers_are_numbers_or_letters(answer, expected):
+    from kormedgemma.sources import validate_mcqa_row
+
+    row = {"question": "질문?", "A": "가", "B": "나", "C": "다", "D": "라", "E": "마", "answer": answer}
+    clean, reason = validate_mcqa_row(row, "doctor")
+    assert ((clean or {}).get("answer"), reason) == expected
+
+
+def test_whitespace_only_option_is_missing():
+    from kormedgemma.sources import validate_mcqa_row
+
+    row = {"question": "질문?", "A": "가", "B": "나", "C": " \t", "D": "라", "E": "마", "answer": "A"}
+    assert validate_mcqa_row(row, "doctor") == (None, "missing option C")
+
+
+@pytest.mark.skipif(not KORMEDMCQA.is_dir(), reason=f"the real KorMedMCQA copy ({KORMEDMCQA}) is not on this machine")
+def test_real_kormedmcqa_folder_collects_every_row(tmp_path):
+    from kormedgemma.io import read_jsonl
+    from kormedgemma.sources import collect_kormedmcqa, validate_mcqa_row
+
+    config = _mcqa_config(KORMEDMCQA, ["train", "dev", "test", "fewshot"], tuple(KORMEDMCQA_ROWS))
+    counts = collect_kormedmcqa(config, tmp_path / "out")
+    assert {s: tuple(c[split] for split in ("train", "dev", "test", "fewshot")) for s, c in counts.items()} \
+        == KORMEDMCQA_ROWS
+    bad, answers = [], {n: 0 for n in range(1, 6)}
+    for subset, splits in counts.items():
+        for split in splits:
+            for number, row in enumerate(read_jsonl(tmp_path / "out" / subset / f"{split}.jsonl"), start=1):
+                clean, reason = validate_mcqa_row(row, subset)
+                if clean is None:
+                    bad.append((subset, split, number, reason))
+                else:
+                    answers[clean["answer"]] += 1
+    assert bad == []
+    assert sum(answers.values()) == 7489 and min(answers.values()) > 1000  # every letter is used

@@ -26,8 +26,9 @@ def tokenizers(tiny_phase1):
 
 
 def _valid_korean(config):
-    rows = (artifact_path(config, "korean") / "valid.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(r)["text"] for r in rows]
+    from kormedgemma.corpus.readers import read_split
+
+    return read_split(artifact_path(config, "korean"), "valid")
 
 
 def test_every_base_token_keeps_its_id_and_new_ids_follow_the_image_token(tokenizers):
@@ -176,7 +177,9 @@ def test_tokenizer_stats_cli_prints_the_figures(tiny_phase1, tmp_path, capsys):
     from kormedgemma.cli import main
 
     config, _, figures = tiny_phase1
-    valid = artifact_path(config, "korean") / "valid.jsonl"
+    from kormedgemma.corpus.readers import split_files
+
+    valid, = split_files(artifact_path(config, "korean"), "valid")
     assert main(["tokenizer-stats", "--tokenizer", str(artifact_path(config, "base_model")),
                  "--tokenizer", str(artifact_path(config, "merged_tokenizer")), "--text", str(valid)]) == 0
     rows = json.loads(capsys.readouterr().out)["tokenizers"]
@@ -210,3 +213,45 @@ def test_merge_into_the_real_gemma3_tokenizer(tiny_phase1, tmp_path):
     base, merged = AutoTokenizer.from_pretrained(GEMMA3), AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert info["first_new_id"] == len(base) and len(merged) == len(base) + len(pieces)
     verify_merge(base, merged, _valid_korean(config), info["first_new_id"])
+
+
+def test_sentencepiece_vocabulary_errors_name_the_right_fix(tmp_path, monkeypatch):
+    import re
+
+    from kormedgemma import artifacts
+    from kormedgemma.config import load_config
+    from kormedgemma.tokenizer import sentencepiece_vocab_error, train_korean_sentencepiece, train_tokenizer_artifact
+
+    # 3,000 distinct Hangul syllables, all kept (coverage 1.0): SentencePiece needs one piece per
+    # character plus 256 byte pieces and <unk> = 3,257, more than vocab_size=1000.
+    syllables = [chr(code) for code in range(0xAC00, 0xAC00 + 3000)]
+    korean = tmp_path / "korean"
+    korean.mkdir()
+    (korean / "train.jsonl").write_text("".join(json.dumps({"text": "".join(syllables[i:i + 10])}) + "\n"
+                                                for i in range(0, 3000, 10)), encoding="utf-8")
+    config = load_config("tiny", overrides={"paths.root": str(tmp_path / "root"), "tokenizer.vocab_size": 1000,
+                                            "tokenizer.character_coverage": 1.0, "tokenizer.num_threads": 1})
+    monkeypatch.setattr(artifacts, "require", lambda _config, key: korean)
+    with pytest.raises(ValueError) as small:
+        train_tokenizer_artifact(config)
+    message = str(small.value)
+    assert "Vocabulary size is smaller than required_chars. 1000 vs 3257." in message  # SentencePiece's own words
+    assert message.startswith("tokenizer.vocab_size=1000 is too small for the characters of this corpus: "
+                              "with tokenizer.character_coverage=1.0 SentencePiece needs 3257 pieces")
+    assert "Raise tokenizer.vocab_size to at least 3257 or lower tokenizer.character_coverage" in message
+    assert "too large" not in message and "Lower tokenizer.vocab_size" not in message
+    assert not artifacts.artifact_path(config, "korean_sp").exists()
+
+    # The opposite failure: a handful of lines cannot fill 5,000 pieces.
+    with pytest.raises(RuntimeError) as high:
+        train_korean_sentencepiece(["고혈압 환자의 치료", "당뇨병 증상과 진단", "감염 환자의 치료"] * 3, tmp_path / "sp",
+                                   TokenizerConfig(vocab_size=5000, num_threads=1))
+    raw = str(high.value)
+    most = int(re.search(r"Vocabulary size too high \(5000\)\. Please set it to a value <= (\d+)\.", raw).group(1))
+    assert 100 < most < 1000
+    advice = sentencepiece_vocab_error(raw, TokenizerConfig(vocab_size=5000))
+    assert advice.startswith(f"tokenizer.vocab_size=5000 is too large for this corpus: SentencePiece can make at "
+                             f"most {most} pieces from it. Lower tokenizer.vocab_size to {most} or less or add "
+                             f"Korean text")
+    assert "Raise" not in advice
+    assert sentencepiece_vocab_error("INTERNAL: unrelated failure", TokenizerConfig()) is None

@@ -16,7 +16,8 @@ from transformers import AutoModelForImageTextToText
 from kormedgemma.artifacts import artifact_path
 from kormedgemma.config import load_config, repo_root
 from kormedgemma.io import MissingArtifactError
-from kormedgemma.training import (CRASH_ENV, TRAINED_FILE, BlockOrder, apply_trained, checkpoint_root,
+from kormedgemma.corpus.batching import BlockOrder
+from kormedgemma.training import (CRASH_ENV, TRAINED_FILE, apply_trained, checkpoint_root,
                                   load_stage_model, new_token_rows, train_stage)
 
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
