@@ -29,7 +29,7 @@ from kormedgemma.base_model import medgemma_4b_config
 from kormedgemma.embeddings import resize_for_tokenizer
 from kormedgemma.evaluate import evaluate_mcqa
 from kormedgemma.harness import McqaSet, build_prompt, read_mcqa_folder
-from kormedgemma.tokenizer import read_texts
+from kormedgemma.corpus.readers import read_split
 
 ROWS = 262_145 + 10_000
 CAP_BYTES = 24 * 10**9
@@ -64,7 +64,7 @@ def main() -> None:
     root = Path(args.root)
     tokenizer = AutoTokenizer.from_pretrained(root / "models/initialized")
     data = read_mcqa_folder(root / "data/processed/kormedmcqa")
-    data = lengthen(data, tokenizer, read_texts(root / "data/processed/korean/train.jsonl"), args.prompt_tokens)
+    data = lengthen(data, tokenizer, read_split(root / "data/processed/korean", "train"), args.prompt_tokens)
     pool = [(k, r) for k, v in data.test.items() for r in v]
     chosen = [pool[i % len(pool)] for i in range(args.questions)]
     subset = chosen[0][0]

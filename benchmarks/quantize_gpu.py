@@ -24,14 +24,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from config.training_config import a5000
 from kormedgemma.base_model import medgemma_4b_config
 from kormedgemma.embeddings import resize_for_tokenizer
 from kormedgemma.quantize import (calibration_blocks, folder_bytes, last_logits, memory_plan, memory_plan_lines, quantize_llmcompressor,
                                   quantized_linear_count, relative_error)
-from kormedgemma.tokenizer import read_texts
+from kormedgemma.corpus.readers import read_split
 
 ROWS = 262_145 + 10_000
 CAP_BYTES = 24 * 10**9
@@ -80,19 +82,22 @@ def main() -> None:
              "calibration_samples": deploy.calibration_samples, "calibration_seq_len": deploy.calibration_seq_len,
              **build_source(root / "models/initialized", source)}
     print(json.dumps(setup), flush=True)
-    texts = read_texts(root / "data/processed/korean/train.jsonl")
+    texts = read_split(root / "data/processed/korean", "train")
     # The tiny corpus packs into ~18 blocks of 512; repeated so calibration sees the profile's count.
     texts = texts * -(-deploy.calibration_samples * deploy.calibration_seq_len // max(1, sum(len(t) for t in texts)))
     result: dict = {"setup": setup}
     if not args.skip_quantize:
-        info = quantize_llmcompressor(source, quantized, texts, deploy)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        blocks = calibration_blocks(_stream(tokenizer, texts), deploy.calibration_samples, deploy.calibration_seq_len,
+                                    deploy.calibration_seed)
+        info = quantize_llmcompressor(source, quantized, blocks, deploy)
         result["quantize"] = info
         print(json.dumps(info), flush=True)
     result["size"] = {"bf16_gb": round(folder_bytes(source) / 1e9, 3), "w4a16_gb": round(folder_bytes(quantized) / 1e9, 3),
                       "quantized_linear_layers": quantized_linear_count(quantized)}
     print(json.dumps(result["size"]), flush=True)
 
-    heldout = read_texts(root / "data/processed/korean/valid.jsonl")
+    heldout = read_split(root / "data/processed/korean", "valid")
     logits = {}
     for label, folder in (("bf16", source), ("w4a16", quantized)):
         torch.cuda.empty_cache()
@@ -100,7 +105,7 @@ def main() -> None:
         started = time.perf_counter()
         model, tokenizer = load_for_eval(folder, device="cuda", dtype="bfloat16")
         load_s = time.perf_counter() - started
-        ids = torch.tensor(calibration_blocks(tokenizer, heldout, args.windows, 256), dtype=torch.long)
+        ids = torch.tensor(calibration_blocks(_stream(tokenizer, heldout), args.windows, 256), dtype=torch.long)
         logits[label] = last_logits(model, ids)
         # q_proj/k_proj are in no AWQ mapping (Gemma 3's q/k norms), so their only change is 4-bit
         # rounding: the weight-level error of the scheme itself.
@@ -131,6 +136,12 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quantize_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _stream(tokenizer, texts):
+    """The token store's framing (`<bos> doc <eos>` back to back) for a few texts."""
+    return np.array([t for text in texts for t in (tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False),
+                                                   tokenizer.eos_token_id)], dtype=np.uint32)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 from config.training_config import TokenizerConfig
 from kormedgemma.config import repo_root
 from kormedgemma.io import write_jsonl
-from kormedgemma.tokenizer import (base_vocabulary, count_piece_frequencies, frequent_new_pieces, iter_corpus,
+from kormedgemma.corpus.readers import iter_corpus
+from kormedgemma.tokenizer import (base_vocabulary, count_piece_frequencies, frequent_new_pieces,
                                    merge_tokenizers, plan_new_pieces, train_korean_sentencepiece)
 
 

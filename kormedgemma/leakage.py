@@ -1,33 +1,39 @@
 """KorMedMCQA leakage guard: find documents that hold a held-out question, not ones that share a term.
 
-The earlier rule (`preprocess.LeakageIndex`) called a text contaminated when it shared ANY 25-character
-whitespace-free n-gram with a held-out question. Korean medical questions are full of long term names
-("호흡기 세포융합 바이러스(respiratory syncytial virus)", "「감염병의 예방 및 관리에 관한 법률」"), so on
-the 1,044 real Korean Wikipedia medical articles that rule flagged 24 articles, none of which holds a
-question: every one shared only a term name, a law title or a list of disease names.
+The earlier rule (`preprocess.LeakageIndex` before this module) called a text contaminated when it
+shared ANY whitespace-free 25-character n-gram with a held-out question. Korean medical questions are
+full of long names ("호흡기 세포융합 바이러스(respiratory syncytial virus)", "「감염병의 예방 및 관리에
+관한 법률」"), so that rule flagged 24 of the 1,044 real Korean Wikipedia medical articles (and 551 of
+the 3,401 real KorMedMCQA train questions); not one of the 24 articles holds a question, each merely
+names a term, a law or a list of diseases that a question also names.
 
-This module asks instead whether a document holds most of one question:
+Here a document is contaminated when it holds most of one question:
 
-* Text is compared as NFKC, lower-cased, with all whitespace (and zero-width characters) removed,
-  so re-spacing, line breaks and full-width variants do not hide a copy.
-* A question's evidence is the set of distinct character n-grams (`ngram_chars`, default 13) of its
-  whitespace-free stem that contain Hangul, are not wholly inside a 「…」 law title, and occur in at
-  most `max_gram_questions` held-out questions (exam boilerplate such as "다음 사례를 읽고 각 문제에
-  적합한 답을 고르시오." or "호흡 20회/분, 체온 36.5℃" is evidence of no question in particular).
-* A document matches a question when it contains at least `min_share` (default 0.5) of those grams
-  AND the matched grams cover at least `min_span_chars` (default 40) characters of the question. The
-  share says "most of this question"; the span says "a sentence, not a term": a long shared term has
-  a high share of a short question but covers only its own length, and a long list of disease names
-  covers 40+ characters of a long question but is a small share of it. On the real data each
-  condition alone has false positives (see `LeakageIndex`); together they have none.
-* A question whose evidence cannot cover `min_span_chars` characters (a short stem, or one that is
-  mostly a law title or Latin) can only be told apart from a term by being present whole, so it
-  matches only when its whole whitespace-free stem occurs in the document.
-* Options are not used for matching (a stem alone is a leak, and reordered or renumbered options
-  then cannot hide one); they are carried in `HeldoutQuestion` so a match reports them.
+* Both sides are compared in `compact_text` form: NFKC, lower case, whitespace and punctuation
+  removed, so re-spacing, line breaks, quote styles and full-width forms cannot hide a copy.
+* A question's evidence is the set of distinct character n-grams (`ngram_chars`) of its compact stem
+  that contain Hangul (a Latin-only gram is a term name such as "catecholomethyltransferase"), are
+  not wholly inside a 「…」 law title (a law's name is a term too), and occur in at most
+  `max_gram_questions` held-out questions (exam boilerplate is evidence of no question in particular).
+* A document matches a question when it holds at least `min_share` of those grams AND they cover at
+  least `min_span_chars` characters of the question. The share says "most of this question", the
+  span "a sentence, not a term": a term can be a large share of a short stem but covers only its own
+  length; two drug names with their English names cover 38 characters of a long case but are 8% of it.
+* A question whose evidence can never cover `min_span_chars` (a short stem, or one that is mostly Latin,
+  law title or boilerplate; 1,453 of the 4,088 real held-out stems) cannot be told from a term by
+  a fragment, so it matches only when its whole compact stem is in the document.
+* Options are not used to match: the stem alone is a leak, so options listed in another order, with
+  other numbering or not at all change nothing. They are kept in `HeldoutQuestion` for the report.
 
-Speed: Phase 0 scans about 8 billion characters, so a document's n-grams are built once as a set,
-looked up in one dict (n-gram -> question ids), and only the n-grams that hit are counted.
+Measured at the defaults (13, 0.5, 35, 4) on the real data (the 4,088 valid+test+fewshot stems):
+0 of the 1,044 Wikipedia articles are flagged; 13 of the 3,401 train questions are, and every one
+is a near-copy of a test/valid question (same stem re-spaced, with other quote marks, or with a word
+or two changed). 600 real test questions planted into real articles are all found whole, re-spaced and
+re-lined, followed by shuffled "1) … 2) …" options, and with quote/dot/bracket styles swapped.
+
+Speed (Phase 0 scans ~8 billion characters): a document's n-grams are built once as a set and
+intersected with the index's key set in C; only the grams that hit are counted per question. On the
+real articles that is 6-8 MB/s of UTF-8 (2.8-3.5 M characters/s) per core.
 """
 from __future__ import annotations
 
@@ -81,7 +87,12 @@ def compact_text(text: str) -> str:
       dots and brackets hides 37% of planted real questions; without it none. The pass costs ~7%.
     * 「」 are kept: they mark law titles, whose inside is not evidence (see `LeakageIndex`).
     """
-    return _DROPPED.sub("", "".join(unicodedata.normalize("NFKC", text).lower().split()))
+    return _compact_normalized(unicodedata.normalize("NFKC", text))
+
+
+def _compact_normalized(text: str) -> str:
+    """`compact_text` of text already in NFKC; character by character, so it can be applied to pieces."""
+    return _DROPPED.sub("", "".join(text.lower().split()))
 
 
 def _law_title_mask(compact: str) -> bytearray:
@@ -95,21 +106,32 @@ def _law_title_mask(compact: str) -> bytearray:
 class LeakageIndex:
     """Held-out questions indexed by n-gram; `match` finds a document that holds one.
 
-    Defaults, measured on the 4,088 real valid+test+fewshot stems against the 1,044 real Korean
-    Wikipedia medical articles (no article holds a question; the old any-25-gram rule flagged 24):
+    The defaults were chosen on the real data: 4,088 valid+test+fewshot stems; as negatives the 1,044
+    Korean Wikipedia medical articles (none holds a question); as positives 600 random test questions
+    planted into articles (whole, cut, or with random characters replaced) and the train split, which
+    repeats some test questions nearly verbatim. Over all (article, question) pairs the largest share
+    is 0.35 (복부대동맥류 / pharm/test:83, only the term "복부대동맥류(abdominal aortic aneurysm)",
+    span 18), the largest span 38 (주사 (질병) / pharm/test:776: two drug names, share 0.08).
 
-    * ``ngram_chars=13``: long enough that a gram is a phrase rather than a word (a 13-character
-      whitespace-free Korean window spans 3-5 words), short enough that one edited character
-      (a changed quote mark, a typo, '，' for ',') destroys only 13 grams. The false-positive picture
-      is the same for 8 to 15; below 13 more boilerplate grams are shared between questions.
-    * ``min_share=0.5``: without law-title and boilerplate grams, the largest share any article has
-      of any question is 0.46, and that for a short stem that only passes share (it fails span); a
-      planted copy has share 1.0, and the first 70% of a question of 60+ characters has > 0.6.
-    * ``min_span_chars=40``: the longest span any article covers of any question is 45 characters
-      (a list "중증 급성호흡기 증후군(SARS), 중동 호흡기 증후군(MERS), …" at share 0.19); the longest
-      shared single term is 33 characters (a law title). 40 is a short sentence.
-    * ``max_gram_questions=4``: a gram in more held-out questions is exam boilerplate (case headers,
-      vital signs, reference ranges, "…에 관한 설명으로 옳은 것은"); 97% of grams are in one question.
+    * ``ngram_chars=13``: a gram is a phrase, not a word. Shorter grams survive edits better (one random
+      character changed every 40: 95/93/86/79% of gram-matched questions still found at n = 8/10/13/15)
+      but also match rewrites: a train case re-written from doctor/test:117 (other ages, other wording)
+      has share 0.51/0.46/0.41/0.38 of it, so n = 8 flags it; 8-grams are also boilerplate more often,
+      which leaves more questions whole-only (1,533 at 8, 1,453 at 13).
+    * ``min_share=0.5``: no article reaches 0.36 of any question; a copy has 1.0, the first 70% of a
+      question of 50+ compact characters is found 96-100%. At 0.6 the first 60% is almost never found;
+      at 0.4 the margin over the rewritten case above (0.41) is gone.
+    * ``min_span_chars=35`` (compact characters, about 45 as written): above every single shared term
+      (the longest span at share ≥ 0.25 is 26, "지질다당류(lipopolysaccharide)에"; a law title, were it
+      counted, 30), below the real near-copies in the train split (nurse/train:477 covers 38 of
+      nurse/test:482, pharm/train:46 39 of pharm/test:350), which 40 would miss.
+    * ``max_gram_questions=4``: a gram in 5+ questions is boilerplate ("다음 사례를 읽고 각 문제에
+      적합한 답을 고르시오", "[활력징후] 혈압 …, 심박수 …회/분", "검사 결과는 다음과 같다"): up to 39% of a
+      case question's grams (pharm/test:785), covering 171 characters, so without the cap a document of
+      the same boilerplate would pass span alone and be most of the way to share. 4, not 1, because one
+      question can recur: the 호스피스 law question is in dentist/test 301, 558, 810 and nurse/test 294.
+      The law-title rule and this cap each remove the one article that would otherwise pass share:
+      안락사 holds the 호스피스 law's title, 0.51 of dentist/test:558 (span 30).
     """
 
     def __init__(self, questions: Iterable[HeldoutQuestion | str], ngram_chars: int = 13,
@@ -173,7 +195,8 @@ class LeakageIndex:
         self._index = index
         self._keys = frozenset(index)
         self._overlap = max((len(c) for c in self._compact), default=0) + n
-        self._min_len = min((len(c) for c in self._compact), default=0)
+        # No match is possible in a text shorter than one gram or than the shortest whole-only stem.
+        self._min_len = min([n] + [len(c) for c, k in zip(self._compact, self._needed) if k == 0])
 
     def __len__(self) -> int:
         return len(self._questions)
@@ -286,7 +309,7 @@ def _coverage(compact: str, n: int, grams: set[str]) -> int:
 
 
 def _excerpt(text: str, compact: str, matched: set[str], stem_chars: int, start: int) -> str:
-    """Up to 200 characters of the original text around the densest cluster of matched grams."""
+    """Up to 200 characters of the text (in NFKC) from just before the densest cluster of matched grams."""
     end = start + _WINDOW_CHARS
     positions = sorted(p for p in (compact.find(g, start, end) for g in matched) if p >= 0)
     if not positions:
@@ -298,16 +321,18 @@ def _excerpt(text: str, compact: str, matched: set[str], stem_chars: int, start:
             j += 1
         if i - j + 1 > best_count:
             best_count, best_start = i - j + 1, positions[j]
-    # Map the compact offset back to the NFKC text: walk it, counting what each character leaves.
+    # Map the compact offset back to the NFKC text: skip whole blocks, then walk characters.
     original = unicodedata.normalize("NFKC", text)
-    seen = 0
-    begin = 0
-    for offset, char in enumerate(original):
-        if seen >= best_start:
-            begin = offset
+    seen = offset = 0
+    while offset < len(original):
+        size = len(_compact_normalized(original[offset:offset + 4096]))
+        if seen + size > best_start:
             break
-        seen += len(compact_text(char))
-    begin = max(0, begin - 20)
+        seen, offset = seen + size, offset + 4096
+    while offset < len(original) and seen < best_start:
+        seen += len(_compact_normalized(original[offset]))
+        offset += 1
+    begin = max(0, offset - 20)
     return " ".join(original[begin:begin + _EXCERPT_CHARS].split())[:_EXCERPT_CHARS]
 
 

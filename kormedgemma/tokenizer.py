@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from config.training_config import ProjectConfig, TokenizerConfig
-from kormedgemma.corpus.readers import iter_split, read_split
+from kormedgemma.corpus.readers import iter_split, read_split, split_path
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -401,7 +401,7 @@ def train_tokenizer_artifact(config: ProjectConfig) -> Path:
     from kormedgemma.manifest import write_artifact
 
     korean = require(config, "korean")
-    train = korean / "train"
+    train = split_path(korean, "train")
     if not any(True for _ in iter_split(korean, "train")):
         raise ValueError(f"{train} is empty: nothing to train the Korean tokenizer on (re-run phase 0.04)")
     final = artifact_path(config, "korean_sp")
@@ -428,7 +428,7 @@ def filter_tokens_artifact(config: ProjectConfig) -> dict[str, Any]:
     from kormedgemma.manifest import write_artifact
 
     korean = require(config, "korean")
-    train = korean / "train"
+    train = split_path(korean, "train")
     sp_model = require(config, "korean_sp") / "korean_sp.model"
     base_folder = base_tokenizer_folder(config)
     base_vocab = base_vocabulary(base_folder)
@@ -478,8 +478,8 @@ def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
     english_valid = read_split(english, "valid")
     final = artifact_path(config, "merged_tokenizer")
     with write_artifact(final, "1.03", config, ["tokenizer"], {"new_tokens": new_tokens,
-                        "base_tokenizer": base_folder / "tokenizer.json", "korean_valid": korean / "valid",
-                        "english_valid": english / "valid"}) as out:
+                        "base_tokenizer": base_folder / "tokenizer.json", "korean_valid": split_path(korean, "valid"),
+                        "english_valid": split_path(english, "valid")}) as out:
         merged_info = merge_tokenizers(base_folder, pieces, out.path)
         base = AutoTokenizer.from_pretrained(base_folder)
         merged = AutoTokenizer.from_pretrained(out.path)

@@ -26,6 +26,12 @@ def split_files(folder: Path, split: str) -> list[Path]:
     return shards
 
 
+def split_path(folder: Path, split: str) -> Path:
+    """The file or folder holding one split: what a manifest hashes as that input."""
+    files = split_files(folder, split)
+    return files[0] if files[0].name == f"{split}.jsonl" else files[0].parent
+
+
 def iter_split(folder: Path, split: str, field: str = "text") -> Iterator[str]:
     """The non-empty texts of one split, streamed shard by shard."""
     for file in split_files(folder, split):
