@@ -160,7 +160,7 @@ class PreprocessConfig:
     # (spaces ignored) over a span of at least leakage_min_span_chars characters of the question.
     leakage_ngram_chars: int = 13
     leakage_min_share: float = 0.5
-    leakage_min_span_chars: int = 40
+    leakage_min_span_chars: int = 35
     valid_fraction: float = 0.05
     seed: int = 0
     # Worker processes for phase 0 (0 = every core of this machine).
