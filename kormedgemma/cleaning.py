@@ -20,9 +20,8 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from kormedgemma.corpus.readers import SPLITS
 from kormedgemma.text import hangul_ratio, normalize_text, split_document
-
-SPLITS = ("train", "valid")
 
 
 class Normalize(PipelineStep):

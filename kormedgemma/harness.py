@@ -145,10 +145,11 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
 
 
 def _read_rows(path: Path, subset: str, bad: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from kormedgemma.sources import numbered_mcqa_rows, validate_mcqa_row
+    from kormedgemma.io import numbered_rows
+    from kormedgemma.sources import validate_mcqa_row
 
     rows, skipped = [], []
-    for number, raw in numbered_mcqa_rows(path, skipped):
+    for number, raw in numbered_rows(path, skipped):
         clean, reason = validate_mcqa_row(raw, subset)
         if clean is None:
             bad.append({"file": f"{subset}/{path.name}", "row": number, "reason": reason})

@@ -27,7 +27,6 @@ from kormedgemma.corpus.batching import BlockOrder, collate
 from kormedgemma.harness import doc_to_text, letter
 from kormedgemma.loss import IGNORE
 
-HELDOUT_SPLITS = ("dev", "test", "fewshot")
 METRICS_FILE = "metrics.json"
 
 
@@ -90,7 +89,7 @@ def heldout_index(mcqa_root: Path, spec: Any) -> Any:
     """Every dev/test/fewshot question as a leakage index (phase 0's rule and settings)."""
     from kormedgemma.leakage import LeakageIndex, heldout_questions
 
-    return LeakageIndex(heldout_questions(mcqa_root, HELDOUT_SPLITS), ngram_chars=spec.leakage_ngram_chars,
+    return LeakageIndex(heldout_questions(mcqa_root), ngram_chars=spec.leakage_ngram_chars,
                         min_share=spec.leakage_min_share, min_span_chars=spec.leakage_min_span_chars)
 
 

@@ -8,6 +8,7 @@ earlier day produced.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -135,3 +136,38 @@ def write_jsonl_shards(folder: Path, rows: Iterable[dict[str, Any]], shard_bytes
         if handle is not None:
             handle.close()
     return count
+
+
+def numbered_rows(path: Path, skipped: Optional[list[tuple[int, str]]] = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a .jsonl or .csv file (KorMedMCQA exports, local text sources).
+
+    CSV is read as pandas writes it: a header row, quoted fields that may span lines (the number
+    is the line a row starts on), and a first column with an empty header (the pandas index),
+    which is dropped. Values stay as written (strings). A bad line or row raises, or, when a
+    `skipped` list is given, is recorded there as (line number, reason) and passed over.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        yield from numbered_jsonl(path, skipped)
+        return
+    if path.suffix != ".csv":
+        raise ValueError(f"{path}: expected a .jsonl or .csv file")
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} not found")
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return
+        keep = [(i, name) for i, name in enumerate(header) if name.strip()]
+        start = reader.line_num + 1
+        for record in reader:
+            if any(cell.strip() for cell in record):
+                if len(record) != len(header):
+                    reason = f"{len(record)} fields where the header has {len(header)}"
+                    if skipped is None:
+                        raise ValueError(f"{path}:{start}: {reason}; fix or delete that row")
+                    skipped.append((start, reason))
+                else:
+                    yield start, {name: record[i] for i, name in keep}
+            start = reader.line_num + 1

@@ -17,7 +17,6 @@ later phases through `kormedgemma.corpus`.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -29,10 +28,10 @@ from typing import Any, Optional
 import numpy as np
 
 from config.training_config import PreprocessConfig, ProjectConfig
+from kormedgemma.corpus.readers import SPLITS
 from kormedgemma.io import read_jsonl, write_jsonl
 from kormedgemma.sources import validate_mcqa_row
 
-SPLITS = ("train", "valid")
 WORK_DIR = "data/processed/.work"
 LEAKS_FILE = "leaks.jsonl"
 

@@ -6,7 +6,6 @@ box's disk and larger than the ~10K-token vocabulary expansion needs.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 from pathlib import Path
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from config.training_config import KorMedMCQAConfig, ProjectConfig, SourceConfig
 from kormedgemma.config import resolve_input
 from kormedgemma.hub import hub_access
-from kormedgemma.io import MissingArtifactError, numbered_jsonl, read_jsonl, write_jsonl, write_jsonl_shards
+from kormedgemma.io import numbered_rows, write_jsonl, write_jsonl_shards
 
 MCQA_FIELDS = ("question", "A", "B", "C", "D", "E", "answer")
 
@@ -79,16 +78,10 @@ def _iter_local(path: Path, text_field: str) -> Iterator[str]:
         raise FileNotFoundError(f"local source {path} not found")
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".csv")) if path.is_dir() else [path]
     for file in files:
-        if file.suffix == ".csv":
-            with open(file, encoding="utf-8", newline="") as handle:
-                for number, row in enumerate(csv.DictReader(handle), start=2):
-                    if text_field not in row:
-                        raise ValueError(f"{file}:{number}: no column {text_field!r} (set the source's text_field)")
-                    yield row[text_field]
-        elif file.suffix == ".jsonl":
-            for row in read_jsonl(file):
+        if file.suffix in (".csv", ".jsonl"):
+            for number, row in numbered_rows(file):
                 if text_field not in row:
-                    raise ValueError(f"{file}: row without the text field {text_field!r} "
+                    raise ValueError(f"{file}:{number}: row without the text field {text_field!r} "
                                      f"(set the source's text_field)")
                 yield row[text_field]
         else:
@@ -147,7 +140,7 @@ def _mcqa_rows(config: ProjectConfig, mcqa: KorMedMCQAConfig, subset: str, split
         if path is None:
             raise FileNotFoundError(f"KorMedMCQA {subset}/{split} not found under {folder} "
                                     f"({mcqa_looked_for(split)})")
-        yield from (row for _, row in numbered_mcqa_rows(path))
+        yield from (row for _, row in numbered_rows(path))
         return
     with hub_access(f"KorMedMCQA ({mcqa.hub_id}, {subset}/{split})",
                     "Download it elsewhere (<subset>/<split>.jsonl) and set data.kormedmcqa.local_path"):
@@ -178,41 +171,6 @@ def mcqa_looked_for(split: str) -> str:
     aliases = MCQA_SPLIT_ALIASES.get(split, ())
     alias = "".join(f"; {a!r} is accepted as another name of the {split!r} split" for a in aliases)
     return f"looked for {', '.join(mcqa_file_names(split))}{alias}"
-
-
-def numbered_mcqa_rows(path: Path, skipped: Optional[list[tuple[int, str]]] = None) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of a KorMedMCQA .jsonl or .csv file: the one place that reads them.
-
-    CSV is read as pandas writes it: a header row, quoted fields that may span lines (the number
-    is the line a row starts on), and a first column with an empty header (the pandas index),
-    which is dropped. Values stay as written (strings). A bad line or row raises, or, when a
-    `skipped` list is given, is recorded there as (line number, reason) and passed over.
-    """
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        yield from numbered_jsonl(path, skipped)
-        return
-    if path.suffix != ".csv":
-        raise ValueError(f"{path}: KorMedMCQA files are .jsonl or .csv")
-    if not path.is_file():
-        raise MissingArtifactError(f"{path} not found")
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return
-        keep = [(i, name) for i, name in enumerate(header) if name.strip()]
-        start = reader.line_num + 1
-        for record in reader:
-            if any(cell.strip() for cell in record):
-                if len(record) != len(header):
-                    reason = f"{len(record)} fields where the header has {len(header)}"
-                    if skipped is None:
-                        raise ValueError(f"{path}:{start}: {reason}; fix or delete that row")
-                    skipped.append((start, reason))
-                else:
-                    yield start, {name: record[i] for i, name in keep}
-            start = reader.line_num + 1
 
 
 def _plain(value: Any) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kormedgemma.artifacts import artifact_path
-from kormedgemma.corpus.batching import PackedBlocks, pack, replay_plan
+from kormedgemma.corpus.batching import pack, replay_plan
 from kormedgemma.corpus.readers import read_split
 from kormedgemma.corpus.token_store import TokenStore
 

@@ -12,6 +12,9 @@ from typing import Iterator, Optional
 
 from kormedgemma.io import MissingArtifactError, read_jsonl
 
+# The processed corpora's splits, as phase 0 writes them and every later reader expects them.
+SPLITS = ("train", "valid")
+
 
 def split_files(folder: Path, split: str) -> list[Path]:
     """The JSONL shards of one split, in order; an error names what was looked for."""

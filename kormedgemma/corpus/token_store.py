@@ -28,7 +28,6 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 STORE_FILE = "store.json"
-SPLITS = ("train", "valid")
 ID_DTYPE = np.uint32
 
 
@@ -72,10 +71,11 @@ def write_part(tokenizer: Any, texts: Iterable[str], out_prefix: Path, batch_doc
                                dtype=ID_DTYPE, count=total)
             flat.tofile(ids_file)
             (stats.tokens + np.cumsum(lengths)).astype(np.uint64).tofile(offsets_file)
-            np.fromiter((len(t) for t in batch), dtype=np.uint32, count=len(batch)).tofile(chars_file)
+            chars = np.fromiter((len(t) for t in batch), dtype=np.uint32, count=len(batch))
+            chars.tofile(chars_file)
             stats.docs += len(batch)
             stats.tokens += total
-            stats.chars += sum(len(t) for t in batch)
+            stats.chars += int(chars.sum(dtype=np.int64))
             stats.megabytes += sum(len(t.encode("utf-8")) for t in batch) / 1e6
             if progress is not None:
                 progress.update(len(batch))
@@ -87,7 +87,7 @@ def build_token_store(tokenizer: Any, corpora: dict[str, Path], out_dir: Path, b
     """Tokenize every split of every corpus folder (`kormedgemma.corpus.readers` layout) into `out_dir`."""
     from tqdm.auto import tqdm
 
-    from kormedgemma.corpus.readers import iter_split
+    from kormedgemma.corpus.readers import SPLITS, iter_split
 
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no <bos>/<eos> token: the token store frames every document with them")
