@@ -3,7 +3,7 @@ import json
 
 from kormedgemma.config import repo_root
 from kormedgemma.dictionary import clean_pairs, load_dictionary
-from kormedgemma.preprocess import hangul_ratio
+from kormedgemma.text import hangul_ratio
 
 SAMPLES = repo_root() / "data" / "samples"
 
