@@ -44,6 +44,10 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
                 f"{metrics.get('korean_tokens_per_char_before')} → {metrics.get('korean_tokens_per_char_after')} "
                 f"(−{metrics.get('korean_reduction', 0):.1%}); SentencePiece/fast agreement "
                 f"{metrics.get('sentencepiece_agreement', 0):.0%}")
+    if key == "token_store":
+        parts = metrics.get("parts", {})
+        return "; ".join(f"{part}: {figures.get('docs', 0):,} docs, {figures.get('tokens', 0):,} tokens"
+                         for part, figures in parts.items()) + f" (tokenized in {metrics.get('seconds')} s)"
     if key == "resized_model":
         return (f"rows {metrics.get('rows_before', 0):,} → {metrics.get('rows_after', 0):,} for "
                 f"{metrics.get('tokens', 0):,} tokens; untied={metrics.get('untied')}")

@@ -113,7 +113,7 @@ def test_stage6_on_cpu_says_it_runs_plain_lora(tiny_phase3):
 
 def _copy_root(source: Path, target: Path, stages: range) -> None:
     """A private project root holding phase 0-2 outputs and the given stage folders."""
-    for relative in ["data/processed", "models/initialized", "models/base",
+    for relative in ["data/processed", "data/tokens", "models/initialized", "models/base",
                      *(f"models/staged_training/stage{k}" for k in stages)]:
         if (source / relative).exists():
             shutil.copytree(source / relative, target / relative)
