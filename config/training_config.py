@@ -213,6 +213,9 @@ class TokenizerConfig:
     min_frequency: int = 6000
     max_new_tokens: int = 10000
     require_hangul: bool = True
+    # 1.03 checks the merge and measures tokens per character on this many valid texts per
+    # language, sampled across the split (the whole split is ~1 GB at a5000).
+    check_texts: int = 2000
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 100, "vocab_size", f"must be ≥ 100 (got {self.vocab_size})")
@@ -221,6 +224,7 @@ class TokenizerConfig:
         _require(self.num_threads >= 1, "num_threads", "must be ≥ 1")
         _require(self.min_frequency >= 1, "min_frequency", f"must be ≥ 1 (got {self.min_frequency})")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
+        _require(self.check_texts >= 1, "check_texts", "must be ≥ 1")
 
 
 # --------------------------------------------------------------------------- phase 2: embeddings
@@ -231,10 +235,14 @@ class WordVectorConfig:
     english: Optional[str] = None
     dim: int = 100
     epochs: int = 10
+    # Trained locally on at most this many train texts per language, sampled across the split:
+    # gensim holds its sentences in RAM, and the whole a5000 corpus is ~20 GB of text.
+    max_texts: int = 50000
 
     def __post_init__(self) -> None:
         _require(self.dim >= 2, "dim", "must be ≥ 2")
         _require(self.epochs >= 1, "epochs", "must be ≥ 1")
+        _require(self.max_texts >= 1, "max_texts", "must be ≥ 1")
 
 
 @dataclass

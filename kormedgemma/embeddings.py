@@ -419,7 +419,7 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     from kormedgemma.base_model import check_tokenizer_matches_model, load_tokenizer
     from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
     from kormedgemma.manifest import write_artifact
-    from kormedgemma.corpus.readers import read_split
+    from kormedgemma.corpus.readers import sample_split
 
     spec = config.embeddings
     resized = require(config, "resized_model")
@@ -439,10 +439,10 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
         else:
             # Trained on the project's own corpora, with the dictionary terms as extra sentences so
             # that every anchor word has a vector on both sides.
-            korean_vectors = train_word_vectors(read_split(korean, "train") + [ko for ko, _ in pairs],
-                                                vectors.dim, vectors.epochs, spec.seed)
-            english_vectors = train_word_vectors(read_split(english, "train") + [en for _, en in pairs],
-                                                 vectors.dim, vectors.epochs, spec.seed)
+            korean_vectors = train_word_vectors(sample_split(korean, "train", vectors.max_texts, spec.seed)[1]
+                                                + [ko for ko, _ in pairs], vectors.dim, vectors.epochs, spec.seed)
+            english_vectors = train_word_vectors(sample_split(english, "train", vectors.max_texts, spec.seed)[1]
+                                                 + [en for _, en in pairs], vectors.dim, vectors.epochs, spec.seed)
         korean_vectors, english_vectors = CenteredVectors(korean_vectors), CenteredVectors(english_vectors)
         wechsel_inputs = {"korean_vectors": korean_vectors, "english_vectors": english_vectors,
                           "alignment": align(korean_vectors, english_vectors, pairs),

@@ -143,22 +143,22 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     from kormedgemma.hub import model_ref
     from kormedgemma.io import write_json
     from kormedgemma.manifest import write_artifact
-    from kormedgemma.perplexity import heldout_texts, perplexity
+    from kormedgemma.perplexity import perplexity, read_heldout
 
     spec = config.evaluation
-    inputs = {"instruct_model": require(config, "instruct_model"), "english": require(config, "english")}
+    inputs = {key: require(config, key) for key in ("instruct_model", "english", "token_store")}
     if config.base.build_tiny:
         inputs["base_model"] = require(config, "base_model")
     models = {"base": model_ref(config, config.base.model, "base.model"), "adapted": str(inputs["instruct_model"])}
     benchmarks = {name: load_benchmark(config, name) for name in spec.english_benchmarks}
-    texts = heldout_texts(inputs["english"], spec.perplexity_max_texts)
+    heldout = read_heldout(inputs["english"], spec.perplexity_max_texts, inputs["token_store"], "english")
     results: dict[str, dict[str, Any]] = {name: {} for name in benchmarks}
     ppl: dict[str, Any] = {}
     for label, ref in models.items():
         model, tokenizer = load_for_eval(ref)
         for name, (rows, _) in benchmarks.items():
             results[name][label] = score_benchmark(model, tokenizer, name, rows, spec.batch_size, progress)
-        ppl[label] = perplexity(model, tokenizer, texts, spec.perplexity_seq_len, spec.batch_size, progress,
+        ppl[label] = perplexity(model, tokenizer, heldout, spec.perplexity_seq_len, spec.batch_size, progress,
                                 desc=f"{label} English perplexity")
         del model
         free_memory()

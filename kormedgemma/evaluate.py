@@ -311,18 +311,19 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
     from kormedgemma.harness import read_mcqa_folder
     from kormedgemma.io import write_json, write_text
     from kormedgemma.manifest import write_artifact
-    from kormedgemma.perplexity import heldout_texts, perplexity
+    from kormedgemma.perplexity import perplexity, read_heldout
     from kormedgemma.tokenizer import efficiency_table
 
     spec = config.evaluation
-    inputs = {key: require(config, key) for key in ("merged_model", "instruct_model", "kormedmcqa", "korean")}
+    inputs = {key: require(config, key) for key in ("merged_model", "instruct_model", "kormedmcqa", "korean",
+                                                    "token_store")}
     if config.base.build_tiny:
         inputs["base_model"] = require(config, "base_model")
     data = read_mcqa_folder(inputs["kormedmcqa"], subsets=config.data.kormedmcqa.subsets,
                             max_questions=spec.max_questions)
     for shots in spec.shots:
         check_shots(data, shots)
-    texts = heldout_texts(inputs["korean"], spec.perplexity_max_texts)
+    heldout = read_heldout(inputs["korean"], spec.perplexity_max_texts, inputs["token_store"], "korean")
     plan = [(label, spec.mode, shots) for label in ("base", "stage7", "instruct") for shots in spec.shots]
     if spec.mode != "chat":
         plan.append(("instruct", "chat", 0))
@@ -341,12 +342,12 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
                 name = f"{label}_{mode}_{shots}shot"
                 write_results(out.path / "runs" / name, results, predictions)
                 runs.append({**results, "name": name, "model": label, "ref": ref})
-            ppl[label] = perplexity(model, tokenizer, texts, spec.perplexity_seq_len, spec.batch_size, progress,
+            ppl[label] = perplexity(model, tokenizer, heldout, spec.perplexity_seq_len, spec.batch_size, progress,
                                     desc=f"{label} Korean perplexity")
             del model
             free_memory()
         efficiency = efficiency_table({"base": tokenizers["base"], "expanded": tokenizers["instruct"]},
-                                      {"korean valid": texts})
+                                      {"korean valid": heldout.texts})
         warnings = [w for w in (chance_warning(r, r["name"]) for r in runs) if w]
         summary = {"models": models, "runs": [_run_summary(r) for r in runs], "perplexity": ppl,
                    "tokenizer_efficiency": efficiency, "bad_rows": data.bad_rows, "warnings": warnings}

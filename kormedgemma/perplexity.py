@@ -4,37 +4,77 @@ Per-token perplexity cannot compare the base model with the expanded one: the ex
 tokenizer cuts Korean into fewer, harder tokens, so its per-token loss rises while the model
 gets better. Bits per character divide the same total log-loss by the text's characters, which
 both tokenizers share; that is the figure to compare. Per-token perplexity is reported beside it.
+
+The held-out documents are sampled across the valid split and read once as text (every tokenizer
+needs them: the base model's too) and, for a model with the merged tokenizer, as ids from the
+token store (1.04) rather than tokenized again: the same documents, by their positions in the
+split, checked by their character counts.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 
-def heldout_texts(corpus: Path, max_texts: int) -> list[str]:
-    """The first `max_texts` texts of a processed corpus's valid split (streamed, never all of it)."""
-    from kormedgemma.corpus.readers import read_split
+@dataclass
+class Heldout:
+    """Texts sampled from a corpus's valid split, their positions in it, and the token store that
+    holds the split tokenized (None: every tokenizer tokenizes the texts)."""
 
-    texts = read_split(Path(corpus), "valid", limit=max_texts)
+    texts: list[str]
+    indices: Optional[list[int]] = None
+    store: Any = None          # kormedgemma.corpus.token_store.TokenStore
+    corpus: str = "korean"
+
+    @property
+    def chars(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+    def documents(self, tokenizer: Any) -> tuple[list[np.ndarray], str]:
+        """Each text as `<bos> ids <eos>`, read from the token store when it was made with
+        `tokenizer`, tokenized otherwise; and which of the two it was."""
+        if self.store is not None and self.indices is not None and self.store.matches(tokenizer):
+            documents = [np.asarray(d, dtype=np.int64)
+                         for d in self.store.documents(self.corpus, "valid", indices=self.indices)]
+            stored_chars = self.store.chars(self.corpus, "valid")[self.indices]
+            if [len(t) for t in self.texts] != stored_chars.tolist():
+                raise ValueError(f"{self.store.folder} does not hold the {self.corpus} valid texts read from the "
+                                 "processed corpus (it predates them): rebuild it with "
+                                 "phase1_tokenizer/04_tokenize_corpus.ipynb (`python -m kormedgemma run --from 1.04`)")
+            return documents, "token store"
+        return [np.asarray([tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False),
+                            tokenizer.eos_token_id], dtype=np.int64) for t in self.texts], "tokenized"
+
+
+def read_heldout(corpus: Path, max_texts: int, store: Optional[Path] = None, name: str = "korean",
+                 seed: int = 0) -> Heldout:
+    """`max_texts` texts sampled across a processed corpus's valid split (one streamed pass, never
+    all of it in memory), with the token store folder that holds them under the merged tokenizer."""
+    from kormedgemma.corpus.readers import sample_split
+    from kormedgemma.corpus.token_store import TokenStore
+
+    indices, texts = sample_split(Path(corpus), "valid", max_texts, seed)
     if not texts:
         raise ValueError(f"{corpus} holds no valid text to measure perplexity on")
-    return texts
+    return Heldout(texts, indices, TokenStore(store) if store is not None else None, name)
 
 
-def document_windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> list[list[int]]:
-    """`<bos> text <eos>` per document, cut into windows of at most seq_len tokens."""
+def document_windows(documents: Sequence[Sequence[int]], seq_len: int) -> list[list[int]]:
+    """Each `<bos> … <eos>` document cut into windows of at most seq_len tokens."""
     windows = []
-    for text in texts:
-        ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    for document in documents:
+        ids = [int(i) for i in document]
         windows.extend(ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len - 1) if len(ids[i:i + seq_len]) >= 2)
     return windows
 
 
 @torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: int = 1024, batch_size: int = 8,
+def perplexity(model: Any, tokenizer: Any, heldout: Heldout, seq_len: int = 1024, batch_size: int = 8,
                progress: bool = True, desc: str = "perplexity") -> dict[str, Any]:
     """Total log-loss of every token after the first of each window, per token and per character."""
     from tqdm.auto import tqdm
@@ -43,7 +83,8 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: int = 
     from kormedgemma.loss import IGNORE, chunked_causal_lm_loss
 
     device = next(model.parameters()).device
-    windows = sorted(document_windows(tokenizer, texts, seq_len), key=len, reverse=True)
+    documents, ids_from = heldout.documents(tokenizer)
+    windows = sorted(document_windows(documents, seq_len), key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nats, tokens = 0.0, 0
     was_training = model.training
@@ -57,7 +98,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], seq_len: int = 
         nats += float(loss) * count
         tokens += count
     model.train(was_training)
-    chars = sum(len(t) for t in texts)
-    return {"texts": len(texts), "chars": chars, "tokens": tokens,
+    chars = heldout.chars
+    return {"texts": len(heldout.texts), "chars": chars, "tokens": tokens, "ids_from": ids_from,
             "nll_per_token": round(nats / tokens, 5), "perplexity": round(math.exp(nats / tokens), 3),
             "bits_per_char": round(nats / math.log(2) / chars, 5)}

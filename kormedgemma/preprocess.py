@@ -74,9 +74,10 @@ def minhash_config(spec: PreprocessConfig) -> Any:
 
 
 def clean_corpus(raw: Path, out: Path, spec: PreprocessConfig, *, korean: bool, work: Path,
-                 leakage: Any = None, progress: bool = True) -> CleanResult:
+                 leakage: Any = None, duplicates: Optional[Path] = None, progress: bool = True) -> CleanResult:
     """Clean every shard under `raw` into `out/{train,valid}/`; `work` keeps the MinHash stages'
-    files, so a run killed after stage k restarts at stage k + 1 (datatrove skips finished tasks)."""
+    files, so a run killed after stage k restarts at stage k + 1 (datatrove skips finished tasks).
+    With `duplicates`, the documents MinHash removes are written there (`<rank>.jsonl`) to audit."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
                                                   MinhashDedupSignature)
@@ -98,7 +99,8 @@ def clean_corpus(raw: Path, out: Path, spec: PreprocessConfig, *, korean: bool, 
         return steps + ([cleaning.HangulShare(spec.min_hangul_ratio)] if korean else [])
 
     leaks_folder = work / "leaks"
-    tail = [MinhashDedupFilter(str(work / "remove"))]
+    tail = [MinhashDedupFilter(str(work / "remove"), exclusion_writer=None if duplicates is None else JsonlWriter(
+        str(duplicates), output_filename="${rank}.jsonl", compression=None, adapter=cleaning.row_adapter))]
     if leakage is not None:
         tail.append(cleaning.Leakage(leakage, exclusion_writer=JsonlWriter(
             str(leaks_folder), output_filename="${rank}.jsonl", compression=None, adapter=cleaning.leak_adapter)))

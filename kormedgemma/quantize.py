@@ -345,7 +345,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     from transformers import AutoTokenizer
 
     from kormedgemma.corpus.token_store import TokenStore
-    from kormedgemma.perplexity import document_windows, heldout_texts, perplexity
+    from kormedgemma.perplexity import document_windows, perplexity, read_heldout
 
     deploy, spec = config.deploy, config.evaluation
     inputs = {key: require(config, key) for key in ("instruct_model", "token_store", "korean", "kormedmcqa")}
@@ -353,7 +353,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     store.check_tokenizer(AutoTokenizer.from_pretrained(inputs["instruct_model"]))
     calibration = calibration_blocks(store.stream("korean", "train"), deploy.calibration_samples,
                                      deploy.calibration_seq_len, deploy.calibration_seed)
-    heldout = heldout_texts(inputs["korean"], spec.perplexity_max_texts)
+    heldout = read_heldout(inputs["korean"], spec.perplexity_max_texts, inputs["token_store"], "korean")
     data = read_mcqa_folder(inputs["kormedmcqa"], subsets=config.data.kormedmcqa.subsets,
                             max_questions=spec.max_questions)
     check_mcqa = deploy.eval_shots
@@ -367,7 +367,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
         for label, ref in (("source", inputs["instruct_model"]), ("quantized", out.path)):
             model, tokenizer = load_for_eval(ref)
             if probe is None:
-                window = document_windows(tokenizer, heldout, spec.perplexity_seq_len)[0]
+                window = document_windows(heldout.documents(tokenizer)[0][:1], spec.perplexity_seq_len)[0]
                 probe = torch.tensor([window])
             logits = last_logits(model, probe)
             if reference is None:

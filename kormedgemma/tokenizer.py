@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from config.training_config import ProjectConfig, TokenizerConfig
-from kormedgemma.corpus.readers import iter_split, read_split, split_path
+from kormedgemma.corpus.readers import iter_split, sample_split, split_path
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -474,8 +474,8 @@ def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
     new_tokens = require(config, "new_tokens")
     base_folder = base_tokenizer_folder(config)
     pieces = load_new_pieces(new_tokens)
-    korean_valid = read_split(korean, "valid")
-    english_valid = read_split(english, "valid")
+    _, korean_valid = sample_split(korean, "valid", config.tokenizer.check_texts)
+    _, english_valid = sample_split(english, "valid", config.tokenizer.check_texts)
     final = artifact_path(config, "merged_tokenizer")
     with write_artifact(final, "1.03", config, ["tokenizer"], {"new_tokens": new_tokens,
                         "base_tokenizer": base_folder / "tokenizer.json", "korean_valid": split_path(korean, "valid"),

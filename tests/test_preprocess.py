@@ -30,12 +30,13 @@ def test_hangul_ratio_counts_non_space_characters():
     assert hangul_ratio("   ") == 0.0
 
 
-def _clean(tmp_path, texts, spec=SPEC, korean=True, leakage=None, shards=1):
+def _clean(tmp_path, texts, spec=SPEC, korean=True, leakage=None, shards=1, duplicates=None):
     raw = tmp_path / "raw"
     for shard in range(shards):
         write_jsonl(raw / f"src/{shard:05d}.jsonl", [{"text": t, "source": "test"} for t in texts[shard::shards]])
     out = tmp_path / "out"
-    result = clean_corpus(raw, out, spec, korean=korean, work=tmp_path / "work", leakage=leakage, progress=False)
+    result = clean_corpus(raw, out, spec, korean=korean, work=tmp_path / "work", leakage=leakage,
+                          duplicates=duplicates, progress=False)
     kept = read_split(out, "train") if (out / "train").is_dir() else []
     kept += read_split(out, "valid") if (out / "valid").is_dir() else []
     return result, kept
@@ -64,10 +65,13 @@ def test_minhash_removes_planted_near_duplicates_across_shards(tmp_path):
     for text in documents[:10]:  # one word in 60 changed: Jaccard of word 5-grams ≈ 0.85
         words = text.split()
         near.append(" ".join(w + "요" if i % 60 == 0 else w for i, w in enumerate(words)))
-    result, kept = _clean(tmp_path, documents + near, shards=3)
+    result, kept = _clean(tmp_path, documents + near, shards=3, duplicates=tmp_path / "duplicates")
     assert result.counts["dropped_near_duplicate"] == 10
     assert set(documents[10:]) <= set(kept) and len(kept) == 40
     assert all((original in kept) != (copy in kept) for original, copy in zip(documents, near))  # one of each pair
+    removed = read_split(tmp_path, "duplicates")  # the audit copy holds exactly the ten that were dropped
+    assert len(removed) == 10 and not set(removed) & set(kept)
+    assert set(removed) | set(kept) == set(documents) | set(near)
 
 
 def test_a_long_document_is_split_at_paragraphs_and_kept(tmp_path):

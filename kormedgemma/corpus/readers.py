@@ -7,6 +7,7 @@ earlier versions, and of small hand-made test folders) is read the same way.
 from __future__ import annotations
 
 import itertools
+import random
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -44,6 +45,26 @@ def iter_split(folder: Path, split: str, field: str = "text") -> Iterator[str]:
 def read_split(folder: Path, split: str, limit: Optional[int] = None, field: str = "text") -> list[str]:
     """The first `limit` texts of a split (all when None) as a list: for small held-out sets only."""
     return list(itertools.islice(iter_split(folder, split, field), limit))
+
+
+def sample_split(folder: Path, split: str, count: int, seed: int = 0,
+                 field: str = "text") -> tuple[list[int], list[str]]:
+    """`count` texts drawn uniformly from the whole split (reservoir sampling, one pass, memory of
+    `count` texts), returned in corpus order with their positions in the split.
+
+    The first texts of a split are not a sample: phase 0 writes one shard per raw shard, so they
+    all come from the first source (at `a5000`, one web crawl out of three sources)."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for index, text in enumerate(iter_split(folder, split, field)):
+        if index < count:
+            reservoir.append((index, text))
+        else:
+            slot = rng.randint(0, index)
+            if slot < count:
+                reservoir[slot] = (index, text)
+    reservoir.sort()
+    return [i for i, _ in reservoir], [t for _, t in reservoir]
 
 
 def iter_corpus(path: Path, field: str = "text") -> Iterator[str]:

@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -47,14 +47,24 @@ class PartStats:
     megabytes: float = 0.0
 
 
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(texts)
-    while batch := list(itertools.islice(iterator, size)):
+def _batches(texts: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """Batches of at most `max_docs` texts and about `max_chars` characters: enough texts for the
+    fast tokenizer to use every core, few enough that a batch of long documents and its encodings
+    stay a few hundred MB."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
 def write_part(tokenizer: Any, texts: Iterable[str], out_prefix: Path, batch_docs: int = 1024,
-               progress: Any = None) -> PartStats:
+               progress: Any = None, batch_chars: int = 2_000_000) -> PartStats:
     """Tokenize `texts` into `<prefix>.ids/.offsets/.chars`, a batch at a time (memory flat)."""
     backend = tokenizer.backend_tokenizer
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -63,7 +73,7 @@ def write_part(tokenizer: Any, texts: Iterable[str], out_prefix: Path, batch_doc
     with open(f"{out_prefix}.ids", "wb") as ids_file, open(f"{out_prefix}.offsets", "wb") as offsets_file, \
             open(f"{out_prefix}.chars", "wb") as chars_file:
         np.zeros(1, dtype=np.uint64).tofile(offsets_file)
-        for batch in _batches(texts, batch_docs):
+        for batch in _batches(texts, batch_docs, batch_chars):
             encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
             lengths = np.fromiter((len(e.ids) + 2 for e in encodings), dtype=np.uint64, count=len(encodings))
             total = int(lengths.sum())
@@ -124,9 +134,15 @@ class TokenStore:
         self.meta = json.loads(meta.read_text(encoding="utf-8"))
         self.bos_id, self.eos_id = int(self.meta["bos_id"]), int(self.meta["eos_id"])
 
+    def matches(self, tokenizer: Any) -> bool:
+        """Whether the store was made with this tokenizer (a slow tokenizer never matches)."""
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            return False
+        return tokenizer_fingerprint(tokenizer) == self.meta["tokenizer_fingerprint"]
+
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the one the store was made with."""
-        if tokenizer_fingerprint(tokenizer) != self.meta["tokenizer_fingerprint"]:
+        if not self.matches(tokenizer):
             raise ValueError(f"{self.folder} was tokenized with another tokenizer than the model's "
                              f"(vocabulary {self.meta['vocab_size']} vs {len(tokenizer)}): rebuild it with "
                              "phase1_tokenizer/04_tokenize_corpus.ipynb (`python -m kormedgemma run --from 1.04`)")
@@ -148,11 +164,17 @@ class TokenStore:
         file = self._file(corpus, split, "chars")
         return np.memmap(file, dtype=np.uint32, mode="r") if file.stat().st_size else np.zeros(0, dtype=np.uint32)
 
-    def documents(self, corpus: str, split: str, limit: Optional[int] = None) -> Iterator[np.ndarray]:
-        """Each document's ids, `<bos>` and `<eos>` included, in corpus order."""
+    def documents(self, corpus: str, split: str, limit: Optional[int] = None,
+                  indices: Optional[Sequence[int]] = None) -> Iterator[np.ndarray]:
+        """Each document's ids, `<bos>` and `<eos>` included: the first `limit` in corpus order, or
+        those at `indices` (positions in the split, as `readers.sample_split` returns them)."""
         stream, offsets = self.stream(corpus, split), self.offsets(corpus, split)
-        count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
-        for index in range(count):
+        total = len(offsets) - 1
+        if indices is None:
+            indices = range(total if limit is None else min(limit, total))
+        for index in indices:
+            if not 0 <= index < total:
+                raise IndexError(f"{self.folder}: {corpus}/{split} holds {total} documents, not {index + 1}")
             yield stream[int(offsets[index]):int(offsets[index + 1])]
 
     def summary(self) -> list[dict[str, Any]]:
