@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -181,6 +182,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if value is None:
         raise ConfigError(f"{path}: must not be null")
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-5` (no dot) as a string; people write it so
+            value = _number_text(value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: must be a number (got {value!r})")
         return float(value)
@@ -197,6 +200,17 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: must be a string (got {value!r})")
         return value
     return value
+
+
+def _number_text(text: str, path: str) -> float:
+    """A float written as text (`2e-5`, `1E-4`, `3e+2`); anything else stays a type error."""
+    try:
+        number = float(text.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{path}: must be a number (got {text!r})") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{path}: must be a finite number (got {text!r})")
+    return number
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -45,6 +45,22 @@ def test_overrides_apply_and_integers_widen_to_float():
     assert config.data.preprocess.seed == 7
 
 
+def test_learning_rates_written_as_exponents_are_numbers(tmp_path):
+    from kormedgemma.cli import _parse_set
+
+    overrides = _parse_set(["staged.stage4.learning_rate=2e-5", "staged.stage5.learning_rate=5E-05"])
+    assert overrides["staged.stage4.learning_rate"] == "2e-5"  # what YAML 1.1 hands over: a string
+    config = load_config("tiny", overrides=overrides)
+    assert config.staged.stage4.learning_rate == 2e-5 and config.staged.stage5.learning_rate == 5e-5
+    path = tmp_path / "rates.yaml"
+    path.write_text("staged:\n  stage1:\n    learning_rate: 1e-4\n", encoding="utf-8")
+    assert load_config("tiny", config_file=path).staged.stage1.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match=r"staged.stage4.learning_rate: must be a number \(got 'fast'\)"):
+        load_config("tiny", overrides={"staged.stage4.learning_rate": "fast"})
+    with pytest.raises(ConfigError, match=r"must be a finite number \(got 'nan'\)"):
+        load_config("tiny", overrides={"staged.stage4.learning_rate": "nan"})
+
+
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("tokenizer:\n  min_frequency: 9\n  max_new_tokens: 50\n", encoding="utf-8")
