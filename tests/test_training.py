@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from kormedgemma.artifacts import artifact_path
@@ -108,7 +108,7 @@ def test_stage1_leaves_english_valid_loss_untouched(tiny_phase3):
 def test_stage6_on_cpu_says_it_runs_plain_lora(tiny_phase3):
     _, metrics = tiny_phase3
     notices = " ".join(metrics[6]["notices"])
-    assert "plain LoRA" in notices and "torch AdamW" in notices
+    assert "plain LoRA" in notices and "torch-optimi AdamW (Kahan-compensated)" in notices
 
 
 def _copy_root(source: Path, target: Path, stages: range) -> None:
@@ -143,6 +143,15 @@ def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, t
     other = load_config("tiny", overrides={"paths.root": str(tmp_path), "staged.stage6.learning_rate": 1e-4})
     with pytest.raises(ValueError, match="delete"):
         train_stage(other, 6, progress_bar=False)
+    # a checkpoint whose tensor names drifted would load nothing under strict=False: refused
+    saved_file = checkpoints / "step-000010" / "model.safetensors"
+    original = saved_file.read_bytes()
+    tensors = load_file(saved_file)
+    renamed = next(iter(tensors))
+    save_file({("drifted." + k if k == renamed else k): v for k, v in tensors.items()}, saved_file)
+    with pytest.raises(ValueError, match=r"does not hold this stage's trainable tensors \(1 missing"):
+        train_stage(private, 6, progress_bar=False)
+    saved_file.write_bytes(original)
     resumed = train_stage(private, 6, progress_bar=False)
     assert resumed["resumed_from"] == "step-000010"
     uninterrupted = json.loads((artifact_path(config, "stage6") / "metrics.json").read_text())
