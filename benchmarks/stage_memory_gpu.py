@@ -2,18 +2,21 @@
 
 A random-weight Gemma3ForConditionalGeneration of MedGemma-4B's configuration (bf16, vision tower
 included), untied and resized to 272,145 tokens (262,145 + 10,000 new), trains each stage for a
-few steps on random token ids at sequence length 2048 with the a5000 profile's micro-batch,
-gradient checkpointing on, the chunked loss of `kormedgemma.loss`, under a 24 GB cap (`torch.cuda.set_per_process_memory_fraction`), as
-on an RTX A5000. MFU counts the stage's model FLOPs per token (forward, plus the backward the
+few whole optimizer steps on random token ids at sequence length 2048: the a5000 profile's
+micro-batch × gradient accumulation (a micro-batch sweep keeps the same sequences per step),
+the stage's own optimizer (`kormedgemma.training._optimizer`: Kahan-compensated AdamW unless the
+profile says otherwise), gradient checkpointing on, the chunked loss of `kormedgemma.loss`, under
+a 24 GB cap (`torch.cuda.set_per_process_memory_fraction`), as on an RTX A5000. The first
+optimizer step (compilation, optimizer state allocation) is excluded from the timing. MFU counts the stage's model FLOPs per token (forward, plus the backward the
 stage needs: activation gradients only when something upstream of lm_head trains, weight
 gradients only for trained matrices; recomputation from checkpointing not counted) against the
 bf16 matmul rate measured on the same GPU.
 
-    python benchmarks/stage_memory_gpu.py [--stages 1 2 3 4 5 6 7] [--steps 6] [--out DIR]
+    python benchmarks/stage_memory_gpu.py [--stages 1 2 3 4 5 6 7] [--steps 2] [--out DIR]
 
 With --qlora, stage 6 runs as `kormedgemma.training` runs it on a GPU: the model is saved, reloaded
 with its language-model linear layers in 4-bit NF4 (bitsandbytes), LoRA on those layers, both
-embedding matrices trainable, and bitsandbytes' 8-bit AdamW (the a5000 profile's stage 6).
+embedding matrices trainable, with the profile's stage-6 optimizer (or `--stage6-optimizer`).
 """
 from __future__ import annotations
 
@@ -85,35 +88,61 @@ def restore(model):
     return model
 
 
+def accumulation(config, micro_batch: int) -> int:
+    """Micro-batches per optimizer step that keep the profile's sequences per step."""
+    return max(1, (config.micro_batch_size * config.grad_accum) // micro_batch)
+
+
+def timed_steps(trained, optimizer, params, micro_batch: int, accum: int, steps: int, chunk_tokens: int = 1024,
+                trace: dict | None = None) -> float:
+    """Median seconds of whole optimizer steps after the first: `accum` micro-batches of forward and
+    backward (the loss scaled by 1/accum, as accelerate does), clipping, one optimizer step."""
+    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (micro_batch, SEQ), device="cuda")
+    gb = lambda: round(torch.cuda.memory_allocated() / 1e9, 2)  # noqa: E731
+    timings = []
+    for step in range(steps):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for micro in range(accum):
+            loss = chunked_causal_lm_loss(trained, ids, chunk_tokens=chunk_tokens) / accum
+            loss.backward()
+            if trace is not None and step == 0 and micro == 0:
+                trace.update(after_backward=gb(), peak_backward=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if trace is not None and step == 0:
+            trace.update(after_optimizer=gb(), peak_optimizer=round(torch.cuda.max_memory_allocated() / 1e9, 2))
+        if step >= 1:
+            timings.append(time.perf_counter() - began)
+    return sorted(timings)[len(timings) // 2]
+
+
 def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | None = None) -> tuple[dict, object]:
+    from kormedgemma.training import _optimizer
+
     profile = a5000().staged
     config = getattr(profile, f"stage{stage}")
     micro_batch = micro_batch or config.micro_batch_size
+    accum = accumulation(config, micro_batch)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    result = {"stage": stage, "name": STAGES[stage].name, "micro_batch": micro_batch, "seq_len": SEQ}
+    result = {"stage": stage, "name": STAGES[stage].name, "micro_batch": micro_batch, "grad_accum": accum,
+              "tokens_per_optimizer_step": micro_batch * accum * SEQ, "seq_len": SEQ}
     trained = apply_stage(model, STAGES[stage], BASE_TOKENS, NEW_TOKENS, config.lora or LoraConfig())
     params = [p for p in trained.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "lora_" in n)
     result["trainable_parameters"] = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (micro_batch, SEQ), device="cuda")
+    result["trainable_bf16_parameters"] = sum(p.numel() for p in params if p.dtype == torch.bfloat16)
+    notices: list[str] = []
+    optimizer = _optimizer(config, params, notices)
+    result["optimizer"] = f"{config.optimizer} ({type(optimizer).__module__}.{type(optimizer).__name__})"
     try:
-        timings = []
-        for step in range(steps):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            loss = chunked_causal_lm_loss(trained, ids)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if step >= 2:  # warm-up steps excluded
-                timings.append(time.perf_counter() - started)
-        seconds = sorted(timings)[len(timings) // 2]
-        tokens_per_second = micro_batch * SEQ / seconds
+        seconds = timed_steps(trained, optimizer, params, micro_batch, accum, steps)
+        tokens_per_second = micro_batch * accum * SEQ / seconds
         result.update({
-            "status": "ok", "loss": round(loss.item(), 3), "step_seconds": round(seconds, 3),
+            "status": "ok", "optimizer_step_seconds": round(seconds, 3),
             "tokens_per_second": round(tokens_per_second), "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
             "model_flops_per_token": flops_per_token(model if not hasattr(trained, "get_base_model") else trained.get_base_model(), stage, lora_params),
@@ -122,7 +151,7 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     except torch.OutOfMemoryError as error:
         result.update({"status": "OOM under 24 GB", "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
                        "error": str(error).splitlines()[0][:200]})
-    del optimizer, params, ids
+    del optimizer, params
     model = restore(trained)
     gc.collect()
     torch.cuda.empty_cache()
@@ -130,23 +159,29 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
 
 
 def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool, chunk_tokens: int = 1024,
-                     micro_batch: int | None = None) -> dict:
-    """Stage 6 with a 4-bit base and an 8-bit optimizer, through the training module's own choices;
-    `folder` holds the bf16 model, saved and dropped from the GPU by the caller."""
+                     micro_batch: int | None = None, optimizer_kind: str | None = None) -> dict:
+    """Stage 6 with a 4-bit base, through the training module's own choices; `folder` holds the
+    bf16 model, saved and dropped from the GPU by the caller."""
+    from dataclasses import replace
+
     from transformers import Gemma3ForConditionalGeneration
 
     from kormedgemma.training import _bnb_config, _optimizer
 
     config = a5000().staged.stage6
+    if optimizer_kind:
+        config = replace(config, optimizer=optimizer_kind)
     micro_batch = micro_batch or config.micro_batch_size
+    accum = accumulation(config, micro_batch)
     started = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
     quantized = Gemma3ForConditionalGeneration.from_pretrained(
         folder, dtype=torch.bfloat16, quantization_config=_bnb_config(torch.bfloat16), device_map={"": 0})
-    result = {"stage": 6, "name": "QLoRA (4-bit NF4 base) + all embeddings, 8-bit AdamW", "micro_batch": micro_batch,
+    result = {"stage": 6, "name": "QLoRA (4-bit NF4 base) + all embeddings", "micro_batch": micro_batch,
+              "grad_accum": accum, "tokens_per_optimizer_step": micro_batch * accum * SEQ,
               "seq_len": SEQ, "load_4bit_seconds": round(time.perf_counter() - started, 1),
               "model_gb_4bit": round(torch.cuda.memory_allocated() / 1e9, 2),
-              "load_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "optimizer": config.optimizer,
+              "load_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
               "compiled_layers": compile_layers, "loss_chunk_tokens": chunk_tokens}
     quantized.config.use_cache = False
     quantized.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
@@ -159,41 +194,23 @@ def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool
     lora_params = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "lora_" in n)
     result["trainable_parameters"] = sum(p.numel() for p in params)
     optimizer = _optimizer(config, params, [])
-    result["optimizer_class"] = type(optimizer).__name__
-    ids = torch.randint(0, BASE_TOKENS + NEW_TOKENS, (micro_batch, SEQ), device="cuda")
+    result["optimizer"] = f"{config.optimizer} ({type(optimizer).__module__}.{type(optimizer).__name__})"
     torch.cuda.reset_peak_memory_stats()
+    trace = {"before_step": round(torch.cuda.memory_allocated() / 1e9, 2)}
     try:
-        timings = []
-        gb = lambda: round(torch.cuda.memory_allocated() / 1e9, 2)  # noqa: E731
-        trace = {"before_step": gb()}
-        for step in range(steps):
-            torch.cuda.synchronize()
-            began = time.perf_counter()
-            loss = chunked_causal_lm_loss(trained, ids, chunk_tokens=chunk_tokens)
-            if step == 0:
-                trace.update(after_forward=gb(), peak_forward=round(torch.cuda.max_memory_allocated() / 1e9, 2))
-            loss.backward()
-            if step == 0:
-                trace.update(after_backward=gb(), peak_backward=round(torch.cuda.max_memory_allocated() / 1e9, 2))
-            optimizer.step()
-            if step == 0:
-                trace.update(after_optimizer=gb(), peak_optimizer=round(torch.cuda.max_memory_allocated() / 1e9, 2))
-                print(json.dumps({"memory_trace_gb": trace}), flush=True)
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if step >= 2:
-                timings.append(time.perf_counter() - began)
-        seconds = sorted(timings)[len(timings) // 2]
-        tokens_per_second = micro_batch * SEQ / seconds
+        seconds = timed_steps(trained, optimizer, params, micro_batch, accum, steps, chunk_tokens, trace)
+        tokens_per_second = micro_batch * accum * SEQ / seconds
         flops = flops_per_token(trained.get_base_model(), 6, lora_params)
-        result.update({"status": "ok", "loss": round(loss.item(), 3), "step_seconds": round(seconds, 3),
+        result.update({"status": "ok", "optimizer_step_seconds": round(seconds, 3),
                        "tokens_per_second": round(tokens_per_second),
                        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
                        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
-                       "model_flops_per_token": flops, "mfu": round(tokens_per_second * flops / peak, 3)})
+                       "model_flops_per_token": flops, "mfu": round(tokens_per_second * flops / peak, 3),
+                       "memory_trace_gb": trace})
     except torch.OutOfMemoryError as error:
         result.update({"status": "OOM under 24 GB", "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
                        "error": str(error).splitlines()[0][:200], "memory_trace_gb": trace})
+    del optimizer, params, trained, quantized
     return result
 
 
@@ -220,9 +237,11 @@ def profile_step(model, stage: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=2, help="whole optimizer steps; the first is not timed")
     parser.add_argument("--sweep", type=int, nargs="*", default=[4, 8],
-                        help="extra micro-batch sizes to try for stages 1-5")
+                        help="extra micro-batch sizes to try (accumulation adjusted to the same sequences per step)")
+    parser.add_argument("--stage6-optimizers", nargs="*", default=[],
+                        help="with --qlora: also run stage 6 with these optimizers (e.g. adamw_8bit)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
     parser.add_argument("--profile", action="store_true", help="profile one step of the first stage and stop")
@@ -264,7 +283,7 @@ def main() -> None:
         return
     qlora = args.qlora and 6 in args.stages
     plan = [(stage, None) for stage in args.stages if not (qlora and stage == 6)]
-    plan += [(stage, batch) for batch in args.sweep for stage in args.stages if stage <= 5]
+    plan += [(stage, batch) for batch in args.sweep for stage in args.stages if not (qlora and stage == 6)]
     for stage, batch in plan:
         result, model = run_stage(model, stage, args.steps, peak, batch)
         results.append(result)
@@ -277,17 +296,18 @@ def main() -> None:
         del model  # the bf16 copy must leave the GPU before the 4-bit one arrives
         gc.collect()
         torch.cuda.empty_cache()
-        for batch in [None, *args.sweep]:
-            results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens, batch))
+        for kind, batch in [(None, b) for b in [None, *args.sweep]] + [(k, None) for k in args.stage6_optimizers]:
+            results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens, batch, kind))
             print(json.dumps(results[-1]), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")
-    print(f"{'stage':>5} {'batch':>5} {'status':>16} {'peak GB':>8} {'tok/s':>8} {'MFU':>6}")
+    print(f"{'stage':>5} {'batch':>5} {'accum':>5} {'status':>16} {'alloc GB':>8} {'resv GB':>8} {'tok/s':>8} {'MFU':>6}")
     for r in results:
-        print(f"{r['stage']:>5} {r['micro_batch']:>5} {r['status']:>16} {r.get('peak_allocated_gb', 0):>8} "
+        print(f"{r['stage']:>5} {r['micro_batch']:>5} {r['grad_accum']:>5} {r['status']:>16} "
+              f"{r.get('peak_allocated_gb', 0):>8} {r.get('peak_reserved_gb', '-'):>8} "
               f"{r.get('tokens_per_second', '-'):>8} {r.get('mfu', '-'):>6}")
 
 

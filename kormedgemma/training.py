@@ -217,8 +217,10 @@ def make_optimizer(kind: str, parameters: list[torch.nn.Parameter], lr: float, w
     if kind == "adamw_kahan":
         import optimi
 
+        # On CUDA optimi picks its fused Triton kernel by itself (no full-size temporaries of a
+        # 697M-row matrix); on the CPU its for-loop implementation.
         return optimi.AdamW(parameters, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                            kahan_sum=True, foreach=bool(parameters) and parameters[0].is_cuda)
+                            kahan_sum=True)
     fused = bool(parameters) and parameters[0].is_cuda
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
 
