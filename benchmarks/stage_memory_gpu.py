@@ -253,6 +253,10 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp", help="where --qlora saves the bf16 model before reloading it")
     args = parser.parse_args()
     torch.manual_seed(0)
+    # Every stage and micro-batch recompiles the layers (other shapes, other trainable tensors);
+    # past dynamo's default limit of 8 it would fall back to eager and time that instead.
+    torch._dynamo.config.recompile_limit = 128
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     total = torch.cuda.get_device_properties(0).total_memory
     peak = measured_bf16_peak()
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_BYTES / total))
@@ -284,10 +288,17 @@ def main() -> None:
     qlora = args.qlora and 6 in args.stages
     plan = [(stage, None) for stage in args.stages if not (qlora and stage == 6)]
     plan += [(stage, batch) for batch in args.sweep for stage in args.stages if not (qlora and stage == 6)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every result: a run stopped at its time limit keeps what it measured
+        (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")
+
     for stage, batch in plan:
         result, model = run_stage(model, stage, args.steps, peak, batch)
         results.append(result)
         print(json.dumps(result), flush=True)
+        save()
     if qlora:
         import tempfile
 
@@ -299,11 +310,10 @@ def main() -> None:
         for kind, batch in [(None, b) for b in [None, *args.sweep]] + [(k, None) for k in args.stage6_optimizers]:
             results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens, batch, kind))
             print(json.dumps(results[-1]), flush=True)
+            save()
             gc.collect()
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")
+    save()
     print(f"{'stage':>5} {'batch':>5} {'accum':>5} {'status':>16} {'alloc GB':>8} {'resv GB':>8} {'tok/s':>8} {'MFU':>6}")
     for r in results:
         print(f"{r['stage']:>5} {r['micro_batch']:>5} {r['grad_accum']:>5} {r['status']:>16} "

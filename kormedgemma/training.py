@@ -194,7 +194,7 @@ def _bitsandbytes_ready(what: str, instead: str, notices: list[str]) -> bool:
 
 
 def _optimizer(spec: StageConfig, parameters: list[torch.nn.Parameter], notices: list[str]) -> torch.optim.Optimizer:
-    if spec.optimizer != "adamw" and _bitsandbytes_ready(
+    if spec.optimizer in ("adamw_8bit", "paged_adamw_8bit") and _bitsandbytes_ready(
             f"optimizer {spec.optimizer}", "torch-optimi AdamW (Kahan-compensated)", notices):
         import bitsandbytes as bnb
 

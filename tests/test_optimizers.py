@@ -49,3 +49,22 @@ def test_kahan_adamw_equals_torch_adamw_on_fp32_weights():
     _, optimi_run = _trajectory("adamw_kahan", torch.float32, 1e-3)
     torch.testing.assert_close(optimi_run, torch_run, rtol=0, atol=1e-6)
     assert float((torch_run - start).abs().max()) > 0.01  # and they did move
+
+
+def test_stage_optimizer_kinds_map_to_their_implementations(monkeypatch):
+    """`adamw_kahan` and `adamw` never go to bitsandbytes, even where it is ready (a CUDA box)."""
+    from dataclasses import replace
+
+    import optimi
+
+    from config.training_config import StageConfig
+    from kormedgemma import training
+
+    asked = []
+    monkeypatch.setattr(training, "_bitsandbytes_ready", lambda what, instead, notices: asked.append(what) or False)
+    weight = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
+    assert isinstance(training._optimizer(StageConfig(), weight, []), optimi.AdamW)  # the default
+    assert type(training._optimizer(replace(StageConfig(), optimizer="adamw"), weight, [])) is torch.optim.AdamW
+    assert asked == []
+    fallback = training._optimizer(replace(StageConfig(), optimizer="adamw_8bit"), weight, [])
+    assert asked == ["optimizer adamw_8bit"] and isinstance(fallback, optimi.AdamW)
