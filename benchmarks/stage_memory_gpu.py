@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def timed_steps(trained, optimizer, params, micro_batch: int, accum: int, steps:
     return sorted(timings)[len(timings) // 2]
 
 
-def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | None = None) -> tuple[dict, object]:
+def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | None = None,
+              chunk_tokens: int = 1024) -> tuple[dict, object]:
     from kormedgemma.training import _optimizer
 
     profile = a5000().staged
@@ -129,7 +131,7 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     result = {"stage": stage, "name": STAGES[stage].name, "micro_batch": micro_batch, "grad_accum": accum,
-              "tokens_per_optimizer_step": micro_batch * accum * SEQ, "seq_len": SEQ}
+              "tokens_per_optimizer_step": micro_batch * accum * SEQ, "seq_len": SEQ, "loss_chunk_tokens": chunk_tokens}
     trained = apply_stage(model, STAGES[stage], BASE_TOKENS, NEW_TOKENS, config.lora or LoraConfig())
     params = [p for p in trained.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for n, p in trained.named_parameters() if p.requires_grad and "lora_" in n)
@@ -139,7 +141,7 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
     optimizer = _optimizer(config, params, notices)
     result["optimizer"] = f"{config.optimizer} ({type(optimizer).__module__}.{type(optimizer).__name__})"
     try:
-        seconds = timed_steps(trained, optimizer, params, micro_batch, accum, steps)
+        seconds = timed_steps(trained, optimizer, params, micro_batch, accum, steps, chunk_tokens)
         tokens_per_second = micro_batch * accum * SEQ / seconds
         result.update({
             "status": "ok", "optimizer_step_seconds": round(seconds, 3),
@@ -240,8 +242,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="whole optimizer steps; the first is not timed")
     parser.add_argument("--sweep", type=int, nargs="*", default=[4, 8],
                         help="extra micro-batch sizes to try (accumulation adjusted to the same sequences per step)")
-    parser.add_argument("--stage6-optimizers", nargs="*", default=[],
-                        help="with --qlora: also run stage 6 with these optimizers (e.g. adamw_8bit)")
+    parser.add_argument("--stage6-optimizers", nargs="*", default=[None],
+                        help="with --qlora: the optimizers to run stage 6 with (default: the profile's)")
     parser.add_argument("--out", default=".")
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, ...)")
     parser.add_argument("--profile", action="store_true", help="profile one step of the first stage and stop")
@@ -249,7 +251,7 @@ def main() -> None:
                         help="torch.compile each decoder layer (fuses Gemma's fp32 RMSNorms, GELU and casts)")
     parser.add_argument("--qlora", action="store_true",
                         help="stage 6 as QLoRA: 4-bit base, 8-bit AdamW (runs last: it reloads the model)")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per lm_head/loss chunk (--qlora)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per lm_head/loss chunk")
     parser.add_argument("--scratch", default="/tmp", help="where --qlora saves the bf16 model before reloading it")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -279,7 +281,8 @@ def main() -> None:
              "cap_gb": CAP_BYTES / 1e9, "build_seconds": round(time.perf_counter() - started, 1),
              "model_gb": round(torch.cuda.memory_allocated() / 1e9, 2), "torch": torch.__version__,
              "rows": model.lm_head.weight.shape[0], "gradient_checkpointing": True,
-             "attention": f"{attn_before} -> {model.config._attn_implementation}", "compiled_layers": args.compile}
+             "attention": f"{attn_before} -> {model.config._attn_implementation}", "compiled_layers": args.compile,
+             "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")}
     print(json.dumps(setup))
     results = []
     if args.profile:
@@ -295,7 +298,7 @@ def main() -> None:
         (out / "stage_memory_gpu.json").write_text(json.dumps({"setup": setup, "stages": results}, indent=2) + "\n")
 
     for stage, batch in plan:
-        result, model = run_stage(model, stage, args.steps, peak, batch)
+        result, model = run_stage(model, stage, args.steps, peak, batch, args.chunk_tokens)
         results.append(result)
         print(json.dumps(result), flush=True)
         save()
@@ -307,7 +310,7 @@ def main() -> None:
         del model  # the bf16 copy must leave the GPU before the 4-bit one arrives
         gc.collect()
         torch.cuda.empty_cache()
-        for kind, batch in [(None, b) for b in [None, *args.sweep]] + [(k, None) for k in args.stage6_optimizers]:
+        for kind, batch in [(k, b) for k in args.stage6_optimizers for b in [None, *args.sweep]]:
             results.append(run_qlora_stage6(folder, args.steps, peak, args.compile, args.chunk_tokens, batch, kind))
             print(json.dumps(results[-1]), flush=True)
             save()

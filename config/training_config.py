@@ -561,14 +561,23 @@ def a5000() -> ProjectConfig:
         tokenizer=TokenizerConfig(),
         embeddings=EmbeddingConfig(word_vectors=WordVectorConfig(
             korean="facebook/fasttext-ko-vectors", english="facebook/fasttext-en-vectors", dim=300)),
+        # Micro-batches chosen by whole optimizer steps of 32 sequences at MedGemma-4B shape on an
+        # H100 under a 24 GB cap, each stage's own optimizer (benchmarks/results/stage_steps_gpu_h100.json):
+        # the fastest that stays under 22 GB allocated. Stages 4-5 train the bf16 lm_head with
+        # Kahan-compensated AdamW (+1.4 GB of bf16 compensation over plain AdamW): at micro-batch 2
+        # stage 4 peaks at 22.7 GB, so both run at 1 (20.5 and 21.3 GB allocated).
         staged=StagedTrainingConfig(
-            stage1=heavy(2e-4, 2000), stage2=heavy(2e-4, 2000), stage3=heavy(1e-4, 2000),
-            stage4=heavy(5e-5, 2000), stage5=heavy(5e-5, 2000),
-            # QLoRA measured on an H100 under a 24 GB cap: micro-batch 4 peaks at 14.8 GB (9.0K tok/s);
-            # 8 reaches 18.5 GB allocated / 23.1 GB reserved for 5% more speed.
+            stage1=replace(heavy(2e-4, 2000), micro_batch_size=4, grad_accum=8),   # 17.1K tok/s, 15.5 GB
+            stage2=heavy(2e-4, 2000),                                              # 49.6K tok/s, 17.3 GB
+            stage3=replace(heavy(1e-4, 2000), micro_batch_size=4, grad_accum=8),   # 16.6K tok/s, 16.0 GB
+            stage4=replace(heavy(5e-5, 2000), micro_batch_size=1, grad_accum=32),  # 41.1K tok/s, 20.5 GB
+            stage5=replace(heavy(5e-5, 2000), micro_batch_size=1, grad_accum=32),  # 14.4K tok/s, 21.3 GB
+            # QLoRA at micro-batch 4: 18.1 GB allocated, 8.9-9.7K tok/s. Kahan AdamW does not fit here
+            # (both 272K-row matrices: bf16 states + compensation, out of memory at micro-batch 2 and 4),
+            # so stage 6 keeps bitsandbytes' 8-bit AdamW, whose bf16 updates are rounded.
             stage6=replace(heavy(1e-4, 4000), micro_batch_size=4, grad_accum=8, lora=LoraConfig(),
                            load_in_4bit=True, optimizer="adamw_8bit"),
-            stage7=replace(heavy(2e-5, 1000), micro_batch_size=1, grad_accum=32, lora=LoraConfig()),
+            stage7=replace(heavy(2e-5, 1000), micro_batch_size=4, grad_accum=8, lora=LoraConfig()),  # 10.0K tok/s, 17.0 GB
             save_full_model=False,
         ),
         instruct=InstructConfig(),
