@@ -209,6 +209,16 @@ def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool
                        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
                        "model_flops_per_token": flops, "mfu": round(tokens_per_second * flops / peak, 3),
                        "memory_trace_gb": trace})
+        # what a checkpoint does with the optimizer: torch.save its state and load it into a fresh one
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = _optimizer(config, params, [])
+        fresh.load_state_dict(torch.load(buffer, weights_only=False))
+        result["optimizer_state_checkpoint_mb"] = round(buffer.getbuffer().nbytes / 1e6, 1)
+        del fresh
     except torch.OutOfMemoryError as error:
         result.update({"status": "OOM under 24 GB", "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
                        "error": str(error).splitlines()[0][:200], "memory_trace_gb": trace})

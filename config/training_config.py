@@ -304,8 +304,9 @@ class StageConfig:
     # Optimizer states have the weights' dtype. adamw: torch AdamW, states in the weights' dtype, bf16
     # updates rounded (100 steps at lr 2e-5 keep 0.46x of the fp32 displacement, tests/test_optimizers.py).
     # adamw_8bit / paged_adamw_8bit: bitsandbytes (CUDA only), a quarter of the state memory, bf16
-    # updates rounded as with adamw.
-    optimizer: Literal["adamw_kahan", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw_kahan"
+    # updates rounded as with adamw. adamw_8bit_sr: torchao's 8-bit AdamW with bf16 stochastic
+    # rounding (updates kept in expectation; the memory of adamw_8bit).
+    optimizer: Literal["adamw_kahan", "adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_8bit_sr"] = "adamw_kahan"
     max_grad_norm: float = 1.0
     # torch.compile each decoder layer on CUDA (fuses Gemma's RMSNorm/GELU/casts: 25% → 40% MFU).
     compile_layers: bool = False
@@ -572,11 +573,12 @@ def a5000() -> ProjectConfig:
             stage3=replace(heavy(1e-4, 2000), micro_batch_size=4, grad_accum=8),   # 16.6K tok/s, 16.0 GB
             stage4=replace(heavy(5e-5, 2000), micro_batch_size=1, grad_accum=32),  # 41.1K tok/s, 20.5 GB
             stage5=replace(heavy(5e-5, 2000), micro_batch_size=1, grad_accum=32),  # 14.4K tok/s, 21.3 GB
-            # QLoRA at micro-batch 4: 18.1 GB allocated, 8.9-9.7K tok/s. Kahan AdamW does not fit here
-            # (both 272K-row matrices: bf16 states + compensation, out of memory at micro-batch 2 and 4),
-            # so stage 6 keeps bitsandbytes' 8-bit AdamW, whose bf16 updates are rounded.
+            # QLoRA at micro-batch 4. Kahan AdamW does not fit here (both 272K-row matrices: bf16
+            # states + compensation, out of memory at micro-batch 2 and 4); torchao's 8-bit AdamW
+            # with stochastic rounding does: 18.1 GB allocated / 22.7 reserved, 8.8K tok/s
+            # (bitsandbytes' 8-bit AdamW: 18.1 / 21.1 GB, 9.1K tok/s, but it rounds bf16 updates to nearest).
             stage6=replace(heavy(1e-4, 4000), micro_batch_size=4, grad_accum=8, lora=LoraConfig(),
-                           load_in_4bit=True, optimizer="adamw_8bit"),
+                           load_in_4bit=True, optimizer="adamw_8bit_sr"),
             stage7=replace(heavy(2e-5, 1000), micro_batch_size=4, grad_accum=8, lora=LoraConfig()),  # 10.0K tok/s, 17.0 GB
             save_full_model=False,
         ),

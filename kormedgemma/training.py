@@ -200,8 +200,8 @@ def _optimizer(spec: StageConfig, parameters: list[torch.nn.Parameter], notices:
 
         cls = bnb.optim.PagedAdamW8bit if spec.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    return make_optimizer(spec.optimizer if spec.optimizer in ("adamw", "adamw_kahan") else "adamw_kahan",
-                          parameters, spec.learning_rate, spec.weight_decay)
+    kind = spec.optimizer if spec.optimizer in ("adamw", "adamw_kahan", "adamw_8bit_sr") else "adamw_kahan"
+    return make_optimizer(kind, parameters, spec.learning_rate, spec.weight_decay)
 
 
 def make_optimizer(kind: str, parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -214,6 +214,13 @@ def make_optimizer(kind: str, parameters: list[torch.nn.Parameter], lr: float, w
     fp32 trajectory (cosine 0.999 over 100 steps, tests/test_optimizers.py) without fp32 master
     weights (+4 bytes a parameter). Betas and eps are torch's, so both kinds optimise the same
     objective the same way."""
+    if kind == "adamw_8bit_sr":
+        # 8-bit states; each bf16 update rounded up or down at random in proportion to the
+        # remainder, so small updates survive in expectation (no extra buffer, unlike Kahan).
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(parameters, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                         bf16_stochastic_round=True)
     if kind == "adamw_kahan":
         import optimi
 

@@ -37,6 +37,13 @@ def test_kahan_adamw_on_bf16_follows_the_fp32_trajectory():
         assert cosine >= 0.99 and abs(ratio - 1) < 0.02, (lr, cosine, ratio)
 
 
+def test_8bit_adamw_with_stochastic_rounding_follows_fp32_at_stage6_rate():
+    """Stage 6's optimizer (both matrices, where Kahan does not fit in 24 GB): torchao's 8-bit
+    AdamW with bf16 stochastic rounding keeps its updates in expectation at lr 1e-4."""
+    cosine, ratio = _against_fp32("adamw_8bit_sr", 1e-4)
+    assert cosine >= 0.99 and abs(ratio - 1) < 0.03, (cosine, ratio)
+
+
 def test_plain_adamw_on_bf16_loses_most_small_updates():
     """Why the default is Kahan: the same run with torch AdamW on bf16 weights drifts off."""
     cosine, ratio = _against_fp32("adamw", 2e-5)
@@ -68,3 +75,7 @@ def test_stage_optimizer_kinds_map_to_their_implementations(monkeypatch):
     assert asked == []
     fallback = training._optimizer(replace(StageConfig(), optimizer="adamw_8bit"), weight, [])
     assert asked == ["optimizer adamw_8bit"] and isinstance(fallback, optimi.AdamW)
+    from torchao.optim import AdamW8bit
+
+    rounded = training._optimizer(replace(StageConfig(), optimizer="adamw_8bit_sr"), weight, [])
+    assert isinstance(rounded, AdamW8bit) and rounded.bf16_stochastic_round
