@@ -264,6 +264,9 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per lm_head/loss chunk")
     parser.add_argument("--scratch", default="/tmp", help="where --qlora saves the bf16 model before reloading it")
     args = parser.parse_args()
+    from kormedgemma.environment import prefer_expandable_segments
+
+    prefer_expandable_segments()  # as a training process does (PYTORCH_CUDA_ALLOC_CONF set: kept)
     torch.manual_seed(0)
     # Every stage and micro-batch recompiles the layers (other shapes, other trainable tensors);
     # past dynamo's default limit of 8 it would fall back to eager and time that instead.

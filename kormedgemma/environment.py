@@ -67,7 +67,30 @@ def environment_report(config: ProjectConfig) -> list[dict[str, Any]]:
     add("free disk at artifact root (GiB)", round(free, 1), "ok" if free >= need else "warn",
         f"{root}; a full {config.profile} run needs about {need} GiB")
     add("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"))
+    add("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "unset"))
     return rows
+
+
+ALLOCATOR_DEFAULT = "expandable_segments:True"
+
+
+def prefer_expandable_segments() -> bool:
+    """Before a training process first touches CUDA: the caching allocator's expandable segments,
+    unless the user set PYTORCH_CUDA_ALLOC_CONF. True when the setting is in force.
+
+    Measured at MedGemma-4B shape under a 24 GB cap (benchmarks/results/stage_steps_gpu_h100.json),
+    the default allocator reserves 23.2-23.7 GB to hold stages 4-5's 20.5-21.3 GB: a fragmentation
+    margin that leaves no headroom on a 24 GB card. Expandable segments reserve 1-1.5 GB less at
+    the same speed. torch reads the variable when CUDA starts, so it is set here, in the training
+    entry points, rather than at import (the serving process, vLLM, keeps its own allocator)."""
+    import torch
+
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return ALLOCATOR_DEFAULT in os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return False  # too late for this process: CUDA's allocator has started
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+    return True
 
 
 def _version(name: str) -> str | None:

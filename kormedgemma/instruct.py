@@ -205,8 +205,11 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     from kormedgemma.base_model import load_for_eval
     from kormedgemma.stages import with_lora
 
+    from kormedgemma.environment import prefer_expandable_segments
+
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
+    prefer_expandable_segments()  # before the model reaches CUDA
     torch.manual_seed(spec.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_for_eval(inputs["merged_model"], device=str(device), dtype=config.base.torch_dtype)

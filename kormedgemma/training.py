@@ -323,8 +323,11 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from kormedgemma.environment import prefer_expandable_segments
+
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
+    prefer_expandable_segments()  # before anything here touches CUDA
     accelerator = _accelerator(hyper)
     device = accelerator.device
     notices: list[str] = []
