@@ -68,7 +68,7 @@ def document_windows(documents: Sequence[Sequence[int]], seq_len: int) -> list[l
     """Each `<bos> … <eos>` document cut into windows of at most seq_len tokens."""
     windows = []
     for document in documents:
-        ids = [int(i) for i in document]
+        ids = np.asarray(document).tolist()
         windows.extend(ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len - 1) if len(ids[i:i + seq_len]) >= 2)
     return windows
 

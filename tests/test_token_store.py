@@ -34,6 +34,8 @@ def test_store_holds_each_document_as_bos_ids_eos_exactly(tiny_phase1):
                 assert ids == [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False),
                                tokenizer.eos_token_id]
             assert store.chars(corpus, split).tolist() == [len(t) for t in texts]
+            row = next(r for r in store.summary() if r["part"] == f"{corpus}/{split}")
+            assert row["tokens_per_char"] == round(sum(map(len, documents)) / sum(map(len, texts)), 3)
 
 
 def test_stage_blocks_from_the_store_equal_blocks_built_from_text(tiny_phase1):

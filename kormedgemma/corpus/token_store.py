@@ -178,7 +178,10 @@ class TokenStore:
             yield stream[int(offsets[index]):int(offsets[index + 1])]
 
     def summary(self) -> list[dict[str, Any]]:
-        return [{"part": part, **figures} for part, figures in self.meta["parts"].items()]
+        """One row per corpus/split: documents, tokens, characters, MB, speed, tokens per character."""
+        return [{"part": part, **figures,
+                 "tokens_per_char": round(figures["tokens"] / figures["chars"], 3) if figures["chars"] else None}
+                for part, figures in self.meta["parts"].items()]
 
 
 def token_store_artifact(config: Any, progress: bool = True) -> dict[str, Any]:
