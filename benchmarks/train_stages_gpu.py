@@ -29,7 +29,8 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from kormedgemma.config import load_config
-    from kormedgemma.training import CRASH_ENV, TRAINED_FILE, merge_stages, train_stage
+    from kormedgemma.trainloop import CRASH_ENV
+    from kormedgemma.training import TRAINED_FILE, merge_stages, train_stage
 
     gpu = {f"staged.stage{n}.{key}": value for n in range(1, 8)
            for key, value in (("gradient_checkpointing", True), ("compile_layers", not args.no_compile))}

@@ -372,6 +372,11 @@ class InstructConfig:
     eval_every: int = 100
     early_stopping_patience: int = 3
     seed: int = 0
+    # Resume checkpoints (LoRA, optimizer, RNG, the best adapter so far) every save_every steps;
+    # a killed run re-run with the same config continues from the newest; resume=false starts afresh.
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = True
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
@@ -379,7 +384,8 @@ class InstructConfig:
         _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be ≥ 1 or null")
         _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "early_stopping_patience"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "eval_every", "early_stopping_patience",
+                     "save_every", "keep_checkpoints"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1")
 
 
@@ -520,7 +526,8 @@ def tiny() -> ProjectConfig:
             stage7=replace(stage(2e-4), lora=small_lora),
         ),
         instruct=InstructConfig(learning_rate=1e-3, epochs=4.0, seq_len=256, micro_batch_size=4, grad_accum=1,
-                                warmup_ratio=0.1, lora=small_lora, eval_every=7, gradient_checkpointing=False),
+                                warmup_ratio=0.1, lora=small_lora, eval_every=7, save_every=7,
+                                gradient_checkpointing=False),
         evaluation=EvaluationConfig(batch_size=8, max_new_tokens=8, chat_max_new_tokens=32,
                                     english_local_path="data/samples/english_mcqa", perplexity_seq_len=128),
         deploy=DeployConfig(serve_backend="transformers", calibration_samples=16, calibration_seq_len=128,

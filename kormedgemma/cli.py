@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key (repeatable), e.g. --set staged.stage1.max_steps=100")
 
+    instruct = commands.add_parser(
+        "train-instruct", help="instruction-tune on KorMedMCQA (phase 4), as notebook 4.01 does",
+        description="LoRA on the merged stage-7 model, the best dev adapter merged into models/final/instruct/, "
+                    "resuming from the newest checkpoint after a kill. Runs as one process, or on several GPUs "
+                    "under `torchrun` / `accelerate launch` (answer tokens weighted equally across them).")
+    instruct.add_argument("--profile", default="tiny", help=f"config profile ({', '.join(known_profiles())})")
+    instruct.add_argument("--config", dest="config_file", help="YAML file of overrides")
+    instruct.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override one config key (repeatable), e.g. --set instruct.max_steps=100")
+
     evaluate = commands.add_parser(
         "evaluate", help="KorMedMCQA accuracy of any model on any folder in its schema",
         description="Score a model folder or Hub id on <subset>/test.jsonl files (with <subset>/fewshot.jsonl for "
@@ -112,6 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _tokenizer_stats(args)
         if args.command == "train-stage":
             return _train_stage(args)
+        if args.command == "train-instruct":
+            return _train_instruct(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "serve":
@@ -185,6 +197,22 @@ def _train_stage(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         summary = {k: metrics[k] for k in ("stage", "steps", "first_loss", "last_loss", "tokens_per_second", "resumed_from")}
         print(json.dumps(summary))
+    return 0
+
+
+def _train_instruct(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from kormedgemma.config import load_config
+    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+
+    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    train_instruct(config)
+    if os.environ.get("RANK", "0") == "0":
+        metrics = read_instruct_metrics(config)
+        print(json.dumps({k: metrics[k] for k in ("steps", "best_step", "best_dev_loss", "first_loss", "last_loss",
+                                                  "tokens_per_second", "resumed_from")}))
     return 0
 
 

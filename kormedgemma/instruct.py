@@ -6,6 +6,9 @@ what training taught) and one model turn: the `cot` explanation when the row has
 model turn only (prompt tokens carry label -100): the model should learn to answer, not to
 reproduce exam questions.
 
+Training runs on phase 3's loop (`trainloop`): answer tokens weighted equally across
+gradient accumulation and processes, resume after a kill, several GPUs under `torchrun`.
+
 Two guards keep the evaluation honest. A training example whose text shares a 25-character
 n-gram with any dev, test or fewshot question (the phase-0 leakage rule) is refused and listed;
 the dev split is only ever measured, for early stopping, never trained on.
@@ -28,6 +31,7 @@ from kormedgemma.harness import doc_to_text, letter
 from kormedgemma.loss import IGNORE
 
 METRICS_FILE = "metrics.json"
+CHECKPOINTS = "models/final/checkpoints/instruct"
 
 
 # --------------------------------------------------------------------------- examples
@@ -167,51 +171,53 @@ def _extra_rows(config: ProjectConfig, ref: str) -> Iterable[tuple[int, list[dic
 
 
 # --------------------------------------------------------------------------- training
-def _answer_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    from kormedgemma.loss import chunked_causal_lm_loss
-
-    batch = {k: v.to(device) for k, v in batch.items()}
-    loss = chunked_causal_lm_loss(model, batch["input_ids"], labels=batch["labels"], attention_mask=batch["attention_mask"])
-    return loss, int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
-@torch.no_grad()
-def dev_loss(model: Any, dev: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
-             device: torch.device) -> Optional[float]:
-    """Mean loss per answer token on the dev split."""
-    if not dev:
-        return None
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(dev), batch_size):
-        loss, count = _answer_loss(model, collate(dev[start:start + batch_size], pad_id), device)
-        total += float(loss) * count
-        tokens += count
-    model.train(was_training)
-    return round(total / max(tokens, 1), 5)
-
-
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def checkpoint_root(config: ProjectConfig) -> Path:
+    from kormedgemma.config import resolve_path
+
+    return resolve_path(config, CHECKPOINTS)
+
+
+def _fingerprint(config: ProjectConfig, inputs: dict[str, Path]) -> str:
+    from kormedgemma.config import config_hash, config_to_dict
+    from kormedgemma.manifest import hash_path
+
+    keys = {"instruct": config_to_dict(config.instruct), "subsets": list(config.data.kormedmcqa.subsets)}
+    return config_hash({**keys, "inputs": {name: hash_path(path) for name, path in inputs.items()}})
+
+
+def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[start:start + size], pad_id) for start in range(0, len(examples), size)]
+
+
 def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
-    """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/."""
+    """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/.
+
+    The loop is phase 3's (`trainloop`): every answer token of an optimizer step weighs the same
+    across micro-batches and processes, a kill resumes from the newest checkpoint (which also holds
+    the best adapter so far), and `torchrun`/`accelerate launch` spread it over GPUs."""
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.base_model import load_for_eval
-    from kormedgemma.stages import with_lora
-
     from kormedgemma.environment import prefer_expandable_segments
+    from kormedgemma.loss import CausalLMLoss
+    from kormedgemma.stages import with_lora
+    from kormedgemma.trainloop import (Progress, crash_if_asked, keep_trainable, latest_checkpoint, make_accelerator,
+                                       make_optimizer, mean_loss, optimizer_step, peak_memory_gb, read_extra, resume,
+                                       save_checkpoint, seal)
 
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
     prefer_expandable_segments()  # before the model reaches CUDA
-    torch.manual_seed(spec.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = make_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm)
+    device, world = accelerator.device, accelerator.num_processes
+    set_seed(spec.seed)
     model, tokenizer = load_for_eval(inputs["merged_model"], device=str(device), dtype=config.base.torch_dtype)
     data = build_instruct_data(config, tokenizer)
     model.config.use_cache = False
@@ -224,64 +230,98 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     model = with_lora(model, spec.lora)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay,
-                                  fused=device.type == "cuda")
-    per_step = spec.micro_batch_size * spec.grad_accum
+    # LoRA weights are fp32 (peft upcasts adapters), so plain AdamW loses nothing to rounding.
+    optimizer = make_optimizer("adamw", parameters, spec.learning_rate, spec.weight_decay)
+    per_step = spec.micro_batch_size * spec.grad_accum * world
     steps = math.ceil(spec.epochs * len(data.train) / per_step)
     steps = min(steps, spec.max_steps) if spec.max_steps else steps
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
                               num_training_steps=steps)
+    module, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer, device_placement=[False, True])
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+    folder = checkpoint_root(config)
+    fingerprint = _fingerprint(config, inputs)
+    checkpoint = resume(accelerator, module, folder, fingerprint, spec.resume, "instruction tuning", "instruct.resume")
     pad = tokenizer.pad_token_id
-    history: list[dict[str, Any]] = []
-    evals = [{"step": 0, "dev_loss": dev_loss(model, data.dev, pad, spec.micro_batch_size, device)}]
-    best = {"step": 0, "dev_loss": evals[0]["dev_loss"], "state": _lora_state(model)}
+    dev = _batches(data.dev, spec.micro_batch_size, pad)
+    if checkpoint is not None:
+        best_state = read_extra(checkpoint)
+    else:
+        first = mean_loss(module, dev, accelerator)
+        progress.evals.append({"step": 0, "dev_loss": first})
+        progress.extra = {"best_step": 0, "best_dev_loss": first, "stale": 0, "stopped_early": False}
+        best_state = _lora_state(model)
+    best = progress.extra
     order = BlockOrder(len(data.train), spec.micro_batch_size, spec.seed)  # a fresh permutation each epoch
-    stale, stopped_early, micro_batches, started = 0, False, 0, time.perf_counter()
-    bar = tqdm(total=steps, desc="instruction tuning", unit="step", disable=not progress_bar)
+    bar = tqdm(total=steps, initial=progress.step, desc="instruction tuning", unit="step",
+               disable=not (progress_bar and accelerator.is_local_main_process))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    module.train()
     try:
-        for step in range(1, steps + 1):
-            losses = []
-            for _ in range(spec.grad_accum):
-                chosen = [data.train[i] for i in order.blocks(micro_batches)]
-                micro_batches += 1
-                loss, _ = _answer_loss(model, collate(chosen, pad), device)
-                (loss / spec.grad_accum).backward()
-                losses.append(float(loss.detach()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
-            optimizer.step()
+        while progress.step < steps and not best["stopped_early"]:
+            started = time.perf_counter()
+            first_micro = progress.step * spec.grad_accum
+            batches = [collate([data.train[i] for i in order.blocks((first_micro + m) * world + accelerator.process_index)],
+                               pad) for m in range(spec.grad_accum)]
+            loss, grad_norm, tokens = optimizer_step(accelerator, module, optimizer, batches, parameters,
+                                                     spec.max_grad_norm)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step, "loss": round(sum(losses) / len(losses), 5),
-                            "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4)})
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            progress.step += 1
+            local = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))], device=device)
+            progress.tokens += int(accelerator.reduce(local, reduction="sum")[0])
+            progress.train_seconds += seconds
+            progress.history.append({"step": progress.step, "loss": round(loss, 5), "answer_tokens": tokens,
+                                     "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4),
+                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
-            if data.dev and (step % spec.eval_every == 0 or step == steps):
-                evals.append({"step": step, "dev_loss": dev_loss(model, data.dev, pad, spec.micro_batch_size, device)})
-                if evals[-1]["dev_loss"] < best["dev_loss"]:
-                    best, stale = {"step": step, "dev_loss": evals[-1]["dev_loss"], "state": _lora_state(model)}, 0
+            if dev and (progress.step % spec.eval_every == 0 or progress.step == steps):
+                figure = mean_loss(module, dev, accelerator)
+                progress.evals.append({"step": progress.step, "dev_loss": figure})
+                if figure < best["best_dev_loss"]:
+                    best.update(best_step=progress.step, best_dev_loss=figure, stale=0)
+                    best_state = _lora_state(model)
                 else:
-                    stale += 1
-                    if stale >= spec.early_stopping_patience:
-                        stopped_early = True
-                        break
+                    best["stale"] += 1
+                    best["stopped_early"] = best["stale"] >= spec.early_stopping_patience
+            if progress.step % spec.save_every == 0 and progress.step < steps and not best["stopped_early"]:
+                save_checkpoint(accelerator, folder, progress, fingerprint, spec.keep_checkpoints, extra=best_state)
+            crash_if_asked(progress.step)
     except torch.OutOfMemoryError as error:
         raise MemoryError(f"instruction tuning ran out of GPU memory at micro_batch_size={spec.micro_batch_size}, "
                           f"seq_len={spec.seq_len}: lower instruct.micro_batch_size (raise grad_accum to keep the "
-                          "batch) or instruct.seq_len, and keep gradient_checkpointing on") from error
+                          "batch) or instruct.seq_len, and keep gradient_checkpointing on. Re-running resumes from "
+                          f"{latest_checkpoint(folder) or 'the start'}.") from error
     finally:
         bar.close()
-    if not data.dev:  # nothing to choose by: the last adapter is the one kept
-        best = {"step": len(history), "dev_loss": None, "state": _lora_state(model)}
+    if not dev:  # nothing to choose by: the last adapter is the one kept
+        best.update(best_step=progress.step, best_dev_loss=None)
+        best_state = _lora_state(model)
+    history, timed = progress.history, [h["seconds"] for h in progress.history[1:]]
     metrics = {
         "examples": len(data.train), "examples_per_source": data.counts, "dev_examples": len(data.dev),
-        "refused_leakage": data.refused, "too_long": data.too_long, "planned_steps": steps, "steps": len(history),
-        "epochs": round(len(history) * per_step / len(data.train), 3), "stopped_early": stopped_early,
-        "best_step": best["step"], "best_dev_loss": best["dev_loss"],
+        "refused_leakage": data.refused, "too_long": data.too_long, "planned_steps": steps, "steps": progress.step,
+        "epochs": round(progress.step * per_step / len(data.train), 3), "stopped_early": best["stopped_early"],
+        "best_step": best["best_step"], "best_dev_loss": best["best_dev_loss"],
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
-        "train_seconds": round(time.perf_counter() - started, 2), "device": str(device),
-        "trainable_parameters": sum(p.numel() for p in parameters), "history": history, "evals": evals,
+        "train_seconds": round(progress.train_seconds, 2), "processes": world,
+        "resumed_from": checkpoint.name if checkpoint else None,
+        # tokens (prompt and answer, padding excluded) per second; the first step (warm-up) left out
+        "tokens_per_second": round(progress.tokens / progress.step * len(timed) / sum(timed), 1) if timed else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **peak_memory_gb(device),
+        "trainable_parameters": sum(p.numel() for p in parameters), "history": history, "evals": progress.evals,
     }
-    _write_instruct(config, model, best["state"], tokenizer, inputs, metrics)
+    if accelerator.is_main_process:
+        _write_instruct(config, model, best_state, tokenizer, inputs, metrics)
+    accelerator.wait_for_everyone()
+    seal(accelerator, folder)
     return artifact_path(config, "instruct_model")
 
 

@@ -4,7 +4,9 @@ At MedGemma's expanded vocabulary a micro-batch of 2 × 2048 tokens has 1.1 G lo
 bf16 and 4.5 GB once upcast for the loss, which alone breaks a 24 GB budget. The decoder runs
 once for hidden states; `lm_head` and the cross-entropy then run over chunks of tokens, each
 under activation checkpointing, so at most one chunk's logits exist at a time (forward and
-backward). The result equals the model's own loss (mean over predicted tokens, labels shifted).
+backward). The mean equals the model's own loss (over predicted tokens, labels shifted); the
+training loops take the sum, so one optimizer step can weight every token of all its
+micro-batches equally (`trainloop.optimizer_step`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def _inner(model: Any) -> Any:
 
 
 def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                           attention_mask: Optional[torch.Tensor] = None, chunk_tokens: int = 1024) -> torch.Tensor:
+                           attention_mask: Optional[torch.Tensor] = None, chunk_tokens: int = 1024,
+                           reduction: str = "mean") -> torch.Tensor:
     inner = _inner(model)
     labels = input_ids if labels is None else labels
     head = inner.get_output_embeddings()
@@ -53,18 +56,22 @@ def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional
             total = total + checkpoint(chunk_loss, piece, target, use_reentrant=False)
         else:
             total = total + chunk_loss(piece, target)
+    if reduction == "sum":
+        return total
     return total / (targets != IGNORE).sum().clamp(min=1)
 
 
 class CausalLMLoss(torch.nn.Module):
-    """The model and its chunked loss as one module, so DDP and DeepSpeed see the loss computed in
-    their wrapper's forward (gradient hooks and reducer set-up depend on it)."""
+    """The model and its chunked loss (summed over predicted tokens) as one module, so DDP and
+    DeepSpeed see the loss computed in their wrapper's forward (gradient hooks and reducer set-up
+    depend on it)."""
 
     def __init__(self, model: Any, chunk_tokens: int = 1024) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return chunked_causal_lm_loss(self.model, input_ids, attention_mask=attention_mask,
-                                      chunk_tokens=self.chunk_tokens)
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return chunked_causal_lm_loss(self.model, input_ids, labels=labels, attention_mask=attention_mask,
+                                      chunk_tokens=self.chunk_tokens, reduction="sum")

@@ -6,21 +6,17 @@ merged). Every stage folder holds those tensors, so on `a5000` it need not hold 
 of the model (`staged.save_full_model=false`), and stage 6 can load the initialised model's
 transformer in 4-bit directly: stages 1–5 never change it.
 
-The loop runs on `accelerate` (one process, DDP under `torchrun`/`accelerate launch`, DeepSpeed
-ZeRO-2 with `config/accelerate_zero2.yaml`). Resume state is accelerate's own `save_state`
-(optimizer, scheduler, RNG of every process, the accumulation counter) with the weights cut to
-the trainable tensors, plus the data position: micro-batch k of the run is a pure function of
-(k, seed), so a resumed run reads exactly the blocks an uninterrupted one would have read.
+The loop, its checkpoints and resume are `trainloop`'s (shared with phase 4): `accelerate`
+(one process, DDP, DeepSpeed ZeRO-2), accelerate's `save_state` cut to the trainable tensors, and
+micro-batch k of the run a pure function of (k, seed), so a resumed run reads exactly the blocks
+an uninterrupted one would have read.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,13 +26,14 @@ from config.training_config import StageConfig
 from kormedgemma.config import ProjectConfig, config_hash, config_to_dict
 from kormedgemma.corpus.batching import BlockOrder
 from kormedgemma.stages import STAGES, StageSpec, apply_stage
+from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked, keep_trainable, latest_checkpoint,
+                                   make_accelerator, make_optimizer, mean_loss, optimizer_step, peak_memory_gb,
+                                   resume, save_checkpoint, seal)
 
 TRAINED_FILE = "trained.safetensors"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "models/staged_training/checkpoints"
-# Test hook: the process dies (os._exit, no clean-up) right after this optimizer step, like `kill -9`.
-CRASH_ENV = "KORMEDGEMMA_CRASH_AT_STEP"
 
 
 def stage_config(config: ProjectConfig, number: int) -> StageConfig:
@@ -152,26 +149,6 @@ def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: i
     return StageData(train, train.english_share, valid)
 
 
-# --------------------------------------------------------------------------- progress (checkpointed)
-@dataclass
-class Progress:
-    """What a checkpoint must remember besides optimizer and RNG: where the run is and its curve."""
-
-    step: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
-                "history": self.history, "evals": self.evals}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
-        self.history, self.evals = list(state["history"]), list(state["evals"])
-
-
 # --------------------------------------------------------------------------- hardware choices
 def _bnb_config(dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
@@ -181,20 +158,8 @@ def _bnb_config(dtype: torch.dtype) -> Any:
                               llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
 
 
-def _bitsandbytes_ready(what: str, instead: str, notices: list[str]) -> bool:
-    """True when bitsandbytes can run here; otherwise a notice says what runs instead."""
-    if not torch.cuda.is_available():
-        notices.append(f"{what} needs a CUDA GPU with bitsandbytes; no GPU here, so this stage uses {instead}.")
-        return False
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f"{what} needs bitsandbytes: pip install -r requirements-gpu.txt ({error})") from error
-    return True
-
-
 def _optimizer(spec: StageConfig, parameters: list[torch.nn.Parameter], notices: list[str]) -> torch.optim.Optimizer:
-    if spec.optimizer in ("adamw_8bit", "paged_adamw_8bit") and _bitsandbytes_ready(
+    if spec.optimizer in ("adamw_8bit", "paged_adamw_8bit") and bitsandbytes_ready(
             f"optimizer {spec.optimizer}", "torch-optimi AdamW (Kahan-compensated)", notices):
         import bitsandbytes as bnb
 
@@ -202,60 +167,6 @@ def _optimizer(spec: StageConfig, parameters: list[torch.nn.Parameter], notices:
         return cls(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     kind = spec.optimizer if spec.optimizer in ("adamw", "adamw_kahan", "adamw_8bit_sr") else "adamw_kahan"
     return make_optimizer(kind, parameters, spec.learning_rate, spec.weight_decay)
-
-
-def make_optimizer(kind: str, parameters: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over `parameters`; `adamw_kahan` compensates the rounding of bf16 weight updates.
-
-    A bf16 weight of ~0.03 moves in steps of 1.2e-4 (its ulp), so an Adam update of ~lr = 2e-5 is
-    rounded to nothing most steps: plain AdamW on bf16 weights keeps under half of the fp32 run's
-    movement. Kahan summation carries the rounded-off part in a bf16 buffer to the next step
-    (torch-optimi; one extra bf16 tensor per bf16 weight, none for fp32 ones), which tracks the
-    fp32 trajectory (cosine 0.999 over 100 steps, tests/test_optimizers.py) without fp32 master
-    weights (+4 bytes a parameter). Betas and eps are torch's, so both kinds optimise the same
-    objective the same way."""
-    if kind == "adamw_8bit_sr":
-        # 8-bit states; each bf16 update rounded up or down at random in proportion to the
-        # remainder, so small updates survive in expectation (no extra buffer, unlike Kahan).
-        from torchao.optim import AdamW8bit
-
-        return AdamW8bit(parameters, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                         bf16_stochastic_round=True)
-    if kind == "adamw_kahan":
-        import optimi
-
-        # On CUDA optimi picks its fused Triton kernel by itself (no full-size temporaries of a
-        # 697M-row matrix); on the CPU its for-loop implementation.
-        return optimi.AdamW(parameters, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                            kahan_sum=True)
-    fused = bool(parameters) and parameters[0].is_cuda
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
-
-
-def _accelerator(spec: StageConfig) -> Any:
-    from accelerate import Accelerator
-
-    # cpu=True on a machine without CUDA is what makes `torchrun` there run gloo DDP, not N copies
-    accelerator = Accelerator(gradient_accumulation_steps=spec.grad_accum, cpu=not torch.cuda.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise RuntimeError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
-                           "use `accelerate launch` or `torchrun` with a matching accelerate config")
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:  # "auto" entries of config/ds_config_zero2.json take the stage's values
-        plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": spec.micro_batch_size,
-                                        "gradient_accumulation_steps": spec.grad_accum,
-                                        "gradient_clipping": spec.max_grad_norm})
-    return accelerator
-
-
-def _peak_memory_gb(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"peak_gpu_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
-                "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 2)}
-    import resource
-
-    return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -270,38 +181,6 @@ def _fingerprint(config: ProjectConfig, number: int, inputs: dict[str, Path]) ->
 
     return config_hash({"stage": config_to_dict(stage_config(config, number)), "seed": config.staged.seed,
                         "inputs": {name: hash_path(path) for name, path in inputs.items()}})
-
-
-def latest_checkpoint(folder: Path) -> Optional[Path]:
-    done = sorted(p for p in folder.glob("step-*") if (p / "progress.json").is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
-
-
-def _keep_trainable(models: list[Any], weights: list[dict[str, torch.Tensor]], _output_dir: str) -> None:
-    """accelerate's save_state pre-hook: keep only the tensors that train (not 8.6 GB of frozen ones)."""
-    for model, state in zip(models, weights):
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        for key in list(state):
-            if key not in trainable:
-                del state[key]
-
-
-def _save_checkpoint(accelerator: Any, folder: Path, progress: Progress, fingerprint: str, keep: int) -> None:
-    target = folder / f"step-{progress.step:06d}"
-    partial = folder / f".partial-step-{progress.step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "progress.json").write_text(json.dumps({"step": progress.step, "fingerprint": fingerprint}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)  # a checkpoint exists whole or not at all
-        for old in sorted(p for p in folder.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- the stage
@@ -328,10 +207,10 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
     prefer_expandable_segments()  # before anything here touches CUDA
-    accelerator = _accelerator(hyper)
+    accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm)
     device = accelerator.device
     notices: list[str] = []
-    quantize = hyper.load_in_4bit and _bitsandbytes_ready(
+    quantize = hyper.load_in_4bit and bitsandbytes_ready(
         "4-bit QLoRA (load_in_4bit)", "plain LoRA on the unquantised model", notices)
     seed = config.staged.seed * 10 + number
     set_seed(seed)
@@ -357,17 +236,17 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     module, optimizer = accelerator.prepare(module, optimizer, device_placement=[False, True])
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
-    accelerator.register_save_state_pre_hook(_keep_trainable)
+    accelerator.register_save_state_pre_hook(keep_trainable)
     for notice in notices:
         accelerator.print(f"notice: {notice}")
 
     folder = checkpoint_root(config, number)
     fingerprint = _fingerprint(config, number, inputs)
-    resumed_from = _resume(accelerator, module, folder, fingerprint, config, number)
+    checkpoint = resume(accelerator, module, folder, fingerprint, config.staged.resume, f"stage {number}",
+                        "staged.resume")
     world = accelerator.num_processes
     order = BlockOrder(len(data.train), hyper.micro_batch_size, seed)
     tokens_per_step = hyper.micro_batch_size * hyper.seq_len * hyper.grad_accum * world
-    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
     if progress.step == 0 and data.valid:
         progress.evals.append({"step": 0, **_evaluate(module, data.valid, accelerator, hyper.micro_batch_size)})
     bar = tqdm(total=hyper.max_steps, initial=progress.step, desc=f"stage {number}", unit="step",
@@ -378,38 +257,29 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     try:
         while progress.step < hyper.max_steps:
             started = time.perf_counter()
-            losses, grad_norm = [], None
-            for micro in range(hyper.grad_accum):
-                index = (progress.step * hyper.grad_accum + micro) * world + accelerator.process_index
-                batch = data.train[order.blocks(index)].to(device)
-                with accelerator.accumulate(module):
-                    loss = module(batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(parameters, hyper.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach().float())
+            first_micro = progress.step * hyper.grad_accum
+            batches = [{"input_ids": data.train[order.blocks((first_micro + micro) * world + accelerator.process_index)]}
+                       for micro in range(hyper.grad_accum)]
+            loss, grad_norm, _ = optimizer_step(accelerator, module, optimizer, batches, parameters,
+                                                     hyper.max_grad_norm)
             scheduler.step()
-            mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
             progress.step += 1
             progress.tokens += tokens_per_step
             progress.train_seconds += seconds
-            progress.history.append({"step": progress.step, "loss": round(mean_loss, 5),
+            progress.history.append({"step": progress.step, "loss": round(loss, 5),
                                      "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4),
-                                     "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)})
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}", refresh=False)
+                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}", refresh=False)
             bar.update(1)
             if data.valid and (progress.step % hyper.eval_every == 0 or progress.step == hyper.max_steps):
                 progress.evals.append({"step": progress.step,
                                        **_evaluate(module, data.valid, accelerator, hyper.micro_batch_size)})
             if progress.step % hyper.save_every == 0 and progress.step < hyper.max_steps:
-                _save_checkpoint(accelerator, folder, progress, fingerprint, hyper.keep_checkpoints)
-            if crash_at and progress.step == crash_at:
-                os._exit(137)
+                save_checkpoint(accelerator, folder, progress, fingerprint, hyper.keep_checkpoints)
+            crash_if_asked(progress.step)
     except torch.OutOfMemoryError as error:
         raise MemoryError(
             f"stage {number} ran out of GPU memory at micro_batch_size={hyper.micro_batch_size}, "
@@ -418,80 +288,19 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
             f"Re-running resumes from {latest_checkpoint(folder) or 'the start'}.") from error
     finally:
         bar.close()
+    resumed_from = checkpoint.name if checkpoint else None
     metrics = _metrics(config, number, hyper, data, progress, accelerator, device, resumed_from, notices, trained)
     unwrapped = accelerator.unwrap_model(module).model
     _write_stage(config, number, unwrapped, spec, first, count, tokenizer, inputs, metrics, accelerator)
-    if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)  # the stage is sealed: its resume points are spent
-        with contextlib.suppress(OSError):
-            folder.parent.rmdir()  # only when no other stage has checkpoints
-    accelerator.wait_for_everyone()
+    seal(accelerator, folder)
     return metrics
 
 
-def check_checkpoint_keys(module: Any, checkpoint: Path) -> None:
-    """Refuse a checkpoint whose model tensors are not exactly the trainable set.
-
-    Checkpoints hold only the trainable tensors (`_keep_trainable`), so they load with
-    `strict=False`, which alone would also accept a checkpoint whose names drifted (another peft or
-    transformers version, another stage) and load nothing from it, silently."""
-    from safetensors import safe_open
-
-    file = Path(checkpoint) / "model.safetensors"
-    if not file.is_file():
-        return  # DeepSpeed writes its own layout and checks its own keys
-    with safe_open(str(file), framework="pt") as handle:
-        saved = set(handle.keys())
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    if saved != trainable:
-        missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
-        raise ValueError(
-            f"{checkpoint} does not hold this stage's trainable tensors ({len(missing)} missing, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}), so resuming would load "
-            f"nothing into them: delete {Path(checkpoint).parent} (or run with --set staged.resume=false) "
-            "to start the stage afresh, or resume with the library versions that wrote it")
-
-
-def _resume(accelerator: Any, module: Any, folder: Path, fingerprint: str, config: ProjectConfig,
-            number: int) -> Optional[str]:
-    latest = latest_checkpoint(folder)
-    if latest is None:
-        return None
-    if not config.staged.resume:
-        accelerator.print(f"staged.resume=false: discarding checkpoints in {folder}")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(folder)
-        accelerator.wait_for_everyone()
-        return None
-    saved = json.loads((latest / "progress.json").read_text())
-    if saved["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{latest} was made with another stage {number} config or other inputs, so resuming it would mix two "
-            f"runs: delete {folder} (or run with --set staged.resume=false) to start the stage afresh")
-    check_checkpoint_keys(module, latest)
-    accelerator.load_state(str(latest), strict=False)
-    accelerator.print(f"resumed stage {number} from {latest.name}")
-    return latest.name
-
-
-@torch.no_grad()
 def _evaluate(module: Any, valid: dict[str, torch.Tensor], accelerator: Any, batch_size: int) -> dict[str, float]:
     """Mean token loss on each language's valid blocks, split across processes."""
-    was_training = module.training
-    module.eval()
-    figures = {}
-    for language, blocks in valid.items():
-        total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-        mine = list(range(accelerator.process_index, len(blocks), accelerator.num_processes))
-        for start in range(0, len(mine), batch_size):
-            batch = blocks[mine[start:start + batch_size]].to(accelerator.device)
-            tokens = batch.shape[0] * (batch.shape[1] - 1)
-            total += torch.tensor([module(batch).item() * tokens, tokens], device=accelerator.device, dtype=torch.float64)
-        total = accelerator.reduce(total, reduction="sum")
-        figures[f"{language}_valid_loss"] = round(float(total[0] / total[1]), 5)
-    module.train(was_training)
-    return figures
+    return {f"{language}_valid_loss": mean_loss(module, [{"input_ids": blocks[start:start + batch_size]}
+                                                         for start in range(0, len(blocks), batch_size)], accelerator)
+            for language, blocks in valid.items()}
 
 
 def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: StageData, progress: Progress, accelerator: Any,
@@ -511,7 +320,7 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
         "tokens_per_second": round(tokens_per_step * len(timed) / sum(timed), 1) if timed else None,
         "train_seconds": round(progress.train_seconds, 2), "processes": accelerator.num_processes,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        **_peak_memory_gb(device), "resumed_from": resumed_from, "notices": notices,
+        **peak_memory_gb(device), "resumed_from": resumed_from, "notices": notices,
         "history": progress.history, "evals": progress.evals,
     }
 

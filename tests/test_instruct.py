@@ -112,6 +112,81 @@ def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_p
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
 
 
+def test_instruction_tuning_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase4, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.config import apply_overrides, repo_root
+    from kormedgemma.instruct import checkpoint_root, read_instruct_metrics, train_instruct
+    from kormedgemma.trainloop import CRASH_ENV
+
+    config, out, uninterrupted = tiny_phase4
+    private = apply_overrides(config, {"paths.root": str(tmp_path)})
+    for key in ("merged_model", "kormedmcqa"):
+        shutil.copytree(artifact_path(config, key), artifact_path(private, key))
+    crashed = subprocess.run([sys.executable, "-m", "kormedgemma", "train-instruct", "--set", f"paths.root={tmp_path}"],
+                             cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1", CRASH_ENV: "10"},
+                             capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    checkpoints = checkpoint_root(private)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000007"]
+    assert not (artifact_path(private, "instruct_model") / "manifest.json").exists()
+    train_instruct(private, progress_bar=False)
+    resumed = read_instruct_metrics(private)
+    assert resumed["resumed_from"] == "step-000007" and uninterrupted["resumed_from"] is None
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in uninterrupted["history"]],
+                                                                    abs=1e-5)
+    assert [e["step"] for e in resumed["evals"]] == [e["step"] for e in uninterrupted["evals"]]
+    assert [e["dev_loss"] for e in resumed["evals"]] == pytest.approx([e["dev_loss"] for e in uninterrupted["evals"]],
+                                                                      abs=1e-5)
+    assert (resumed["best_step"], resumed["steps"]) == (uninterrupted["best_step"], uninterrupted["steps"])
+    a, b = load_file(artifact_path(private, "instruct_model") / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert not checkpoints.exists()  # spent once the model is written
+
+
+def test_two_processes_equal_one_process_accumulating_their_micro_batches(tiny_phase3, tmp_path: Path):
+    """torchrun (gloo DDP): each step's answer tokens weigh the same whichever process holds them."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.config import apply_overrides, repo_root
+    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+
+    config, _ = tiny_phase3
+    steps = {"instruct.max_steps": 4, "instruct.eval_every": 2, "instruct.micro_batch_size": 2}
+    runs = {}
+    for name, accum in (("ddp", 1), ("single", 2)):
+        runs[name] = apply_overrides(config, {"paths.root": str(tmp_path / name), **steps, "instruct.grad_accum": accum})
+        for key in ("merged_model", "kormedmcqa"):
+            shutil.copytree(artifact_path(config, key), artifact_path(runs[name], key))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kormedgemma",
+               "train-instruct", "--set", f"paths.root={tmp_path / 'ddp'}", "--set", "instruct.grad_accum=1",
+               *[f"--set={k}={v}" for k, v in steps.items()]]
+    ddp = subprocess.run(command, cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    train_instruct(runs["single"], progress_bar=False)
+    got, expected = read_instruct_metrics(runs["ddp"]), read_instruct_metrics(runs["single"])
+    assert got["processes"] == 2 and expected["processes"] == 1 and got["steps"] == expected["steps"] == 4
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in expected["history"]], abs=1e-5)
+    assert [h["answer_tokens"] for h in got["history"]] == [h["answer_tokens"] for h in expected["history"]]
+    assert [e["dev_loss"] for e in got["evals"]] == pytest.approx([e["dev_loss"] for e in expected["evals"]], abs=1e-5)
+    a = load_file(artifact_path(runs["ddp"], "instruct_model") / "model.safetensors")
+    b = load_file(artifact_path(runs["single"], "instruct_model") / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
 
 def test_shown_labels_bracket_exactly_the_answer(tokenizer):
     import re

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kormedgemma.training import make_optimizer
+from kormedgemma.trainloop import make_optimizer
 
 ROWS, DIM, STEPS = 2000, 256, 100
 
@@ -68,7 +68,7 @@ def test_stage_optimizer_kinds_map_to_their_implementations(monkeypatch):
     from kormedgemma import training
 
     asked = []
-    monkeypatch.setattr(training, "_bitsandbytes_ready", lambda what, instead, notices: asked.append(what) or False)
+    monkeypatch.setattr(training, "bitsandbytes_ready", lambda what, instead, notices: asked.append(what) or False)
     weight = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
     assert isinstance(training._optimizer(StageConfig(), weight, []), optimi.AdamW)  # the default
     assert type(training._optimizer(replace(StageConfig(), optimizer="adamw"), weight, [])) is torch.optim.AdamW

@@ -17,8 +17,9 @@ from kormedgemma.artifacts import artifact_path
 from kormedgemma.config import load_config, repo_root
 from kormedgemma.io import MissingArtifactError
 from kormedgemma.corpus.batching import BlockOrder
-from kormedgemma.training import (CRASH_ENV, TRAINED_FILE, apply_trained, checkpoint_root,
-                                  load_stage_model, new_token_rows, train_stage)
+from kormedgemma.trainloop import CRASH_ENV
+from kormedgemma.training import (TRAINED_FILE, apply_trained, checkpoint_root, load_stage_model, new_token_rows,
+                                  train_stage)
 
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -149,7 +150,7 @@ def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, t
     tensors = load_file(saved_file)
     renamed = next(iter(tensors))
     save_file({("drifted." + k if k == renamed else k): v for k, v in tensors.items()}, saved_file)
-    with pytest.raises(ValueError, match=r"does not hold this stage's trainable tensors \(1 missing"):
+    with pytest.raises(ValueError, match=r"does not hold this run's trainable tensors \(1 missing"):
         train_stage(private, 6, progress_bar=False)
     saved_file.write_bytes(original)
     resumed = train_stage(private, 6, progress_bar=False)
