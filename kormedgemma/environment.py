@@ -68,6 +68,7 @@ def environment_report(config: ProjectConfig) -> list[dict[str, Any]]:
         f"{root}; a full {config.profile} run needs about {need} GiB")
     add("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "unset"))
     add("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "unset"))
+    add(GPU_CAP_ENV, os.environ.get(GPU_CAP_ENV) or "unset (the whole GPU)")
     return rows
 
 
@@ -91,6 +92,34 @@ def prefer_expandable_segments() -> bool:
         return False  # too late for this process: CUDA's allocator has started
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
     return True
+
+
+GPU_CAP_ENV = "KORMEDGEMMA_GPU_MEMORY_GB"
+
+
+def cap_gpu_memory(device: Any = None) -> float | None:
+    """Hold this process to KORMEDGEMMA_GPU_MEMORY_GB of its GPU; the cap in GB, or None.
+
+    To rehearse a 24 GB RTX A5000 run on a larger card: an allocation past the cap fails with
+    out-of-memory exactly where the smaller card would (torch's per-process memory fraction)."""
+    import torch
+
+    value = os.environ.get(GPU_CAP_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        cap = float(value)
+    except ValueError:
+        raise ValueError(f"{GPU_CAP_ENV}={value!r} is not a number of GB (e.g. 24)") from None
+    if cap <= 0:
+        raise ValueError(f"{GPU_CAP_ENV}={value!r} must be > 0 GB")
+    if not torch.cuda.is_available():
+        return None
+    index = torch.device(device).index if device is not None and torch.device(device).index is not None \
+        else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total), index)
+    return cap
 
 
 def _version(name: str) -> str | None:

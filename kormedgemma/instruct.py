@@ -205,7 +205,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
 
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.base_model import load_for_eval
-    from kormedgemma.environment import prefer_expandable_segments
+    from kormedgemma.environment import cap_gpu_memory, prefer_expandable_segments
     from kormedgemma.loss import CausalLMLoss
     from kormedgemma.stages import with_lora
     from kormedgemma.trainloop import (Progress, crash_if_asked, keep_trainable, latest_checkpoint, make_accelerator,
@@ -217,6 +217,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     prefer_expandable_segments()  # before the model reaches CUDA
     accelerator = make_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm)
     device, world = accelerator.device, accelerator.num_processes
+    cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
     set_seed(spec.seed)
     model, tokenizer = load_for_eval(inputs["merged_model"], device=str(device), dtype=config.base.torch_dtype)
     data = build_instruct_data(config, tokenizer)
@@ -275,9 +276,11 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
             seconds = time.perf_counter() - started
             progress.step += 1
             local = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))], device=device)
-            progress.tokens += int(accelerator.reduce(local, reduction="sum")[0])
+            step_tokens = int(accelerator.reduce(local, reduction="sum")[0])
+            progress.tokens += step_tokens
             progress.train_seconds += seconds
-            progress.history.append({"step": progress.step, "loss": round(loss, 5), "answer_tokens": tokens,
+            progress.history.append({"step": progress.step, "loss": round(loss, 5), "tokens": step_tokens,
+                                     "answer_tokens": tokens,
                                      "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4),
                                      "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)

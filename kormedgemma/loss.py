@@ -10,7 +10,7 @@ micro-batches equally (`trainloop.optimizer_step`).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,22 @@ def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional
     if reduction == "sum":
         return total
     return total / (targets != IGNORE).sum().clamp(min=1)
+
+
+def logit_chunks(model: Any, input_ids: torch.Tensor, chunk_tokens: int = 1024) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, next-token targets) of one sequence, `chunk_tokens` positions at a time: two
+    models can be compared token by token without either's full [seq, vocab] logits."""
+    inner = _inner(model)
+    hidden = inner.model(input_ids=input_ids).last_hidden_state
+    head = inner.get_output_embeddings()
+    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    for start in range(0, states.shape[0], chunk_tokens):
+        logits = head(states[start:start + chunk_tokens]).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        yield logits, targets[start:start + chunk_tokens]
 
 
 class CausalLMLoss(torch.nn.Module):

@@ -32,6 +32,8 @@ from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked,
 
 TRAINED_FILE = "trained.safetensors"
 ADAPTER_DIR = "adapter"
+# Stage 6 on a 4-bit base: the weights its adapter was trained against (NF4 dequantised, bf16).
+DEQUANTISED_FILE = "dequantised_base.safetensors"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "models/staged_training/checkpoints"
 
@@ -79,8 +81,9 @@ def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] 
     return model, tokenizer
 
 
-def apply_trained(model: Any, folder: Path) -> Any:
-    """Write a stage's trained rows into `model` and merge its LoRA adapter, if any."""
+def apply_trained(model: Any, folder: Path, merge_adapter: bool = True) -> Any:
+    """Write a stage's trained rows into `model` and merge its LoRA adapter, if any (with
+    `merge_adapter=False` the adapter stays a separate module, as it was during training)."""
     from safetensors import safe_open
 
     file = Path(folder) / TRAINED_FILE
@@ -96,14 +99,51 @@ def apply_trained(model: Any, folder: Path) -> Any:
                                      f"fit a {tuple(weight.shape)} matrix: the stage was trained on another model")
                 with torch.no_grad():
                     weight[first:first + rows.shape[0]].copy_(rows.to(weight.device, weight.dtype))
+    dequantised = Path(folder) / DEQUANTISED_FILE
+    if dequantised.is_file() and not getattr(model, "is_loaded_in_4bit", False):
+        # the adapter merges into the weights it was trained against, not the unquantised originals
+        # (tiny on a GPU: KL 0.022 against 6.7e-5 per token, benchmarks/results/stage6_merge_gap_gpu_h100.json)
+        _write_weights(model, dequantised)
     adapter = Path(folder) / ADAPTER_DIR
     if adapter.is_dir():
         from peft import PeftModel
 
+        if not merge_adapter:
+            return PeftModel.from_pretrained(model, str(adapter))
         if getattr(model, "is_loaded_in_4bit", False):
             raise ValueError(f"{adapter}: merging LoRA into a 4-bit model loses precision; load it in bf16")
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model
+
+
+def _write_weights(model: Any, file: Path) -> None:
+    from safetensors import safe_open
+
+    parameters = dict(model.named_parameters())
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if key not in parameters or parameters[key].shape != tensor.shape:
+                raise ValueError(f"{file}: {key} {tuple(tensor.shape)} is not a weight of this model: the stage was "
+                                 "trained on another model")
+            with torch.no_grad():
+                parameters[key].copy_(tensor.to(parameters[key].device, parameters[key].dtype))
+
+
+def dequantised_weights(model: Any) -> dict[str, torch.Tensor]:
+    """name → bf16 weight, as the forward pass saw it, of every 4-bit linear layer (none when the
+    model is not quantised); names are those of the plain model the adapter is merged into."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "is_loaded_in_4bit", False):
+        return {}
+    import bitsandbytes as bnb
+
+    weights = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            key = name.removesuffix(".base_layer") + ".weight"
+            weights[key] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to("cpu")
+    return weights
 
 
 def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -202,13 +242,14 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from kormedgemma.environment import prefer_expandable_segments
+    from kormedgemma.environment import cap_gpu_memory, prefer_expandable_segments
 
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
     prefer_expandable_segments()  # before anything here touches CUDA
     accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm)
     device = accelerator.device
+    cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
     notices: list[str] = []
     quantize = hyper.load_in_4bit and bitsandbytes_ready(
         "4-bit QLoRA (load_in_4bit)", "plain LoRA on the unquantised model", notices)
@@ -345,6 +386,10 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
             save_file(tensors, str(out.path / TRAINED_FILE), metadata=meta)
         if spec.lora:
             model.save_pretrained(str(out.path / ADAPTER_DIR), save_embedding_layers=False)
+            dequantised = dequantised_weights(model)
+            if dequantised:
+                save_file(dequantised, str(out.path / DEQUANTISED_FILE))
+                del dequantised
         save_tokenizer(tokenizer, out.path)
         (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
         save_stage_plot(metrics, out.path / "loss.png")
@@ -374,6 +419,69 @@ def merge_stages(config: ProjectConfig) -> Path:
         save_tokenizer(tokenizer, out.path)
         out.metrics["parameters"] = sum(p.numel() for p in model.parameters())
     return artifact_path(config, "merged_model")
+
+
+@torch.no_grad()
+def qlora_merge_gap(config: ProjectConfig, device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Stage 6 as it trained (its base in 4-bit NF4 when `load_in_4bit`, adapter separate) against
+    stage 6 merged, which is what stage 7 and every later phase load.
+
+    The adapter learns a correction to the dequantised weights it saw; merged into the originals,
+    it meets weights that differ by the quantisation error, so stage 6 keeps the dequantised weights
+    (`dequantised_base.safetensors`) and merges into those. Per language: valid loss of both, the
+    mean KL divergence between their next-token distributions, and how often their top tokens
+    agree; with a 4-bit base, `merged_into_originals` is the same comparison for the adapter
+    merged into the unquantised originals (what this project did before)."""
+    from kormedgemma.artifacts import require
+
+    hyper = stage_config(config, 6)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    notices: list[str] = []
+    quantized = hyper.load_in_4bit and bitsandbytes_ready("4-bit QLoRA (load_in_4bit)", "plain LoRA", notices)
+    as_trained, tokenizer = load_stage_model(config, 5, quantize_4bit=quantized, device=device)
+    as_trained = apply_trained(as_trained, require(config, "stage6"), merge_adapter=False).eval()
+    merged, _ = load_stage_model(config, 6, device=device)
+    merged.eval()
+    valid = stage_data(config, tokenizer, hyper, config.staged.seed * 10 + 6).valid
+    figures: dict[str, Any] = {"quantized": quantized, "notices": notices, **_compare(as_trained, merged, valid, device)}
+    dequantised = require(config, "stage6") / DEQUANTISED_FILE
+    if dequantised.is_file():  # what merging into the unquantised originals would have given
+        _swap_base(merged, dequantised, dict(load_stage_model(config, 5)[0].named_parameters()))
+        figures["merged_into_originals"] = _compare(as_trained, merged, valid, device)
+    return figures
+
+
+def _compare(reference: Any, other: Any, valid: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    from kormedgemma.loss import logit_chunks
+
+    figures = {}
+    for language, blocks in valid.items():
+        sums = torch.zeros(4, dtype=torch.float64)  # loss of reference, loss of other, KL, top-1 agreements
+        tokens = 0
+        for row in range(blocks.shape[0]):
+            ids = blocks[row:row + 1].to(device)
+            for (a, targets), (b, _) in zip(logit_chunks(reference, ids), logit_chunks(other, ids)):
+                log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
+                sums += torch.stack([-log_a.gather(1, targets[:, None]).sum(), -log_b.gather(1, targets[:, None]).sum(),
+                                     (log_a.exp() * (log_a - log_b)).sum(), (a.argmax(-1) == b.argmax(-1)).sum()
+                                     ]).double().cpu()
+                tokens += targets.numel()
+        mean = (sums / max(tokens, 1)).tolist()
+        figures[language] = {"as_trained_loss": round(mean[0], 5), "merged_loss": round(mean[1], 5),
+                             "loss_gap": round(mean[1] - mean[0], 5), "kl_per_token": round(mean[2], 6),
+                             "top1_agreement": round(mean[3], 5), "tokens": tokens}
+    return figures
+
+
+def _swap_base(merged: Any, dequantised: Path, originals: dict[str, torch.Tensor]) -> None:
+    """Under each merged weight W_deq + BA, put the unquantised W in place of W_deq."""
+    from safetensors import safe_open
+
+    targets = dict(merged.named_parameters())
+    with safe_open(str(dequantised), framework="pt") as handle:
+        for key in handle.keys():
+            target = targets[key]
+            target.add_(originals[key].to(target.device, target.dtype) - handle.get_tensor(key).to(target.device, target.dtype))
 
 
 def read_metrics(config: ProjectConfig, number: int) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """Training processes start CUDA with expandable segments unless the user chose an allocator."""
 from __future__ import annotations
 
-from kormedgemma.environment import ALLOCATOR_DEFAULT, environment_report, prefer_expandable_segments
+import pytest
+import torch
+
+from kormedgemma.environment import (ALLOCATOR_DEFAULT, GPU_CAP_ENV, cap_gpu_memory, environment_report,
+                                     prefer_expandable_segments)
 
 
 def test_training_sets_expandable_segments_when_unset(monkeypatch):
@@ -26,3 +30,25 @@ def test_environment_report_shows_the_allocator_setting(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)
     rows = {row["check"]: row["value"] for row in environment_report(load_config("tiny"))}
     assert rows["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_DEFAULT
+
+
+def test_gpu_memory_cap_sets_the_fraction_of_the_card(monkeypatch):
+    """24 GB on an 80 GB card is a fraction of 0.3 of device 1."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80e9})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, index: calls.append((f, index)))
+    monkeypatch.setenv(GPU_CAP_ENV, "24")
+    assert cap_gpu_memory("cuda:1") == 24.0
+    assert calls == [(pytest.approx(0.3), 1)]
+    monkeypatch.setenv(GPU_CAP_ENV, "")
+    assert cap_gpu_memory("cuda:1") is None and len(calls) == 1
+
+
+def test_a_gpu_memory_cap_that_is_not_a_number_is_refused(monkeypatch):
+    monkeypatch.setenv(GPU_CAP_ENV, "24GB")
+    with pytest.raises(ValueError, match="not a number of GB"):
+        cap_gpu_memory()
+    monkeypatch.setenv(GPU_CAP_ENV, "0")
+    with pytest.raises(ValueError, match="must be > 0"):
+        cap_gpu_memory()

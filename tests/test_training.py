@@ -222,3 +222,44 @@ def test_deepspeed_zero2_config_leaves_batch_sizes_to_the_stage():
         assert ds[key] == "auto"
     launch = (repo_root() / "config/accelerate_zero2.yaml").read_text()
     assert "config/ds_config_zero2.json" in launch and "distributed_type: DEEPSPEED" in launch
+
+
+def test_merge_gap_rebuilds_stage6_as_trained_and_finds_no_gap_without_quantisation(tiny_phase3):
+    """On the CPU stage 6 trains plain LoRA, so merged and unmerged must agree; the "as trained"
+    model must reproduce the loss stage 6 itself measured at its last step."""
+    from kormedgemma.training import qlora_merge_gap, read_metrics
+
+    config, _ = tiny_phase3
+    gap = qlora_merge_gap(config, torch.device("cpu"))
+    assert gap["quantized"] is False and "no GPU" in gap["notices"][0]
+    final = read_metrics(config, 6)["evals"][-1]
+    for language in ("korean", "english"):
+        figures = gap[language]
+        assert figures["tokens"] > 0
+        assert figures["as_trained_loss"] == pytest.approx(final[f"{language}_valid_loss"], abs=2e-4)
+        assert abs(figures["loss_gap"]) < 1e-4 and figures["kl_per_token"] < 1e-6
+        assert figures["top1_agreement"] > 0.999
+
+
+def test_stage6_adapter_merges_into_the_dequantised_weights_it_was_trained_against(tiny_phase3, tmp_path):
+    """A stage-6 folder with dequantised_base.safetensors (written when the base was 4-bit) puts
+    those weights under the adapter before merging; a weight of another model is refused."""
+    from safetensors.torch import save_file
+
+    from kormedgemma.training import DEQUANTISED_FILE
+
+    config, _ = tiny_phase3
+    stage6 = artifact_path(config, "stage6")
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    plain = dict(apply_trained(load_stage_model(config, 5)[0], stage6).named_parameters())
+    original = dict(load_stage_model(config, 5)[0].named_parameters())[key].detach()
+    folder = tmp_path / "stage6"
+    shutil.copytree(stage6, folder)
+    save_file({key: original + 0.01}, str(folder / DEQUANTISED_FILE))
+    merged = dict(apply_trained(load_stage_model(config, 5)[0], folder).named_parameters())
+    torch.testing.assert_close(merged[key], plain[key] + 0.01, rtol=0, atol=1e-6)
+    other = "model.language_model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[other], plain[other], rtol=0, atol=0)
+    save_file({key: torch.zeros(3, 3)}, str(folder / DEQUANTISED_FILE))
+    with pytest.raises(ValueError, match="another model"):
+        apply_trained(load_stage_model(config, 5)[0], folder)
