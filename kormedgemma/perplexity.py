@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from kormedgemma.loss import IGNORE
+
 
 @dataclass
 class Heldout:
@@ -64,33 +66,57 @@ def read_heldout(corpus: Path, max_texts: int, store: Optional[Path] = None, nam
     return Heldout(texts, indices, TokenStore(store) if store is not None else None, name)
 
 
-def document_windows(documents: Sequence[Sequence[int]], seq_len: int) -> list[list[int]]:
-    """Each `<bos> … <eos>` document cut into windows of at most seq_len tokens."""
+def document_windows(documents: Sequence[Sequence[int]], seq_len: int,
+                     stride: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) windows of at most seq_len tokens over `<bos> … <eos>` documents; each token
+    after `<bos>` carries a label in exactly one window.
+
+    A document that fits is one window. A longer one is scored `stride` new tokens at a time
+    (default seq_len // 2), each window reaching back to give them seq_len - stride tokens or more
+    of context (labels -100 on the context), so every scored token sees either its document's
+    `<bos>` or that much context, whatever the tokenizer. Windows that restarted cold would charge
+    a tokenizer that needs more of them (the base one, on Korean) for contexts it never had."""
+    stride = stride or max(1, seq_len // 2)
+    if not 1 <= stride <= seq_len - 1:
+        raise ValueError(f"stride must be in [1, seq_len - 1] (got {stride} for seq_len {seq_len})")
     windows = []
     for document in documents:
         ids = np.asarray(document).tolist()
-        windows.extend(ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len - 1) if len(ids[i:i + seq_len]) >= 2)
+        if len(ids) < 2:
+            continue
+        if len(ids) <= seq_len:
+            windows.append((ids, ids))
+            continue
+        scored = 0  # targets 1..scored are done
+        while scored < len(ids) - 1:
+            last = min(scored + (seq_len - 1 if scored == 0 else stride), len(ids) - 1)
+            first = max(0, last + 1 - seq_len)
+            window = ids[first:last + 1]
+            labels = [t if first + j > scored else IGNORE for j, t in enumerate(window)]
+            windows.append((window, labels))
+            scored = last
     return windows
 
 
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, heldout: Heldout, seq_len: int = 1024, batch_size: int = 8,
-               progress: bool = True, desc: str = "perplexity") -> dict[str, Any]:
-    """Total log-loss of every token after the first of each window, per token and per character."""
+               progress: bool = True, desc: str = "perplexity", stride: Optional[int] = None) -> dict[str, Any]:
+    """Total log-loss of every token after each document's `<bos>`, per token and per character
+    (windows as `document_windows` cuts them)."""
     from tqdm.auto import tqdm
 
     from kormedgemma.corpus.batching import collate
-    from kormedgemma.loss import IGNORE, chunked_causal_lm_loss
+    from kormedgemma.loss import chunked_causal_lm_loss
 
     device = next(model.parameters()).device
     documents, ids_from = heldout.documents(tokenizer)
-    windows = sorted(document_windows(documents, seq_len), key=len, reverse=True)
+    windows = sorted(document_windows(documents, seq_len, stride), key=lambda w: len(w[0]), reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nats, tokens = 0.0, 0
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = collate([(w, w) for w in windows[start:start + batch_size]], pad)
+        batch = collate(windows[start:start + batch_size], pad)
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = chunked_causal_lm_loss(model, batch["input_ids"], labels=batch["labels"],
                                       attention_mask=batch["attention_mask"])
@@ -100,5 +126,6 @@ def perplexity(model: Any, tokenizer: Any, heldout: Heldout, seq_len: int = 1024
     model.train(was_training)
     chars = heldout.chars
     return {"texts": len(heldout.texts), "chars": chars, "tokens": tokens, "ids_from": ids_from,
+            "windows": len(windows), "stride": stride or max(1, seq_len // 2),
             "nll_per_token": round(nats / tokens, 5), "perplexity": round(math.exp(nats / tokens), 3),
             "bits_per_char": round(nats / math.log(2) / chars, 5)}

@@ -367,7 +367,7 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
         for label, ref in (("source", inputs["instruct_model"]), ("quantized", out.path)):
             model, tokenizer = load_for_eval(ref)
             if probe is None:
-                window = document_windows(heldout.documents(tokenizer)[0][:1], spec.perplexity_seq_len)[0]
+                window, _ = document_windows(heldout.documents(tokenizer)[0][:1], spec.perplexity_seq_len)[0]
                 probe = torch.tensor([window])
             logits = last_logits(model, probe)
             if reference is None:

@@ -25,10 +25,84 @@ def test_windows_predict_every_token_exactly_once():
     texts = ["가나다라마바사아자차카타파하" * 2, "짧음"]
     documents, ids_from = Heldout(texts).documents(tokenizer)
     assert ids_from == "tokenized"
-    windows = document_windows(documents, seq_len=8)
-    assert all(2 <= len(w) <= 8 for w in windows)
-    predicted = sum(len(w) - 1 for w in windows)
-    assert predicted == sum(len(t) + 1 for t in texts)  # each text's tokens plus its <eos>
+    for stride in (None, 1, 3, 7):
+        windows = document_windows(documents, seq_len=8, stride=stride)
+        assert all(2 <= len(ids) <= 8 and len(labels) == len(ids) for ids, labels in windows)
+        targets = [t for ids, labels in windows for t in labels[1:] if t != -100]
+        assert len(targets) == sum(len(t) + 1 for t in texts)  # each text's tokens plus its <eos>
+        assert targets == [t for d in documents for t in d.tolist()[1:]]  # in order, each once
+        # every scored token sees its document's <bos> or seq_len - stride tokens before it
+        for ids, labels in windows:
+            first_scored = next(j for j in range(1, len(ids)) if labels[j] != -100)
+            assert ids[0] == tokenizer.bos_token_id or first_scored >= 8 - (stride or 4)
+    with pytest.raises(ValueError, match="stride"):
+        document_windows(documents, seq_len=8, stride=8)
+
+
+class ContextByteModel(torch.nn.Module):
+    """A causal LM that gives every UTF-8 byte of the text the same probability (0.5) once it has
+    seen 12 bytes of context or its document's <bos>, and 0.05 before: a model that assigns the
+    same probability to the same characters, whatever the tokenizer, if it is given context.
+    Its "hidden state" is already the logits (the head is the identity)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace())
+        self.model = lambda input_ids, attention_mask=None: self.decode(input_ids)  # the decoder
+        self.vocab = len(tokenizer)
+        pieces = tokenizer.convert_ids_to_tokens(list(range(self.vocab)))
+        special = set(tokenizer.all_special_ids)
+        self.bytes = [0 if i in special else 1 if p.startswith("<0x") and p.endswith(">") and len(p) == 6
+                      else len(p.replace("▁", " ").encode("utf-8")) for i, p in enumerate(pieces)]
+        self.bos = tokenizer.bos_token_id
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
+
+    def decode(self, input_ids):
+        """Logits per position, as the decoder's last hidden state."""
+        rows = []
+        for ids in input_ids.tolist():
+            logits = torch.full((len(ids), self.vocab + 1), -1e4)
+            seen = 0
+            for j in range(len(ids) - 1):
+                seen += self.bytes[ids[j]]
+                target = ids[j + 1]
+                warm = ids[0] == self.bos
+                lp = sum(math.log(0.5 if warm or seen + k >= 12 else 0.05) for k in range(self.bytes[target]))
+                logits[j, target] = 0.0
+                if lp < 0:  # the rest of the mass on a sink token past the vocabulary
+                    logits[j, self.vocab] = math.log(-math.expm1(lp)) - lp
+            rows.append(logits)
+        return SimpleNamespace(last_hidden_state=torch.stack(rows))
+
+
+def test_bits_per_char_is_the_same_for_both_tokenizers_and_any_window(tiny_phase3):
+    """The base tokenizer needs more windows for the same Korean text; with cold window starts
+    it paid for them in context it never had. Every scored token now sees context."""
+    from transformers import AutoTokenizer
+
+    from kormedgemma.artifacts import artifact_path
+
+    config, _ = tiny_phase3
+    texts = ["고혈압 환자는 염분 섭취를 줄이고 매일 혈압을 재야 하며, 당뇨병 환자는 혈당을 꾸준히 관리해야 한다. " * 3,
+             "폐렴사슬알균은 지역사회 획득 폐렴의 가장 흔한 원인균이다."]
+    figures = {}
+    for key in ("base_model", "initialized_model"):
+        tokenizer = AutoTokenizer.from_pretrained(artifact_path(config, key))
+        model = ContextByteModel(tokenizer)
+        for seq_len in (24, 64, 4096):
+            figures[key, seq_len] = perplexity(model, tokenizer, Heldout(texts), seq_len=seq_len, progress=False)
+    ideal = sum(len(t.encode("utf-8")) for t in texts) * 1.0 / sum(len(t) for t in texts)  # 1 bit a byte
+    assert figures["base_model", 24]["windows"] > figures["initialized_model", 24]["windows"] > 2
+    assert figures["base_model", 24]["tokens"] > figures["initialized_model", 24]["tokens"]
+    for key, seq_len in figures:
+        assert figures[key, seq_len]["bits_per_char"] == pytest.approx(ideal, abs=1e-4), (key, seq_len)
+    # cutting windows without context (stride = seq_len - 1 keeps one token of it) is the bias fixed
+    tokenizer = AutoTokenizer.from_pretrained(artifact_path(config, "base_model"))
+    cold = perplexity(ContextByteModel(tokenizer), tokenizer, Heldout(texts), seq_len=24, stride=23, progress=False)
+    assert cold["bits_per_char"] > ideal + 0.05
 
 
 def test_bits_per_char_is_total_loss_over_characters(tiny_phase3):
