@@ -182,11 +182,11 @@ def checkpoint_root(config: ProjectConfig) -> Path:
 
 
 def _fingerprint(config: ProjectConfig, inputs: dict[str, Path]) -> str:
-    from kormedgemma.config import config_hash, config_to_dict
-    from kormedgemma.manifest import hash_path
+    from kormedgemma.config import config_to_dict
+    from kormedgemma.trainloop import run_fingerprint
 
-    keys = {"instruct": config_to_dict(config.instruct), "subsets": list(config.data.kormedmcqa.subsets)}
-    return config_hash({**keys, "inputs": {name: hash_path(path) for name, path in inputs.items()}})
+    return run_fingerprint({"instruct": config_to_dict(config.instruct),
+                            "subsets": list(config.data.kormedmcqa.subsets)}, inputs)
 
 
 def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

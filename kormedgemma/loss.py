@@ -23,6 +23,13 @@ def _inner(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _logits(inner: Any, head: Any, states: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of some hidden states, soft-capped where the model caps them."""
+    logits = head(states).float()
+    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                            attention_mask: Optional[torch.Tensor] = None, chunk_tokens: int = 1024,
                            reduction: str = "mean") -> torch.Tensor:
@@ -36,13 +43,9 @@ def chunked_causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: Optional
     upstream_trains = any(p.requires_grad for p in inner.parameters() if id(p) not in head_parameters)
     with torch.set_grad_enabled(torch.is_grad_enabled() and upstream_trains):
         hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
 
     def chunk_loss(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = head(states).float()
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(_logits(inner, head, states), targets, ignore_index=IGNORE, reduction="sum")
 
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1)
@@ -67,14 +70,10 @@ def logit_chunks(model: Any, input_ids: torch.Tensor, chunk_tokens: int = 1024) 
     inner = _inner(model)
     hidden = inner.model(input_ids=input_ids).last_hidden_state
     head = inner.get_output_embeddings()
-    cap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     for start in range(0, states.shape[0], chunk_tokens):
-        logits = head(states[start:start + chunk_tokens]).float()
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        yield logits, targets[start:start + chunk_tokens]
+        yield _logits(inner, head, states[start:start + chunk_tokens]), targets[start:start + chunk_tokens]
 
 
 class CausalLMLoss(torch.nn.Module):

@@ -188,6 +188,14 @@ def mean_loss(module: Any, batches: Sequence[dict[str, torch.Tensor]], accelerat
 
 
 # --------------------------------------------------------------------------- checkpoints
+def run_fingerprint(settings: dict[str, Any], inputs: dict[str, Path]) -> str:
+    """What a checkpoint must match to be resumed: the run's settings and its inputs' hashes."""
+    from kormedgemma.config import config_hash
+    from kormedgemma.manifest import hash_path
+
+    return config_hash({**settings, "inputs": {name: hash_path(path) for name, path in inputs.items()}})
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
     done = sorted(p for p in folder.glob("step-*") if (p / "progress.json").is_file()) if folder.is_dir() else []
     return done[-1] if done else None
