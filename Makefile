@@ -6,8 +6,13 @@ PROFILE ?= tiny
 RUN_ARGS ?=
 
 SERVE_VENV ?= .venv-serve
+LMEVAL_VENV ?= .venv-lmeval
+PARITY_MODEL ?= models/final/instruct
+PARITY_DATA ?= data/processed/kormedmcqa
+PARITY_OUT ?= runs/harness_parity.json
+PARITY_ARGS ?=
 
-.PHONY: demo test venv serve-env clean-artifacts
+.PHONY: demo test venv serve-env parity clean-artifacts
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +40,18 @@ $(SERVE_VENV)/.installed: requirements-serve.txt pyproject.toml
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(SERVE_VENV)/bin/python -m pip install --quiet -r requirements-serve.txt
 	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+## The evaluator against lm-evaluation-harness itself (lm_eval in its own venv, not a project
+## dependency), question by question: PARITY_MODEL on the first 25 questions per subset of PARITY_DATA.
+parity: venv $(LMEVAL_VENV)/.installed
+	$(PY) -m kormedgemma parity --model $(PARITY_MODEL) --data $(PARITY_DATA) --out $(PARITY_OUT) \
+		--lm-eval-python $(LMEVAL_VENV)/bin/python $(PARITY_ARGS)
+
+$(LMEVAL_VENV)/.installed: requirements-lmeval.txt
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LMEVAL_VENV)/bin/python -m pip install --quiet -r requirements-lmeval.txt
 	touch $@
 
 ## Remove pipeline artifacts (data/raw, data/processed, models, runs); keeps bundled samples.

@@ -397,12 +397,12 @@ class EvaluationConfig:
     # instruction-tuned model in chat mode.
     mode: Literal["generate", "loglikelihood", "chat"] = "generate"
     batch_size: int = 8
-    # Static KV cache: transformers compiles the decoding step (CUDA only). At MedGemma-4B shape a
-    # fixed-length batch decoded 2-3.5× faster, but the evaluator's batches (prompts of varying
-    # length) gained 4% (3.56 → 3.70 q/s at batch 8), so it is off by default.
-    static_cache: bool = False
-    # The harness allows 1024 tokens, but its stop sequences (".", "\n\n") end an answer long before.
-    max_new_tokens: int = 16
+    # lm-evaluation-harness's kormedmcqa `max_gen_toks`. Rows stop at its stop sequences (".",
+    # "\n\n", ...) and leave the batch when they do, so the cap costs only the answers that use it.
+    max_new_tokens: int = 1024
+    # Context length the evaluator gives the model (null: the model's own, resolved as the harness
+    # does); a prompt longer than max_length - max_new_tokens keeps its last tokens, counted.
+    max_length: Optional[int] = None
     chat_max_new_tokens: int = 256
     # Cap per subset (null = all); keeps the tiny run short.
     max_questions: Optional[int] = None
@@ -421,6 +421,8 @@ class EvaluationConfig:
         _require(len(self.shots) >= 1 and all(s >= 0 for s in self.shots), "shots", "must be ≥ 0 (at least one)")
         _require(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
+        _require(self.max_length is None or self.max_length > self.max_new_tokens, "max_length",
+                 "must be null or larger than max_new_tokens (room for the prompt)")
         _require(self.chat_max_new_tokens >= 1, "chat_max_new_tokens", "must be ≥ 1")
         _require(self.max_questions is None or self.max_questions >= 1, "max_questions", "must be ≥ 1 or null")
         _require(self.english_max_questions is None or self.english_max_questions >= 1, "english_max_questions",
@@ -528,7 +530,7 @@ def tiny() -> ProjectConfig:
         instruct=InstructConfig(learning_rate=1e-3, epochs=4.0, seq_len=256, micro_batch_size=4, grad_accum=1,
                                 warmup_ratio=0.1, lora=small_lora, eval_every=7, save_every=7,
                                 gradient_checkpointing=False),
-        evaluation=EvaluationConfig(batch_size=8, max_new_tokens=8, chat_max_new_tokens=32,
+        evaluation=EvaluationConfig(batch_size=8, max_new_tokens=32, chat_max_new_tokens=32,
                                     english_local_path="data/samples/english_mcqa", perplexity_seq_len=128),
         deploy=DeployConfig(serve_backend="transformers", calibration_samples=16, calibration_seq_len=128,
                             group_size=32, max_model_len=1024, max_num_seqs=2, startup_timeout_s=120.0,

@@ -73,27 +73,49 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="KorMedMCQA accuracy of any model on any folder in its schema",
         description="Score a model folder or Hub id on <subset>/test.jsonl files (with <subset>/fewshot.jsonl for "
-                    "k-shot) the way lm-evaluation-harness scores its kormedmcqa tasks; writes results.json and "
-                    "predictions.jsonl to --out. Bad rows are counted and listed, not fatal.")
+                    "k-shot) the way lm-evaluation-harness 0.4.13 scores its kormedmcqa task (v3.0: answer "
+                    "extracted from up to 1024 generated tokens; v2.0 exact match beside it); writes results.json "
+                    "and predictions.jsonl to --out. Bad rows are counted and listed, not fatal.")
     evaluate.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help="model folder or Hub id")
     evaluate.add_argument("--data", required=True, metavar="DIR", help="folder of <subset>/test.jsonl (+ fewshot.jsonl)")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="where results.json and predictions.jsonl go")
     evaluate.add_argument("--shots", type=int, default=0, help="few-shot examples from <subset>/fewshot.jsonl "
                                                                 "(harness: 0 or 5; default 0)")
     evaluate.add_argument("--mode", default="generate", choices=("generate", "loglikelihood", "chat"),
-                          help="generate: harness scoring (default); loglikelihood: most likely letter; "
-                               "chat: chat template + answer extraction")
+                          help="generate: the harness task (default); loglikelihood: most likely letter; "
+                               "chat: chat template + answer extraction (the project's own)")
     evaluate.add_argument("--subset", action="append", dest="subsets", metavar="NAME",
                           help="only this subset (repeatable; default: every folder with test.jsonl)")
     evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="generate mode (default 16)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=1024,
+                          help="generate mode (default 1024, the harness's max_gen_toks)")
     evaluate.add_argument("--chat-max-new-tokens", type=int, default=256, help="chat mode (default 256)")
     evaluate.add_argument("--max-questions", type=int, default=None, help="cap per subset")
-    evaluate.add_argument("--static-cache", action="store_true",
-                          help="compile the decoding step with a static KV cache (CUDA; faster on long runs)")
+    evaluate.add_argument("--max-length", type=int, default=None,
+                          help="context length (default: the model's, as the harness resolves it); longer prompts "
+                               "keep their last max-length - max-new-tokens tokens")
     evaluate.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     evaluate.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                           help="default: bfloat16 on GPU, float32 on CPU")
+
+    parity = commands.add_parser(
+        "parity", help="run lm-evaluation-harness and the evaluator on the same questions and compare them",
+        description="Build a local copy of the installed harness's kormedmcqa task pointed at --data, run lm_eval "
+                    "(from --lm-eval-python, e.g. .venv-lmeval/bin/python; `make parity` builds it) and the "
+                    "project's evaluator on the same model and questions, and compare prompts, raw outputs, parsed "
+                    "answers, scores and generation speed question by question.")
+    parity.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID")
+    parity.add_argument("--data", required=True, metavar="DIR", help="KorMedMCQA-schema folder (test + fewshot)")
+    parity.add_argument("--out", required=True, metavar="FILE.json")
+    parity.add_argument("--lm-eval-python", default=".venv-lmeval/bin/python", metavar="PYTHON")
+    parity.add_argument("--shots", type=int, action="append", help="repeatable (default: 0 and 5)")
+    parity.add_argument("--questions", type=int, default=25, help="first N test questions per subset (default 25)")
+    parity.add_argument("--subset", action="append", dest="subsets", metavar="NAME")
+    parity.add_argument("--batch-size", type=int, default=8)
+    parity.add_argument("--device", default=None)
+    parity.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    parity.add_argument("--reuse-harness", action="store_true",
+                        help="read the harness's earlier runs made with the same settings instead of rerunning it")
 
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible server for a model folder (vLLM on GPU, transformers on CPU)",
@@ -128,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _evaluate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "parity":
+            return _parity(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -227,17 +251,35 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ {0 if name == 'shots' else 1}")
     if args.max_questions is not None and args.max_questions < 1:
         raise ValueError("--max-questions must be ≥ 1")
+    if args.max_length is not None and args.max_length <= args.max_new_tokens:
+        raise ValueError(f"--max-length {args.max_length} leaves no room for a prompt after --max-new-tokens "
+                         f"{args.max_new_tokens}")
     results = run_evaluation(args.model, Path(args.data), Path(args.out), shots=args.shots, mode=args.mode,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                              chat_max_new_tokens=args.chat_max_new_tokens, max_questions=args.max_questions,
-                             subsets=args.subsets, device=args.device, dtype=args.dtype,
-                             static_cache=args.static_cache)
+                             max_length=args.max_length, subsets=args.subsets, device=args.device,
+                             dtype=args.dtype)
     table = {name: figures["accuracy"] for name, figures in results["subsets"].items()}
-    print(json.dumps({"overall": results["overall"], "subsets": table, "bad_rows": results["bad_row_count"],
-                      "out": args.out}, ensure_ascii=False))
-    warning = chance_warning(results, args.model)
-    if warning:
-        print(warning, file=sys.stderr)
+    print(json.dumps({"task": results["task"], "overall": results["overall"], "subsets": table,
+                      "bad_rows": results["bad_row_count"], "out": args.out}, ensure_ascii=False))
+    for warning in [chance_warning(results, args.model), *results.get("warnings", [])]:
+        if warning:
+            print(warning, file=sys.stderr)
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kormedgemma.parity import run_parity
+
+    if args.questions < 1 or args.batch_size < 1:
+        raise ValueError("--questions and --batch-size must be ≥ 1")
+    result = run_parity(args.model, Path(args.data), Path(args.out), python=args.lm_eval_python,
+                        shots=args.shots or [0, 5], questions=args.questions, subsets=args.subsets,
+                        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                        reuse_harness=args.reuse_harness)
+    print(f"wrote {args.out} ({len(result['runs'])} runs)")
     return 0
 
 

@@ -1,10 +1,15 @@
 """English medical retention: did teaching Korean cost MedGemma its English medicine?
 
 Three benchmarks, each scored 0-shot by log-likelihood of the answer label, with the prompts of
-lm-evaluation-harness's `medqa_4options`, `mmlu_*` and `pubmedqa` tasks. They are read from a
-local folder (`evaluation.english_local_path`: `<name>.jsonl` rows of `question`, `choices`,
-`answer` index, optional `context`/`subject`) or from the Hub. A drop of more than
-`evaluation.retention_tolerance` against the base model is flagged.
+lm-evaluation-harness's `medqa_4options`, `mmlu_*` and `pubmedqa` tasks (`kormedgemma parity`
+renders a known row with the installed harness and checks the strings are equal). They are read
+from a local folder (`evaluation.english_local_path`: `<name>.jsonl` rows of `question`,
+`choices`, `answer` index, optional `context` (PubMedQA's abstract sections joined by newlines, as
+the harness joins them) and `subject`) or from the Hub: MedQA from the harness's own dataset;
+PubMedQA's 1,000 labelled questions from `qiaojin/PubMedQA`, because the harness's
+`bigbio/pubmed_qa` (its 500-question fold-0 test split) is a loading script that current
+`datasets` no longer runs. A drop of more than `evaluation.retention_tolerance` against the
+base model is flagged.
 """
 from __future__ import annotations
 
@@ -30,8 +35,7 @@ class Benchmark:
 
 
 def _medqa(row: dict[str, Any], _: Optional[str]) -> dict[str, Any]:
-    options = row["options"]
-    return {"question": row["question"], "choices": [options[k] for k in LETTERS], "answer": LETTERS.index(row["answer_idx"])}
+    return {"question": row["sent1"], "choices": [row[f"ending{i}"] for i in range(4)], "answer": int(row["label"])}
 
 
 def _mmlu(row: dict[str, Any], subject: Optional[str]) -> dict[str, Any]:
@@ -40,12 +44,12 @@ def _mmlu(row: dict[str, Any], subject: Optional[str]) -> dict[str, Any]:
 
 def _pubmedqa(row: dict[str, Any], _: Optional[str]) -> dict[str, Any]:
     labels = ["yes", "no", "maybe"]
-    return {"question": row["question"], "context": " ".join(row["context"]["contexts"]), "choices": labels,
+    return {"question": row["question"], "context": "\n".join(row["context"]["contexts"]), "choices": labels,
             "answer": labels.index(row["final_decision"])}
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    Benchmark("medqa", "MedQA (USMLE, 4 options)", "GBaker/MedQA-USMLE-4-options", (None,), "test", _medqa),
+    Benchmark("medqa", "MedQA (USMLE, 4 options)", "GBaker/MedQA-USMLE-4-options-hf", (None,), "test", _medqa),
     Benchmark("mmlu_medical", "MMLU medical subsets", "cais/mmlu", MMLU_MEDICAL, "test", _mmlu),
     Benchmark("pubmedqa", "PubMedQA (labelled)", "qiaojin/PubMedQA", ("pqa_labeled",), "train", _pubmedqa),
 ]}

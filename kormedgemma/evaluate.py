@@ -1,13 +1,15 @@
 """Phase 5: KorMedMCQA accuracy of any model, scored as lm-evaluation-harness scores it.
 
 Three modes, one result format:
-- ``generate`` (the harness's): the harness prompt, greedy generation cut at its stop
-  sequences, exact match (`kormedgemma.harness`). The number to compare with published ones.
+- ``generate`` (the harness's ``kormedmcqa`` task, v3.0 in lm_eval 0.4.13): the harness prompt,
+  greedy generation up to 1,024 tokens cut at its stop sequences, the answer *extracted* by the
+  KorMedMCQA paper's cascade and compared with the gold letter. That is ``accuracy``, the number
+  to compare with published ones; the v2.0 score (exact match of the whole cut output) is kept
+  beside it as ``exact_match_v2``, for figures published before v3.0.
 - ``loglikelihood``: the letter A–E whose continuation ``" X"`` after ``정답：`` the model finds
   most likely. Never fails to answer, so it separates "knows" from "formats the answer".
-- ``chat``: the same prompt as a user turn of the model's chat template, free generation up to
-  the end of the turn, the answer read with the KorMedMCQA paper's extraction cascade: what an
-  instruction-tuned model that reasons before answering expects.
+- ``chat`` (this project's own, no harness task): the same prompt as a user turn of the model's
+  chat template, free generation to the end of the turn, the answer read by the same cascade.
 
 `predictions.jsonl` holds one row per question and `results.json` is computed from those rows
 alone (`summarize`), so anyone can recompute every figure from the predictions.
@@ -23,6 +25,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 
 from kormedgemma.base_model import load_for_eval
+from kormedgemma.decoding import greedy_generate
 from kormedgemma.harness import (LETTERS, STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, extract_choice,
                                  harness_choice, letter)
 
@@ -30,15 +33,6 @@ Mode = Literal["generate", "loglikelihood", "chat"]
 MODES: tuple[str, ...] = ("generate", "loglikelihood", "chat")
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """End-of-sequence ids: `<eos>` and, for chat models, `<end_of_turn>` (Gemma's turn end)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    turn_end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id and turn_end not in ids:
-        ids.append(turn_end)
-    return ids
 
 
 def chat_prompt(tokenizer: Any, text: str) -> str:
@@ -49,58 +43,13 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
 
 
 # --------------------------------------------------------------------------- generation
-class MaskRowsPast:
-    """Logits processor: rows past the tokenizer (the embedding matrix is padded to a multiple of
-    64) are never generated — no text decodes from them, and stop-string matching indexes a
-    table by token id. A slice, not `suppress_tokens`' per-step membership test."""
-
-    def __init__(self, first_unused: int) -> None:
-        self.first_unused = first_unused
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if scores.shape[-1] > self.first_unused:
-            scores[:, self.first_unused:] = -math.inf
-        return scores
-
-
-@torch.no_grad()
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
                    stop_strings: Sequence[str] = (), batch_size: int = 8, add_special_tokens: bool = True,
-                   static_cache: bool = False, desc: str = "generate", progress: bool = True) -> list[str]:
-    """Greedy continuations of `prompts`, batched longest-first with left padding.
-
-    `static_cache` makes transformers compile the decoding step (CUDA). Measured at MedGemma-4B
-    shape: 2-3.5× faster on one fixed batch, but 4% end to end over batches of varying prompt
-    length (benchmarks/results/eval_generation_gpu_h100.json), so it is an option, not the default.
-    """
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    device = next(model.parameters()).device
-    lengths = [len(tokenizer.encode(p, add_special_tokens=add_special_tokens)) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
-                                pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop_strings) or None,
-                                cache_implementation="static" if static_cache else None)
-    processors = LogitsProcessorList([MaskRowsPast(len(tokenizer))])
-    outputs: list[str] = [""] * len(prompts)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                chosen = order[start:start + batch_size]
-                batch = tokenizer([prompts[i] for i in chosen], return_tensors="pt", padding=True,
-                                  add_special_tokens=add_special_tokens).to(device)
-                generated = model.generate(**batch, generation_config=settings, tokenizer=tokenizer,
-                                           logits_processor=processors)
-                new = generated[:, batch["input_ids"].shape[1]:]
-                for i, ids in zip(chosen, new):
-                    outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
-                bar.update(len(chosen))
-    finally:
-        tokenizer.padding_side = side
-    return outputs
+                   max_length: Optional[int] = None, desc: str = "generate", progress: bool = True) -> list[str]:
+    """Greedy continuations of `prompts` (`decoding.greedy_generate`: finished rows leave the batch)."""
+    return greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                           batch_size=batch_size, add_special_tokens=add_special_tokens, max_length=max_length,
+                           desc=desc, progress=progress).texts
 
 
 # --------------------------------------------------------------------------- log-likelihood
@@ -160,45 +109,58 @@ def choice_logprobs(model: Any, tokenizer: Any, contexts: Sequence[str], choices
 
 
 # --------------------------------------------------------------------------- KorMedMCQA
+# lm-evaluation-harness's `kormedmcqa` task as this module reproduces it (its `max_gen_toks`).
+TASK_VERSION = "3.0"
+MAX_GEN_TOKS = 1024
+
+
 def evaluate_mcqa(model: Any, tokenizer: Any, data: McqaSet, *, shots: int = 0, mode: Mode = "generate",
-                  batch_size: int = 8, max_new_tokens: int = 16, chat_max_new_tokens: int = 256,
-                  static_cache: bool = False, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(results, predictions) of `model` on every test question of `data`."""
+                  batch_size: int = 8, max_new_tokens: int = MAX_GEN_TOKS, chat_max_new_tokens: int = 256,
+                  max_length: Optional[int] = None, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(results, predictions) of `model` on every test question of `data`.
+
+    `max_length` is the context the harness would give the model (default: the model's own, as
+    the harness resolves it); prompts longer than it minus the generation cap keep their last
+    tokens, and the count is in the results."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     check_shots(data, shots)
     items = [(subset, row) for subset, rows in data.test.items() for row in rows]
     prompts = [build_prompt(row, data.fewshot.get(subset, []), shots) for subset, row in items]
     started = time.perf_counter()
+    truncated: set[int] = set()
+    v2: list[Optional[str]] = [None] * len(items)
+    chat = mode == "chat"
     if mode == "loglikelihood":
         scores = choice_logprobs(model, tokenizer, prompts, [[f" {x}" for x in LETTERS]] * len(prompts),
                                  batch_size=batch_size, desc=f"{shots}-shot log-likelihood", progress=progress)
         chosen = [LETTERS[max(range(len(LETTERS)), key=s.__getitem__)] for s in scores]
         raw = [json.dumps(dict(zip(LETTERS, (round(v, 4) for v in s)))) for s in scores]
-        extracted = chosen
-    elif mode == "generate":
-        outputs = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=STOP_SEQUENCES,
-                                 batch_size=batch_size, static_cache=static_cache, desc=f"{shots}-shot generate",
-                                 progress=progress)
-        raw = [cut_at_stops(o) for o in outputs]
-        chosen = [harness_choice(r) for r in raw]
-        extracted = [extract_choice(r) for r in raw]
     else:
-        rendered = [chat_prompt(tokenizer, p) for p in prompts]
-        outputs = generate_texts(model, tokenizer, rendered, max_new_tokens=chat_max_new_tokens, batch_size=batch_size,
-                                 add_special_tokens=False, static_cache=static_cache, desc=f"{shots}-shot chat",
-                                 progress=progress)
-        raw = [o.strip() for o in outputs]
+        run = greedy_generate(model, tokenizer, [chat_prompt(tokenizer, p) for p in prompts] if chat else prompts,
+                              max_new_tokens=chat_max_new_tokens if chat else max_new_tokens,
+                              stop_strings=() if chat else STOP_SEQUENCES, batch_size=batch_size,
+                              add_special_tokens=not chat, max_length=max_length,
+                              desc=f"{shots}-shot {mode}", progress=progress)
+        truncated = set(run.truncated)
+        raw = [o.strip() for o in run.texts] if chat else [cut_at_stops(o) for o in run.texts]
         chosen = [extract_choice(r) for r in raw]
-        extracted = chosen
+        if not chat:
+            v2 = [harness_choice(r) for r in raw]
     seconds = time.perf_counter() - started
     predictions = [{"subject": subset, "question": row["question"], "gold": letter(row["answer"]),
-                    "prediction": pick, "extracted": pulled, "raw_output": text}
-                   for (subset, row), pick, pulled, text in zip(items, chosen, extracted, raw)]
+                    "prediction": pick, "exact_match_v2": v2_pick, "truncated": k in truncated, "raw_output": text}
+                   for k, ((subset, row), pick, v2_pick, text) in enumerate(zip(items, chosen, v2, raw))]
     results = summarize(predictions, subsets=list(data.test))
-    results.update({"mode": mode, "shots": shots, "scoring": SCORING[mode], "data": str(data.root),
-                    "bad_rows": data.bad_rows, "bad_row_count": len(data.bad_rows), "seconds": round(seconds, 2),
+    results.update({"mode": mode, "shots": shots, "task": TASKS[mode], "scoring": SCORING[mode],
+                    "data": str(data.root), "bad_rows": data.bad_rows, "bad_row_count": len(data.bad_rows),
+                    "max_new_tokens": max_new_tokens if mode == "generate" else chat_max_new_tokens if chat else None,
+                    "seconds": round(seconds, 2), "questions_per_second": round(len(items) / max(seconds, 1e-9), 3),
                     "seconds_per_100_questions": round(100 * seconds / max(len(items), 1), 2)})
+    if truncated:
+        results["warnings"] = [f"{len(truncated)} of {len(items)} prompts were longer than the model's context "
+                               f"minus {results['max_new_tokens']} new tokens and kept only their last tokens "
+                               "(lm-evaluation-harness's rule)"]
     return results, predictions
 
 
@@ -211,34 +173,46 @@ def check_shots(data: McqaSet, shots: int) -> None:
             raise ValueError(f"{shots}-shot needs {shots} usable rows in {where}, it has {have}: add them or use --shots 0")
 
 
+TASKS = {
+    "generate": f"lm-evaluation-harness kormedmcqa v{TASK_VERSION}",
+    "loglikelihood": "project's own (log-likelihood of the answer letter; not a harness task)",
+    "chat": "project's own (chat template; not a harness task)",
+}
 SCORING = {
-    "generate": "lm-evaluation-harness kormedmcqa: greedy generation cut at its stop sequences, exact match "
-                "ignoring spaces, newlines, case and ASCII punctuation",
+    "generate": "greedy generation up to max_new_tokens cut at the harness's stop sequences; accuracy: the "
+                "answer extracted by the KorMedMCQA paper's cascade (Appendix B, last match) equals the gold "
+                "letter (v3.0); exact_match_v2: the whole cut output equals it ignoring spaces, newlines, case "
+                "and ASCII punctuation (v2.0)",
     "loglikelihood": "argmax over A–E of log P(' X' | prompt)",
-    "chat": "chat template, generation to the end of the turn, KorMedMCQA paper answer extraction (Appendix B)",
+    "chat": "chat template, generation to the end of the turn, the same answer extraction",
 }
 CHANCE = 1 / len(LETTERS)
 
 
+def _fraction(hits: int, n: int) -> Optional[float]:
+    return round(hits / n, 4) if n else None
+
+
+def _figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    correct = sum(p["prediction"] == p["gold"] for p in rows)
+    scored_v2 = [p for p in rows if p.get("exact_match_v2") is not None]
+    return {"n": n, "correct": correct, "accuracy": _fraction(correct, n),
+            "exact_match_v2": _fraction(sum(p["exact_match_v2"] == p["gold"] for p in scored_v2), n)
+            if scored_v2 else None,
+            "unanswered": sum(p["prediction"] == "" for p in rows),
+            "truncated": sum(bool(p.get("truncated")) for p in rows)}
+
+
 def summarize(predictions: Sequence[dict[str, Any]], subsets: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Accuracy per subset and overall, from prediction rows only."""
+    """Accuracy per subset and overall (micro, as the harness's group weights by size; macro
+    beside it), from prediction rows only."""
     names = list(subsets) if subsets else sorted({p["subject"] for p in predictions})
-    table: dict[str, dict[str, Any]] = {}
-    for name in names:
-        rows = [p for p in predictions if p["subject"] == name]
-        correct = sum(p["prediction"] == p["gold"] for p in rows)
-        table[name] = {"n": len(rows), "correct": correct,
-                       "accuracy": round(correct / len(rows), 4) if rows else None,
-                       "extracted_accuracy": round(sum(p["extracted"] == p["gold"] for p in rows) / len(rows), 4) if rows else None,
-                       "unanswered": sum(p["prediction"] == "" for p in rows)}
-    n = len(predictions)
-    correct = sum(p["prediction"] == p["gold"] for p in predictions)
-    accuracy = round(correct / n, 4) if n else None
+    table = {name: _figures([p for p in predictions if p["subject"] == name]) for name in names}
+    overall = _figures(predictions)
     scored = [t["accuracy"] for t in table.values() if t["accuracy"] is not None]
-    overall = {"n": n, "correct": correct, "accuracy": accuracy,
-               "macro_accuracy": round(sum(scored) / len(scored), 4) if scored else None,
-               "extracted_accuracy": round(sum(p["extracted"] == p["gold"] for p in predictions) / n, 4) if n else None,
-               "unanswered": sum(p["prediction"] == "" for p in predictions)}
+    overall["macro_accuracy"] = round(sum(scored) / len(scored), 4) if scored else None
+    accuracy = overall["accuracy"]
     return {"subsets": table, "overall": overall, "chance": CHANCE,
             "at_or_below_chance": accuracy is not None and accuracy <= CHANCE}
 
@@ -265,10 +239,10 @@ def write_results(out_dir: Path, results: dict[str, Any], predictions: Sequence[
 
 
 def run_evaluation(model_ref: str, data_dir: Path, out_dir: Path, *, shots: int = 0, mode: Mode = "generate",
-                   batch_size: int = 8, max_new_tokens: int = 16, chat_max_new_tokens: int = 256,
-                   max_questions: Optional[int] = None, subsets: Optional[Sequence[str]] = None,
-                   device: Optional[str] = None, dtype: Optional[str] = None, static_cache: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   batch_size: int = 8, max_new_tokens: int = MAX_GEN_TOKS, chat_max_new_tokens: int = 256,
+                   max_length: Optional[int] = None, max_questions: Optional[int] = None,
+                   subsets: Optional[Sequence[str]] = None, device: Optional[str] = None,
+                   dtype: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """`python -m kormedgemma evaluate`: any model on any KorMedMCQA-schema folder, written to `out_dir`."""
     from kormedgemma.harness import read_mcqa_folder
 
@@ -277,7 +251,7 @@ def run_evaluation(model_ref: str, data_dir: Path, out_dir: Path, *, shots: int 
     model, tokenizer = load_for_eval(model_ref, device=device, dtype=dtype)
     results, predictions = evaluate_mcqa(model, tokenizer, data, shots=shots, mode=mode, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens, chat_max_new_tokens=chat_max_new_tokens,
-                                         static_cache=static_cache, progress=progress)
+                                         max_length=max_length, progress=progress)
     results["model"] = str(model_ref)
     write_results(Path(out_dir), results, predictions)
     return results
@@ -285,11 +259,11 @@ def run_evaluation(model_ref: str, data_dir: Path, out_dir: Path, *, shots: int 
 
 def evaluate_with(model: Any, tokenizer: Any, data: McqaSet, spec: Any, shots: int, mode: Mode,
                   progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """`evaluate_mcqa` with the `evaluation` config's batch size, token caps and static-cache
-    switch: the one place pipeline steps (5.01, 6.01) turn config into evaluator settings."""
+    """`evaluate_mcqa` with the `evaluation` config's batch size, token caps and context length:
+    the one place pipeline steps (5.01, 6.01) turn config into evaluator settings."""
     return evaluate_mcqa(model, tokenizer, data, shots=shots, mode=mode, batch_size=spec.batch_size,
                          max_new_tokens=spec.max_new_tokens, chat_max_new_tokens=spec.chat_max_new_tokens,
-                         static_cache=spec.static_cache and torch.cuda.is_available(), progress=progress)
+                         max_length=spec.max_length, progress=progress)
 
 
 # --------------------------------------------------------------------------- phase 5.01: the artifact
@@ -349,6 +323,7 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
         efficiency = efficiency_table({"base": tokenizers["base"], "expanded": tokenizers["instruct"]},
                                       {"korean valid": heldout.texts})
         warnings = [w for w in (chance_warning(r, r["name"]) for r in runs) if w]
+        warnings += [f"{r['name']}: {w}" for r in runs for w in r.get("warnings", [])]
         summary = {"models": models, "runs": [_run_summary(r) for r in runs], "perplexity": ppl,
                    "tokenizer_efficiency": efficiency, "bad_rows": data.bad_rows, "warnings": warnings}
         write_json(out.path / "results.json", summary)
@@ -361,18 +336,20 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
 
 
 def _run_summary(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: run[k] for k in ("name", "model", "mode", "shots", "subsets", "overall", "at_or_below_chance",
-                                "seconds", "seconds_per_100_questions")}
+    return {k: run[k] for k in ("name", "model", "mode", "task", "shots", "subsets", "overall", "at_or_below_chance",
+                                "max_new_tokens", "seconds", "questions_per_second", "seconds_per_100_questions")}
 
 
 def accuracy_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per run: accuracy per subset and overall (what the notebook shows)."""
+    """One row per run: accuracy per subset and overall (what the notebook shows). For the
+    harness task, `overall` is its v3.0 score and `v2.0 EM` the exact match it replaced."""
     rows = []
     for run in summary["runs"]:
         row: dict[str, Any] = {"model": run["model"], "mode": run["mode"], "shots": run["shots"]}
         row.update({subset: figures["accuracy"] for subset, figures in run["subsets"].items()})
-        row.update({"overall": run["overall"]["accuracy"], "extracted": run["overall"]["extracted_accuracy"],
-                    "unanswered": run["overall"]["unanswered"], "s/100 q": run["seconds_per_100_questions"]})
+        row.update({"overall": run["overall"]["accuracy"], "v2.0 EM": run["overall"]["exact_match_v2"],
+                    "unanswered": run["overall"]["unanswered"], "truncated": run["overall"]["truncated"],
+                    "q/s": run["questions_per_second"]})
         rows.append(row)
     return rows
 
@@ -417,7 +394,13 @@ def korean_report(summary: dict[str, Any]) -> str:
     ppl_rows = [{"model": k, **v} for k, v in summary["perplexity"].items()]
     parts = ["# Korean evaluation (phase 5.01)", ""]
     parts += [f"> {w}" for w in summary["warnings"]] + ([""] if summary["warnings"] else [])
-    parts += ["## KorMedMCQA accuracy", "", _markdown(accuracy_table(summary)), "", "![accuracy](accuracy.png)", "",
+    parts += ["## KorMedMCQA accuracy", "",
+              f"`generate` rows are lm-evaluation-harness's `kormedmcqa` task v{TASK_VERSION} (lm_eval 0.4.13): "
+              "`overall` is its score (the answer extracted from up to "
+              f"{MAX_GEN_TOKS} generated tokens cut at its stop sequences), the number to compare with published "
+              "figures; `v2.0 EM` is the exact match of the whole cut output that v2.0 reported. `chat` rows are this "
+              "project's own protocol. `truncated` counts prompts cut to the model's context (the harness's rule).",
+              "", _markdown(accuracy_table(summary)), "", "![accuracy](accuracy.png)", "",
               "## Korean held-out text", "", "Bits per character compare across tokenizers; per-token perplexity does not.",
               "", _markdown(ppl_rows), "", "## Tokenizer efficiency", "", _markdown(summary["tokenizer_efficiency"]), ""]
     if summary["bad_rows"]:

@@ -1,17 +1,20 @@
 """KorMedMCQA the way lm-evaluation-harness asks and scores it, without importing the harness.
 
-The harness's `kormedmcqa_*` tasks (template version 2.0) define the numbers people compare:
-- prompt ``{question.strip()}\\nA. {A}\\n…\\nE. {E}\\n정답：`` (full-width colon, no space);
+The harness's `kormedmcqa` task (version 3.0 in lm_eval 0.4.13) defines the numbers people compare:
+- prompt ``{question.strip()}\\nA. {A}\\n…\\nE. {E}\\n정답：`` (full-width colon, no space;
+  options as written);
 - k-shot context: the first k rows of the `fewshot` split, each rendered as the prompt plus
   ``" {letter}\\n\\n"``, concatenated in front of the question (the `first_n` sampler);
-- greedy generation cut at the first of ``Q:``, ``</s>``, ``<|im_end|>``, ``.``, ``\\n\\n`` (and
-  the tokenizer's end-of-sequence);
-- exact match after deleting spaces and newlines, lower-casing and deleting ASCII punctuation
-  (`string.punctuation`: the full-width ``：`` survives, so ``정답： C`` scores 0).
+- greedy generation of up to 1,024 tokens cut at the first of ``Q:``, ``</s>``, ``<|im_end|>``,
+  ``.``, ``\\n\\n`` (and the tokenizer's end-of-sequence);
+- v3.0: the answer extracted by the KorMedMCQA paper's cascade (Appendix B: the last match of
+  the first pattern that matches, `extract_choice`), exact-matched with the gold letter;
+- v2.0 (reported beside it): exact match of the whole cut output after deleting spaces and
+  newlines, lower-casing and deleting ASCII punctuation (`string.punctuation`: the full-width
+  ``：`` survives, so ``정답： C`` scores 0).
 
-Keeping these rules in one pure module (no torch) is what lets the tests pin them to the
-harness's behaviour on planted outputs. The answer-extraction cascade of the KorMedMCQA paper
-(Appendix B) is here too: it is how chat-mode answers (reasoning, then ``정답: C``) are read.
+Keeping these rules in one pure module (no torch) is what lets the tests pin them on planted
+outputs, and `kormedgemma.parity` check them against the installed harness itself.
 """
 from __future__ import annotations
 
@@ -66,10 +69,11 @@ def cut_at_stops(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
 
 
 def normalize(text: str) -> str:
-    """The harness's exact_match normalisation: regexes, then case, then ASCII punctuation."""
+    """The harness's exact_match normalisation: regexes, then case, then ASCII punctuation, and
+    trailing NULs dropped — the harness compares numpy fixed-width strings, which lose them."""
     for pattern in IGNORED_REGEXES:
         text = re.sub(pattern, "", text)
-    return text.lower().translate(_PUNCTUATION)
+    return text.lower().translate(_PUNCTUATION).rstrip("\x00")
 
 
 def exact_match(output: str, gold: str) -> bool:

@@ -416,7 +416,7 @@ def comparison_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"model": label, "size GB": round(entry["bytes"] / 1e9, 3),
                      "Korean bits/char": entry["perplexity"]["bits_per_char"],
                      "Korean ppl/token": entry["perplexity"]["perplexity"],
-                     "KorMedMCQA": overall["accuracy"], "extracted": overall["extracted_accuracy"],
+                     "KorMedMCQA": overall["accuracy"], "v2.0 EM": overall["exact_match_v2"],
                      "unanswered": overall["unanswered"]})
     return rows
 
@@ -429,11 +429,11 @@ def deployment_report(summary: dict[str, Any]) -> str:
              f"Korean blocks of {info['calibration_seq_len']} tokens in {info['seconds']} s"
              + (f", peak GPU {info['peak_gpu_gb']} GB" if info.get("peak_gpu_gb") is not None else "") + ".",
              f"Kept in full precision: {', '.join(info['ignore'])}.", "",
-             "| model | size GB | Korean bits/char | KorMedMCQA | extracted | unanswered |",
+             "| model | size GB | Korean bits/char | KorMedMCQA | v2.0 EM | unanswered |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in comparison_rows(summary):
         lines.append(f"| {row['model']} | {row['size GB']} | {row['Korean bits/char']:.4f} | {row['KorMedMCQA']:.1%} "
-                     f"| {row['extracted']:.1%} | {row['unanswered']} |")
+                     f"| {'-' if row['v2.0 EM'] is None else format(row['v2.0 EM'], '.1%')} | {row['unanswered']} |")
     lines += ["", f"KorMedMCQA: {summary['kormedmcqa_mode']}, {summary['kormedmcqa_shots']}-shot. "
               f"Logits relative error on one held-out window: {summary['logits_relative_error']:.4f}.", "",
               "## Memory plan", ""]

@@ -98,7 +98,7 @@ def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
     from pydantic import BaseModel, Field
     from transformers import GenerationConfig, LogitsProcessorList, TextIteratorStreamer
 
-    from kormedgemma.evaluate import MaskRowsPast, stop_token_ids
+    from kormedgemma.decoding import MaskRowsPast, stop_token_ids
 
     class Message(BaseModel):
         role: Literal["system", "user", "assistant"]

@@ -41,41 +41,40 @@ def test_choice_logprobs_do_not_depend_on_batching_or_padding(merged):
     assert math.isclose(alone[1][1], direct, abs_tol=1e-4)
 
 
-def test_batched_generation_equals_one_prompt_at_a_time(merged):
+def test_planted_outputs_score_v3_extraction_as_headline_and_v2_exact_match_beside(monkeypatch, merged):
+    from kormedgemma.decoding import Generated
+
     _, model, tokenizer = merged
-    prompts = ["고혈압의 치료는", "당뇨병 환자에게 메트포르민을 처방할 때 확인할 검사는 무엇인가?\n정답：", "폐렴"]
-    one = [ev.generate_texts(model, tokenizer, [p], max_new_tokens=6, progress=False)[0] for p in prompts]
-    assert ev.generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False) == one
-
-
-def test_rows_past_the_tokenizer_are_never_generated():
-    scores = torch.zeros(2, 10)
-    scores[:, 8] = 5.0
-    masked = ev.MaskRowsPast(7)(torch.zeros(2, 3, dtype=torch.long), scores)
-    assert masked.argmax(-1).tolist() == [0, 0] and torch.isinf(masked[:, 7:]).all()
-
-
-def test_planted_outputs_give_harness_accuracy_and_predictions_recompute_it(monkeypatch, merged):
-    _, model, tokenizer = merged
-    rows = [dict(r, answer=3) for r in ROWS[:3]] + [dict(ROWS[3], answer=1)]
+    rows = [dict(r, answer=3) for r in ROWS[:3]] + [dict(ROWS[3], answer=1), dict(ROWS[4], answer=2)]
     data = McqaSet(root=Path("planted"), test={"cardio": rows}, fewshot={})
-    planted = ["정답： C.", "c", " C\n", " B"]
-    monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: list(planted))
+    # generated text before the harness's cut: "." and "\n\n" end what is scored
+    planted = ["정답： C. 이뇨제가", "c", " C\n\nB", " B", "설명이 길다\n\nB"]
+    seen = {}
+
+    def fake(model, tokenizer, prompts, **kwargs):
+        seen.update(kwargs)
+        return Generated(texts=list(planted), tokens=[[5]] * 5, truncated=[4])
+
+    monkeypatch.setattr(ev, "greedy_generate", fake)
     results, predictions = ev.evaluate_mcqa(model, tokenizer, data, progress=False)
-    assert [p["prediction"] for p in predictions] == ["", "C", "C", "B"]
-    assert [p["gold"] for p in predictions] == ["C", "C", "C", "A"]
-    assert results["overall"]["correct"] == 2 and results["overall"]["accuracy"] == 0.5
-    assert results["overall"]["extracted_accuracy"] == 0.75  # the paper's extraction reads "정답： C" as C
-    assert results["overall"]["unanswered"] == 1
-    recomputed = sum(p["prediction"] == p["gold"] for p in predictions) / len(predictions)
-    assert recomputed == results["overall"]["accuracy"]
+    assert seen["max_new_tokens"] == 1024 and "." in seen["stop_strings"]  # the harness's max_gen_toks and stops
+    assert [p["raw_output"] for p in predictions] == ["정답： C", "c", " C", " B", "설명이 길다"]
+    assert [p["gold"] for p in predictions] == ["C", "C", "C", "A", "B"]
+    assert [p["prediction"] for p in predictions] == ["C", "C", "C", "B", ""]  # v3.0: extracted
+    assert [p["exact_match_v2"] for p in predictions] == ["", "C", "C", "B", ""]  # v2.0: "정답： C" is no letter
+    overall = results["overall"]
+    assert (overall["correct"], overall["accuracy"], overall["exact_match_v2"]) == (3, 0.6, 0.4)
+    assert overall["unanswered"] == 1 and overall["truncated"] == 1 and predictions[4]["truncated"]
+    assert results["task"] == "lm-evaluation-harness kormedmcqa v3.0" and "1 of 5 prompts" in results["warnings"][0]
+    assert ev.summarize(predictions) | {} == {k: results[k] for k in ("subsets", "overall", "chance",
+                                                                         "at_or_below_chance")}
 
 
 def test_chance_level_is_flagged():
-    predictions = [{"subject": "s", "gold": "A", "prediction": "", "extracted": ""}] * 5
+    predictions = [{"subject": "s", "gold": "A", "prediction": "", "exact_match_v2": ""}] * 5
     results = ev.summarize(predictions)
     assert results["at_or_below_chance"] and "at or below chance" in ev.chance_warning(results)
-    good = ev.summarize([{"subject": "s", "gold": "A", "prediction": "A", "extracted": "A"}] * 5)
+    good = ev.summarize([{"subject": "s", "gold": "A", "prediction": "A", "exact_match_v2": None}] * 5)
     assert ev.chance_warning(good) is None
 
 

@@ -50,6 +50,8 @@ def test_fewshot_drops_the_question_itself_and_refuses_too_few_rows():
     (" B\n\nQ: 다음", " B", "B", "B"),
     ("정답: E", "정답: E", "", "E"),         # ASCII ":" is removed, but "정답" stays
     ("모르겠다", "모르겠다", "", ""),
+    ("C\x00", "C\x00", "C", "C"),       # the harness compares numpy strings, which drop trailing NULs
+    ("A와 B 중 C", "A와 B 중 C", "", "C"),  # v3.0 takes the last match
 ])
 def test_planted_outputs_score_as_the_harness_scores_them(output, kept, letter, extracted):
     assert cut_at_stops(output) == kept
@@ -61,6 +63,7 @@ def test_planted_outputs_score_as_the_harness_scores_them(output, kept, letter, 
 def test_normalisation_removes_spaces_newlines_case_and_ascii_punctuation_only():
     assert normalize(" A,\n b!") == "ab"
     assert normalize("정답：C") == "정답：c"
+    assert normalize("C \x00") == "c" and normalize("C\x00D") == "c\x00d"  # only trailing NULs go, as in numpy
 
 
 def test_bad_rows_are_counted_and_listed_not_fatal(tmp_path: Path):
