@@ -69,6 +69,23 @@ def fit_context(ids: list[int], max_length: int, max_new_tokens: int) -> tuple[l
     return (ids[-room:], True) if len(ids) > room else (ids, False)
 
 
+def varying_shape_attention(device: Any):
+    """A context in which attention skips cuDNN's SDPA kernel on CUDA.
+
+    cuDNN builds an execution plan for every new (batch, key length) shape, ~55 ms each on an
+    H100, and decoding meets a new shape at every step: measured on the tiny model, 64 ms a step
+    with it and 8 ms without, same tokens (benchmarks/results/eval_generation_gpu_h100.json has the
+    4B-shape figures). Flash / memory-efficient / math kernels need no plan. Training, with one
+    sequence length, keeps cuDNN."""
+    from contextlib import nullcontext
+
+    if getattr(device, "type", device) != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class MaskRowsPast:
     """Logits processor for `model.generate` callers (the serving backend): rows past the
     tokenizer (the embedding matrix is padded to a multiple of 64) are never generated, since no
@@ -87,20 +104,28 @@ class _Stops:
     """Whether a row has finished: its newest token ends the sequence, or its decoded text now
     holds a stop string.
 
-    The whole generated text is decoded each step, not a window of recent tokens: with byte
-    fallback, a run of byte tokens decodes differently once cut (an invalid run becomes one
-    U+FFFD per byte), so a window can both invent and hide a stop string. Decoding ≤ 1,024
-    tokens costs microseconds next to a forward pass."""
+    The whole generated text is decoded, not a window of recent tokens: with byte fallback, a
+    run of byte tokens decodes differently once cut (an invalid run becomes one U+FFFD per
+    byte), so a window can both invent and hide a stop string. Decoding is skipped when the new
+    token cannot have completed one: a stop string that is new in the text ends inside the new
+    token's own text, so a token whose text holds no stop string's last character (and that is
+    not a byte-like piece, whose effect on the text is not its own) changes nothing."""
 
     def __init__(self, tokenizer: Any, stop_strings: Sequence[str], eos_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
         self.strings = [s for s in stop_strings if s]
         self.eos = set(eos_ids)
+        self.may_complete: Optional[torch.Tensor] = None
+        if self.strings:
+            last = {s[-1] for s in self.strings}
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+            self.may_complete = torch.tensor([bool(last & set(t)) or "\ufffd" in t for t in texts])
 
     def hit(self, tokens: list[int]) -> bool:
-        if tokens[-1] in self.eos:
+        token = tokens[-1]
+        if token in self.eos:
             return True
-        if not self.strings:
+        if self.may_complete is None or (token < len(self.may_complete) and not self.may_complete[token]):
             return False
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in self.strings)
@@ -222,7 +247,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
         bar.update(len(rows) - len(going))
         return going
 
-    with tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="q", disable=not progress) as bar, varying_shape_attention(device):
         while waiting or alive:
             room = batch_size - len(alive)
             if waiting and room > 0 and (batch is None or not alive or batch.joinable):

@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 
 from kormedgemma.base_model import load_for_eval
-from kormedgemma.decoding import greedy_generate
+from kormedgemma.decoding import greedy_generate, varying_shape_attention
 from kormedgemma.harness import (LETTERS, STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, extract_choice,
                                  harness_choice, letter)
 
@@ -86,7 +86,7 @@ def choice_logprobs(model: Any, tokenizer: Any, contexts: Sequence[str], choices
     device = next(model.parameters()).device
     inputs = sorted(requests, key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with tqdm(total=len(inputs), desc=desc, unit="seq", disable=not progress) as bar:
+    with tqdm(total=len(inputs), desc=desc, unit="seq", disable=not progress) as bar, varying_shape_attention(device):
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
             width = max(len(x) for x in chunk)
@@ -329,7 +329,10 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
         write_json(out.path / "results.json", summary)
         plot_accuracy(summary, out.path / "accuracy.png")
         write_text(out.path / "report.md", korean_report(summary))
-        out.metrics.update({"accuracy": {r["name"]: r["overall"]["accuracy"] for r in summary["runs"]},
+        out.metrics.update({"task": TASKS["generate"],
+                            "accuracy": {r["name"]: r["overall"]["accuracy"] for r in summary["runs"]},
+                            "exact_match_v2": {r["name"]: r["overall"]["exact_match_v2"] for r in summary["runs"]
+                                               if r["overall"]["exact_match_v2"] is not None},
                             "bits_per_char": {k: v["bits_per_char"] for k, v in ppl.items()},
                             "questions": data.questions, "bad_rows": len(data.bad_rows), "warnings": warnings})
     return artifact_path(config, "eval_korean")

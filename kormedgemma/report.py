@@ -72,8 +72,10 @@ def headline(key: str, metrics: dict[str, Any]) -> str:
     if key == "eval_korean":
         accuracy = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("accuracy") or {}).items()
                              if value is not None)
-        warn = f"; ⚠ {len(metrics['warnings'])} run(s) at or below chance" if metrics.get("warnings") else ""
-        return f"KorMedMCQA {accuracy}; Korean bits/char {metrics.get('bits_per_char')}{warn}"
+        v2 = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("exact_match_v2") or {}).items())
+        warn = f"; ⚠ {len(metrics['warnings'])} warning(s): {metrics['warnings'][0]}" if metrics.get("warnings") else ""
+        return (f"KorMedMCQA ({metrics.get('task', 'lm-evaluation-harness kormedmcqa')}) {accuracy}"
+                + (f"; v2.0 exact match {v2}" if v2 else "") + f"; Korean bits/char {metrics.get('bits_per_char')}{warn}")
     if key == "eval_english":
         retention = ", ".join(f"{r['benchmark']} {r['base']:.1%} → {r['adapted']:.1%}" for r in metrics.get("retention", []))
         flagged = f"; ⚠ dropped beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""

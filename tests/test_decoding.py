@@ -41,12 +41,19 @@ def test_shrinking_batches_give_the_tokens_generate_gives_one_prompt_at_a_time(m
         assert run.truncated == []
 
 
+def _early_stop(tokenizer, outputs: list[list[int]]) -> tuple[int, int, str]:
+    """(step, row, text) of the earliest ordinary piece any row writes: a stop string that some
+    rows produce early and others late or never."""
+    return min((k, row, tokenizer.decode([t], skip_special_tokens=True))
+               for row, tokens in enumerate(outputs) for k, t in enumerate(tokens)
+               if not tokenizer.convert_ids_to_tokens(t).startswith("<0x")
+               and tokenizer.decode([t], skip_special_tokens=True).strip())
+
+
 def test_a_row_leaves_the_batch_the_step_its_text_holds_a_stop_string(merged):
     model, tokenizer = merged
     free = greedy_generate(model, tokenizer, PROMPTS, max_new_tokens=24, batch_size=4, progress=False)
-    # a stop string some rows produce early and others late or never: an ordinary piece of row 0
-    pieces = [t for t in free.tokens[0][:3] if not tokenizer.convert_ids_to_tokens(t).startswith("<0x")]
-    stop = next(text for text in (tokenizer.decode([t], skip_special_tokens=True) for t in pieces) if text.strip())
+    first, row0, stop = _early_stop(tokenizer, free.tokens)
     widths: list[int] = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(out.shape[0]))
     try:
@@ -59,7 +66,7 @@ def test_a_row_leaves_the_batch_the_step_its_text_holds_a_stop_string(merged):
         expected = holds.index(True) + 1 if True in holds else len(full)
         assert tokens == full[:expected]  # the same greedy tokens, up to the first step whose text holds the stop
     lengths = [len(t) for t in run.tokens]
-    assert lengths[0] <= 3 and min(lengths) < max(lengths)
+    assert lengths[row0] <= first + 1 and min(lengths) < max(lengths)
     # the prefill sees 4 rows; decoding step k only the rows that have not finished by token k
     assert widths == [4] + [sum(n > k for n in lengths) for k in range(1, max(lengths))]
 
@@ -84,12 +91,26 @@ def test_stop_strings_are_found_across_token_boundaries_and_byte_runs():
                 out += pieces[i]
         return out
 
-    stops = _Stops(SimpleNamespace(decode=decode), ["\n\n", "Q:", "가"], eos_ids=[1])
+    class Tokenizer:
+        def __len__(self):
+            return 356
+
+        def batch_decode(self, batch, skip_special_tokens=True):
+            return [decode(ids, skip_special_tokens) if ids[0] in pieces or ids[0] >= 100 else "" for ids in batch]
+
+    tokenizer = Tokenizer()
+    tokenizer.decode = decode
+    stops = _Stops(tokenizer, ["\n\n", "Q:", "가"], eos_ids=[1])
     assert stops.hit([9, 5, 6]) and stops.hit([9, 7, 8]) and stops.hit([9, 1])
     assert not stops.hit([5, 9, 6]) and not stops.hit([7, 9, 8])
     assert stops.hit([9, 0xEA + 100, 0xB0 + 100, 0x80 + 100])
     # the last three bytes alone would read 가; the whole run is not UTF-8, so the text holds no stop
     assert not stops.hit([9, 0xEA + 100, 0xEA + 100, 0xB0 + 100, 0x80 + 100])
+    # a byte that completes a character reveals an earlier ASCII byte of its run: checked, never skipped
+    dot = _Stops(tokenizer, ["."], eos_ids=[1])
+    assert not dot.hit([9, 0x2E + 100, 0xEA + 100]) and dot.hit([9, 0x2E + 100, 0xEA + 100, 0xB0 + 100, 0x80 + 100])
+    # a piece holding no stop string's last character is never decoded (x, Q cannot end "Q:" or "\n\n")
+    assert stops.may_complete[[9, 7]].tolist() == [False, False] and stops.may_complete[[6, 8, 5]].all()
 
 
 def test_too_long_prompts_keep_their_last_tokens_as_the_harness_does(merged):
@@ -129,9 +150,7 @@ def test_waiting_prompts_join_the_batch_as_rows_finish_and_change_no_token(merge
     model, tokenizer = merged
     prompts = PROMPTS + ["간경화 환자의 복수 치료는", "B", "소아 발열의 흔한 원인은 무엇인가", "정답："]
     alone = greedy_generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=1, progress=False)
-    stop = next(tokenizer.decode([t], skip_special_tokens=True) for t in alone.tokens[0]
-                if tokenizer.decode([t], skip_special_tokens=True).strip()
-                and not tokenizer.convert_ids_to_tokens(t).startswith("<0x"))
+    _, _, stop = _early_stop(tokenizer, alone.tokens)
     alone = greedy_generate(model, tokenizer, prompts, max_new_tokens=10, stop_strings=[stop], batch_size=1,
                             progress=False)
     shapes: list[tuple[int, int]] = []
