@@ -139,12 +139,13 @@ def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
     assert expanded["tokens_per_char"] < base["tokens_per_char"]
     assert summary["perplexity"]["stage7"]["bits_per_char"] < summary["perplexity"]["base"]["bits_per_char"]
     assert (out / "accuracy.png").stat().st_size > 0 and "KorMedMCQA accuracy" in (out / "report.md").read_text()
-    assert "kormedmcqa v3.0" in (out / "report.md").read_text()
+    assert "`kormedmcqa` task v3.0" in (out / "report.md").read_text()
     # the pipeline report names the task version and carries the v2.0 exact match beside the headline
     from kormedgemma.report import headline
 
     metrics = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["metrics"]
     line = headline("eval_korean", metrics)
-    assert "lm-evaluation-harness kormedmcqa v3.0" in line and "v2.0 exact match instruct_generate_5shot" in line
+    assert "(lm-evaluation-harness kormedmcqa v3.0) base_generate_0shot " in line
+    assert "; v2.0 exact match base_generate_0shot " in line
     assert set(metrics["exact_match_v2"]) == {r["name"] for r in summary["runs"] if r["mode"] == "generate"}
     shutil.rmtree(out / "runs", ignore_errors=True)
