@@ -200,7 +200,7 @@ def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
     source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
     if source.is_file():
-        shutil.copy(source, Path(out_dir) / "tokenizer.model")
+        shutil.copyfile(source, Path(out_dir) / "tokenizer.model")
 
 
 def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:
@@ -246,8 +246,10 @@ def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+    from kormedgemma.environment import cap_gpu_memory
     from kormedgemma.hub import hub_access, is_hub_id
 
+    cap_gpu_memory()  # KORMEDGEMMA_GPU_MEMORY_GB: phases 4-6 rehearse a smaller card as training does
     local = Path(ref).expanduser()
     if not local.exists() and not is_hub_id(str(ref)):
         raise FileNotFoundError(f"model {ref}: no such folder, and not a Hub id (owner/name)")

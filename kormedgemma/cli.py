@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--reuse-harness", action="store_true",
                         help="read the harness's earlier runs made with the same settings instead of rerunning it")
 
+    standins = commands.add_parser(
+        "build-standins", help="MedGemma-4B-shaped random model + Gemma 3-layout tokenizer, for rehearsals",
+        description="Write OUT/tokenizer (262,144 SentencePiece pieces in Gemma 3's layout, from the Gemma 3 "
+                    "tokenizer side files) and OUT/medgemma-4b (a random-weight model of MedGemma-4B's "
+                    "configuration with that tokenizer, 8.6 GB) for rehearsing the a5000 run without the Hub.")
+    standins.add_argument("--out", required=True, metavar="DIR")
+    standins.add_argument("--side-files", default="../shared/data/gemma3_tokenizer_side_files", metavar="DIR")
+    standins.add_argument("--korean", default="../shared/data/kowiki_medical/kowiki_medical.jsonl", metavar="JSONL",
+                          help="Korean documents (field 'text'); every tenth trains the ordinary pieces")
+    standins.add_argument("--dictionary", default="../shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv",
+                          metavar="TSV", help="English terms (its 'en' column) for English pieces")
+    standins.add_argument("--english", action="append", default=["data/samples/english_medical.txt"], metavar="TXT")
+    standins.add_argument("--device", default=None, help="where the random weights are drawn (default: cuda if present)")
+    standins.add_argument("--tokenizer-only", action="store_true")
+
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible server for a model folder (vLLM on GPU, transformers on CPU)",
         description="Serve /v1/chat/completions and /v1/models. --backend vllm starts vLLM's own server "
@@ -152,6 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _serve(args)
         if args.command == "parity":
             return _parity(args)
+        if args.command == "build-standins":
+            return _build_standins(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -280,6 +297,28 @@ def _parity(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         reuse_harness=args.reuse_harness)
     print(f"wrote {args.out} ({len(result['runs'])} runs)")
+    return 0
+
+
+def _build_standins(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kormedgemma.io import write_json
+    from kormedgemma.standin import build_standin_model, build_standin_tokenizer, standin_texts
+
+    out = Path(args.out)
+    texts = standin_texts(Path(args.korean), Path(args.dictionary) if args.dictionary else None,
+                          [Path(p) for p in args.english])
+    figures: dict = {"tokenizer": build_standin_tokenizer(Path(args.side_files), texts, out / "tokenizer")}
+    print(json.dumps({"tokenizer": figures["tokenizer"]}), flush=True)
+    if not args.tokenizer_only:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        figures["model"] = build_standin_model(out / "tokenizer", out / "medgemma-4b", device=device)
+        print(json.dumps({"model": figures["model"]}), flush=True)
+    write_json(out / "standins.json", figures)
     return 0
 
 

@@ -22,19 +22,33 @@ DICTIONARY_FILE = "medical_ko_en.tsv"
 
 
 def read_pairs_tsv(path: Path, default_source: str) -> Iterator[tuple[str, str, str]]:
-    """Rows `ko<TAB>en[<TAB>source]`; a header row starting with `ko` and `#` comments are skipped."""
+    """Rows `ko<TAB>en[<TAB>source]`, or any TSV whose header row names `ko` and `en` columns.
+
+    A header is how real exports come: the KCD list is `kcd<TAB>ko<TAB>en<TAB>latest`, and reading
+    it by position would pair codes with Korean names. `#` comments and blank lines are skipped.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"dictionary file {path} not found")
+    ko_col, en_col, source_col = 0, 1, 2
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip() or line.startswith("#"):
                 continue
-            cells = line.rstrip("\n").split("\t")
-            if number == 1 and cells[0].strip().lower() == "ko":
-                continue
-            if len(cells) < 2:
-                raise ValueError(f"{path}:{number}: expected ko<TAB>en[<TAB>source], got {line.strip()!r}")
-            yield cells[0], cells[1], (cells[2] if len(cells) > 2 and cells[2].strip() else default_source)
+            cells = line.rstrip("\n").rstrip("\r").split("\t")
+            if number == 1:
+                names = [c.strip().lower() for c in cells]
+                if "ko" in names or "en" in names:
+                    if not {"ko", "en"} <= set(names):
+                        raise ValueError(f"{path}: the header names {names} but a dictionary needs both a "
+                                         "'ko' and an 'en' column")
+                    ko_col, en_col = names.index("ko"), names.index("en")
+                    source_col = names.index("source") if "source" in names else -1
+                    continue
+            if len(cells) <= max(ko_col, en_col):
+                raise ValueError(f"{path}:{number}: expected ko<TAB>en[<TAB>source] (or the header's columns), "
+                                 f"got {line.strip()!r}")
+            source = cells[source_col] if 0 <= source_col < len(cells) and cells[source_col].strip() else default_source
+            yield cells[ko_col], cells[en_col], source
 
 
 def read_umls_mrconso(path: Path) -> Iterator[tuple[str, str, str]]:

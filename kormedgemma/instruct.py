@@ -29,6 +29,7 @@ from kormedgemma.config import ProjectConfig
 from kormedgemma.corpus.batching import BlockOrder, collate
 from kormedgemma.harness import doc_to_text, letter
 from kormedgemma.loss import IGNORE
+from kormedgemma.resources import reset_peak_gpu_memory
 
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "models/final/checkpoints/instruct"
@@ -260,7 +261,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     bar = tqdm(total=steps, initial=progress.step, desc="instruction tuning", unit="step",
                disable=not (progress_bar and accelerator.is_local_main_process))
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_gpu_memory(device)
     module.train()
     try:
         while progress.step < steps and not best["stopped_early"]:

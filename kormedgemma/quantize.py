@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from config.training_config import DeployConfig
+from kormedgemma.resources import reset_peak_gpu_memory
 
 # Gemma 3 decoder layers, as llm-compressor's own Gemma 3 mappings have them (v_proj→o_proj,
 # pre-feedforward norm→gate/up, up→down; the q/k-norm layers are left alone because smoothing
@@ -143,7 +144,7 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, blocks: Sequence[Sequ
                                      dtype="bfloat16" if torch.cuda.is_available() else "float32")
     dataset = Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks]})
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_gpu_memory()
     started = time.perf_counter()
     with _library_patches():
         oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=awq_recipe(deploy, model),

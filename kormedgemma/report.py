@@ -109,11 +109,18 @@ def artifact_rows(config: ProjectConfig) -> Iterable[dict[str, Any]]:
 
 
 def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[Any]) -> Path:
+    outcomes = list(outcomes)
     lines = [f"# Korean MedGemma pipeline report — profile `{config.profile}`", "",
-             f"Run folder: `{run_dir}`", "", "## Notebooks", "", "| step | status | seconds | note |",
-             "| --- | --- | ---: | --- |"]
+             f"Run folder: `{run_dir}`", "", "## Notebooks", "",
+             "| step | status | seconds | peak RSS GB | GPU GB allocated / reserved | GB written | artifacts +GB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for outcome in outcomes:
-        lines.append(f"| {outcome.id} | {outcome.status} | {outcome.seconds:.1f} | {outcome.note} |")
+        used = getattr(outcome, "resources", None) or {}
+        gpu = (f"{used['peak_gpu_allocated_gb']:.2f} / {used['peak_gpu_reserved_gb']:.2f}"
+               if "peak_gpu_allocated_gb" in used else "—")
+        cells = [f"{used[k]:.2f}" if k in used else "—" for k in ("peak_rss_gb", "written_gb", "artifacts_growth_gb")]
+        lines.append(f"| {outcome.id} | {outcome.status} | {outcome.seconds:.1f} | {cells[0]} | {gpu} | {cells[1]} | "
+                     f"{cells[2]} | {outcome.note} |")
     lines += ["", "## Artifacts", "", "| artifact | made by | seconds | summary |", "| --- | --- | ---: | --- |"]
     for row in artifact_rows(config):
         lines.append(f"| `{row['artifact']}` | {row['step']} | {row['seconds']} | {row['summary']} |")

@@ -7,10 +7,11 @@ config, so re-running the same command after a crash (or a fix) resumes where it
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -20,6 +21,7 @@ from kormedgemma.config import ProjectConfig, load_config, repo_root, resolve_pa
 from kormedgemma.io import MissingArtifactError, write_json
 from kormedgemma.manifest import freshness
 from kormedgemma.pipeline import Step, select_steps, step_by_id
+from kormedgemma.resources import TreeSampler, folder_bytes, peaks_cell
 
 
 class NotebookFailed(RuntimeError):
@@ -32,6 +34,8 @@ class StepOutcome:
     status: str  # ran | skipped | failed
     seconds: float
     note: str = ""
+    # Peak RAM / GPU memory and bytes written while the notebook ran (kormedgemma.resources).
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 def step_is_fresh(step: Step, config: ProjectConfig) -> tuple[bool, str]:
@@ -93,13 +97,17 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
                 raise MissingArtifactError(problem)
             echo(f"{head}: running {step.notebook}")
             started = time.time()
+            artifacts_before = _artifact_bytes(config, run_dir)
             try:
-                _execute(step, parameters, run_dir)
+                with TreeSampler() as sampler:
+                    _execute(step, parameters, run_dir)
             except NotebookFailed as exc:
-                outcomes.append(StepOutcome(step.id, "failed", time.time() - started, str(exc)))
+                outcomes.append(StepOutcome(step.id, "failed", time.time() - started, str(exc),
+                                            _resources(config, run_dir, step, sampler, artifacts_before)))
                 raise
-            outcomes.append(StepOutcome(step.id, "ran", time.time() - started))
-            echo(f"{head}: done in {outcomes[-1].seconds:.1f}s")
+            outcomes.append(StepOutcome(step.id, "ran", time.time() - started, "",
+                                        _resources(config, run_dir, step, sampler, artifacts_before)))
+            echo(f"{head}: done in {outcomes[-1].seconds:.1f}s ({_resource_line(outcomes[-1].resources)})")
     finally:
         write_json(run_dir / "state.json", [o.__dict__ for o in outcomes])
         from kormedgemma.report import write_run_report
@@ -108,19 +116,46 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
     return outcomes
 
 
+def _artifact_bytes(config: ProjectConfig, run_dir: Path) -> int:
+    """Bytes under the artifact folders (data/, models/) and this run's folder."""
+    return sum(folder_bytes(resolve_path(config, name)) for name in ("data", "models")) + folder_bytes(run_dir)
+
+
+def _resources(config: ProjectConfig, run_dir: Path, step: Step, sampler: TreeSampler, before: int) -> dict[str, Any]:
+    figures = sampler.figures()
+    peaks = run_dir / "resources" / f"{step.id}.json"
+    if peaks.is_file():
+        figures.update(json.loads(peaks.read_text(encoding="utf-8")))
+    figures["artifacts_growth_gb"] = round((_artifact_bytes(config, run_dir) - before) / 1e9, 2)
+    return figures
+
+
+def _resource_line(figures: Mapping[str, Any]) -> str:
+    parts = [f"peak RSS {figures.get('peak_rss_gb', 0):.1f} GB"]
+    if "peak_gpu_allocated_gb" in figures:
+        parts.append(f"GPU {figures['peak_gpu_allocated_gb']:.1f} GB allocated / "
+                     f"{figures['peak_gpu_reserved_gb']:.1f} reserved")
+    parts.append(f"wrote {figures.get('written_gb', 0):.1f} GB")
+    return ", ".join(parts)
+
+
 def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
+    import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     source = repo_root() / step.notebook
     executed = run_dir / "executed" / Path(step.notebook).name
+    notebook = nbformat.read(source, as_version=4)
+    (run_dir / "resources").mkdir(exist_ok=True)
+    notebook.cells.append(nbformat.v4.new_code_cell(peaks_cell(run_dir / "resources" / f"{step.id}.json")))
     log = run_dir / "logs" / f"{step.id}_{Path(step.notebook).stem}.log"
     env_backup = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "Agg"  # headless: figures are saved, not shown
     try:
         with open(log, "w", encoding="utf-8") as handle:
             papermill.execute_notebook(
-                str(source), str(executed), parameters=parameters, kernel_name="python3",
+                notebook, str(executed), parameters=parameters, kernel_name="python3",
                 cwd=str(source.parent), progress_bar=sys.stderr.isatty(), stdout_file=handle,
                 stderr_file=handle, request_save_on_cell_execute=True,
                 # The kernel talks to this process over loopback only; its per-start warning about

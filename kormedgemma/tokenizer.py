@@ -260,7 +260,7 @@ def merge_tokenizers(base_folder: Path, new_pieces: Sequence[NewPiece], out_dir:
     for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                  "chat_template.json", "generation_config.json"):
         if (Path(base_folder) / name).is_file():
-            shutil.copy(Path(base_folder) / name, out_dir / name)
+            shutil.copyfile(Path(base_folder) / name, out_dir / name)
     return {"first_new_id": first_new_id, "new_pieces": len(new_ids),
             "vocab_size": first_new_id + len(new_ids), "base_size": first_new_id}
 

@@ -25,6 +25,7 @@ import torch
 from config.training_config import StageConfig
 from kormedgemma.config import ProjectConfig, config_to_dict
 from kormedgemma.corpus.batching import BlockOrder
+from kormedgemma.resources import reset_peak_gpu_memory
 from kormedgemma.stages import STAGES, StageSpec, apply_stage
 from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked, keep_trainable, latest_checkpoint,
                                    make_accelerator, make_optimizer, mean_loss, optimizer_step, peak_memory_gb,
@@ -290,7 +291,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     bar = tqdm(total=hyper.max_steps, initial=progress.step, desc=f"stage {number}", unit="step",
                disable=not (progress_bar and accelerator.is_local_main_process), mininterval=2.0)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_gpu_memory(device)
     module.train()
     try:
         while progress.step < hyper.max_steps:

@@ -84,6 +84,21 @@ def test_step_selection():
         select_steps("9.9")
 
 
+def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
+    root, _, outcomes = first_run
+    by_id = {o.id: o.resources for o in outcomes}
+    for step_id, used in by_id.items():
+        # A Python kernel with pandas/torch imported holds far more than 50 MB; the appended cell
+        # reported the kernel's own peak, the sampler the tree's.
+        assert used["peak_rss_gb"] >= 0.05 and used["kernel_peak_rss_gb"] >= 0.05, step_id
+        assert used["written_gb"] >= 0 and "artifacts_growth_gb" in used, step_id
+    assert by_id["0.04"]["artifacts_growth_gb"] >= 0 and by_id["0.00"]["artifacts_growth_gb"] > 0  # 0.00 builds the base
+    run_dir = sorted((root / "runs").iterdir())[0]
+    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
+    assert all("peak_rss_gb" in row["resources"] for row in state)
+    assert "peak RSS GB" in (run_dir / "report.md").read_text(encoding="utf-8")
+
+
 def test_report_has_a_readable_line_per_artifact(first_run):
     root, _, _ = first_run
     report = (sorted((root / "runs").iterdir())[0] / "report.md").read_text(encoding="utf-8")

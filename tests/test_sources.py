@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from kormedgemma.config import load_config
-from kormedgemma.dictionary import build_dictionary, clean_pairs, read_umls_mrconso
+from kormedgemma.dictionary import build_dictionary, clean_pairs, read_pairs_tsv, read_umls_mrconso
 from kormedgemma.hub import HubUnavailableError, model_ref
 from kormedgemma.sources import collect_texts, is_medical, iter_source_texts
 
@@ -104,6 +104,32 @@ def test_dictionary_merges_sources_and_deduplicates(tmp_path):
     assert "kmesh" not in figures["per_source"]  # both kmesh pairs duplicate or lack Hangul
     assert figures["dropped"] == 3
     assert clean_pairs([("고혈압", "A", "x"), ("고혈압", "a", "y"), ("", "b", "z")]) == [("고혈압", "A", "x")]
+
+
+def test_dictionary_reads_columns_named_by_the_header(tmp_path):
+    # The KCD export's layout: code, Korean, English, a flag. Read by position it would pair codes
+    # with Korean names.
+    kcd = tmp_path / "kcd_ko_en.tsv"
+    kcd.write_text("kcd\tko\ten\tlatest\nA00\t콜레라\tCholera\t\nI10\t본태성(원발성) 고혈압\tEssential (primary) hypertension\t1\n",
+                   encoding="utf-8")
+    assert list(read_pairs_tsv(kcd, "kcd_ko_en")) == [
+        ("콜레라", "Cholera", "kcd_ko_en"), ("본태성(원발성) 고혈압", "Essential (primary) hypertension", "kcd_ko_en")]
+    config = load_config("tiny", overrides={"data.dictionary.extra_tsv": [str(kcd)]})
+    figures = build_dictionary(config, tmp_path / "out")
+    assert figures["per_source"]["kcd_ko_en"] == 2
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("code\tko\tname\nA00\t콜레라\tCholera\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"needs both a 'ko' and an 'en' column"):
+        list(read_pairs_tsv(bad, "bad"))
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv").is_file(),
+                    reason="../shared/data (the real KCD dictionary) is not beside this checkout")
+def test_real_kcd_dictionary_pairs_korean_with_english():
+    pairs = list(read_pairs_tsv(Path(__file__).parents[2] / "shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv", "kcd"))
+    assert len(pairs) == 22_551
+    assert ("콜레라", "Cholera", "kcd") in pairs
+    assert all(not ko[:1].isascii() or not ko[1:3].isdigit() for ko, _, _ in pairs[:100])  # no KCD codes as Korean
 
 
 def test_offline_kormedmcqa_names_the_local_path_key(tmp_path):

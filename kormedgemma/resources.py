@@ -1,0 +1,148 @@
+"""What a notebook costs: peak GPU memory, peak RAM, bytes written.
+
+A week-long run is planned from these figures (will 5.01 fit the card, will 2.02 fit the RAM, how
+much disk do the stages need), so the runner records them for every notebook it executes:
+
+- from outside, a sampler thread walks the kernel's whole process tree (the kernel, datatrove
+  workers, a server a notebook starts) for its summed resident memory, the bytes each process
+  wrote, and — where NVML is present — the GPU memory each process holds (the CUDA context and
+  the allocator's reserve included, as `nvidia-smi` shows it);
+- from inside, a cell appended to the executed copy reads the kernel's own allocator peaks
+  (allocated vs reserved), which only that process knows. Code that resets the peak counters to
+  measure one part (a training stage) goes through `reset_peak_gpu_memory`, which keeps the
+  process's earlier peaks for this report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+GB = 1e9
+_high_water = {"allocated": 0, "reserved": 0}
+
+
+def reset_peak_gpu_memory(device: Any = None) -> None:
+    """`torch.cuda.reset_peak_memory_stats`, keeping the peaks so far for `kernel_peaks`."""
+    import torch
+
+    _high_water["allocated"] = max(_high_water["allocated"], torch.cuda.max_memory_allocated(device))
+    _high_water["reserved"] = max(_high_water["reserved"], torch.cuda.max_memory_reserved(device))
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def kernel_peaks() -> dict[str, Any]:
+    """This process's peak RSS and, if it used CUDA, its allocator's peak allocated/reserved bytes."""
+    peaks: dict[str, Any] = {"kernel_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_gpu_allocated_gb"] = round(max(_high_water["allocated"], torch.cuda.max_memory_allocated()) / GB, 2)
+        peaks["peak_gpu_reserved_gb"] = round(max(_high_water["reserved"], torch.cuda.max_memory_reserved()) / GB, 2)
+    return peaks
+
+
+def write_kernel_peaks(path: str) -> None:
+    Path(path).write_text(json.dumps(kernel_peaks()), encoding="utf-8")
+
+
+def peaks_cell(path: Path) -> str:
+    """Source of the cell the runner appends to a notebook's executed copy."""
+    return ("# Appended by the runner: this kernel's peak memory, for the run's resource table.\n"
+            f"from kormedgemma.resources import write_kernel_peaks\nwrite_kernel_peaks({str(path)!r})")
+
+
+class _Gpu:
+    """Per-process GPU memory through NVML (nvidia-ml-py), or nothing where it is absent."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001 — no driver, no library: GPU figures are left out
+            self.handles = []
+
+    def used_by(self, pids: set[int]) -> Optional[int]:
+        if not self.handles:
+            return None
+        total = 0
+        for handle in self.handles:
+            try:
+                processes = self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except Exception:  # noqa: BLE001
+                return None
+            total += sum(p.usedGpuMemory or 0 for p in processes if p.pid in pids)
+        return total
+
+
+class TreeSampler:
+    """Samples the process tree under `parent` (its children, recursively) until stopped."""
+
+    def __init__(self, parent: Optional[int] = None, interval: float = 0.5) -> None:
+        self.parent = parent or os.getpid()
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_gpu: Optional[int] = None
+        self.written: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="kormedgemma-resources")
+        self._gpu: Optional[_Gpu] = None
+
+    def __enter__(self) -> "TreeSampler":
+        self._gpu = _Gpu()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            children = psutil.Process(self.parent).children(recursive=True)
+        except psutil.Error:
+            return
+        rss = 0
+        for child in children:
+            try:
+                rss += child.memory_info().rss
+                self.written[child.pid] = max(self.written.get(child.pid, 0), child.io_counters().write_bytes)
+            except (psutil.Error, AttributeError):  # gone, or no io counters on this platform
+                continue
+        self.peak_rss = max(self.peak_rss, rss)
+        used = self._gpu.used_by({c.pid for c in children}) if self._gpu else None
+        if used is not None:
+            self.peak_gpu = max(self.peak_gpu or 0, used)
+
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"peak_rss_gb": round(self.peak_rss / GB, 2),
+                               "written_gb": round(sum(self.written.values()) / GB, 2)}
+        if self.peak_gpu is not None:
+            out["peak_gpu_process_gb"] = round(self.peak_gpu / GB, 2)
+        return out
+
+
+def folder_bytes(root: Path) -> int:
+    """Bytes of the files under `root` (0 if it does not exist); links are not followed."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+    return total
