@@ -85,7 +85,16 @@ def run(root: Path, start: str | None, stop: str | None, kill_step: str | None) 
     command = _command(root, start, stop)
     print("$ KORMEDGEMMA_GPU_MEMORY_GB=24 " + " ".join(command), flush=True)
     if not kill_step:
-        return subprocess.run(command, cwd=REPO, env=_environment()).returncode
+        process = subprocess.Popen(command, cwd=REPO, env=_environment(), start_new_session=True)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # the command's time budget: stop the runner as Ctrl-C would, so it
+            os.killpg(process.pid, signal.SIGINT)  # writes state.json and the report before exiting
+            try:
+                return process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                return process.wait()
     from kormedgemma.trainloop import latest_checkpoint
     from kormedgemma.training import CHECKPOINTS
 

@@ -76,21 +76,32 @@ ALLOCATOR_DEFAULT = "expandable_segments:True"
 
 
 def prefer_expandable_segments() -> bool:
-    """Before a training process first touches CUDA: the caching allocator's expandable segments,
+    """Before a training process allocates on CUDA: the caching allocator's expandable segments,
     unless the user set PYTORCH_CUDA_ALLOC_CONF. True when the setting is in force.
 
     Measured at MedGemma-4B shape under a 24 GB cap (benchmarks/results/stage_steps_gpu_h100.json),
     the default allocator reserves 23.2-23.7 GB to hold stages 4-5's 20.5-21.3 GB: a fragmentation
     margin that leaves no headroom on a 24 GB card. Expandable segments reserve 1-1.5 GB less at
-    the same speed. torch reads the variable when CUDA starts, so it is set here, in the training
-    entry points, rather than at import (the serving process, vLLM, keeps its own allocator)."""
+    the same speed.
+
+    torch reads PYTORCH_CUDA_ALLOC_CONF once, when it is imported, so setting the variable here
+    only reaches child processes; this process is switched through torch's runtime allocator
+    setting. The a5000 rehearsal found the difference: in the notebooks' kernels (torch imported
+    long before training starts) stages 4-5 reserved 23.8 / 23.3 GB, and stage 6 at micro-batch 4
+    ran out of memory with 6.4 GiB reserved but unallocated. Not set at import: the serving
+    process (vLLM) keeps its own allocator."""
     import torch
 
-    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
-        return ALLOCATOR_DEFAULT in os.environ["PYTORCH_CUDA_ALLOC_CONF"]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return False  # too late for this process: CUDA's allocator has started
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ and ALLOCATOR_DEFAULT not in os.environ["PYTORCH_CUDA_ALLOC_CONF"]:
+        return False  # the user's own allocator settings win
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)
+    if not torch.cuda.is_available():
+        return True
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
+        or getattr(torch._C, "_cuda_cudaCachingAllocator_set_allocator_settings", None)
+    if setter is None:
+        return False
+    setter(ALLOCATOR_DEFAULT)
     return True
 
 

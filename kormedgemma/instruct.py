@@ -282,7 +282,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
             progress.train_seconds += seconds
             progress.history.append({"step": progress.step, "loss": round(loss, 5), "tokens": step_tokens,
                                      "answer_tokens": tokens,
-                                     "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4),
+                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
                                      "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)

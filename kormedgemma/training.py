@@ -309,7 +309,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
             progress.tokens += tokens_per_step
             progress.train_seconds += seconds
             progress.history.append({"step": progress.step, "loss": round(loss, 5),
-                                     "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4),
+                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
                                      "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}", refresh=False)
             bar.update(1)

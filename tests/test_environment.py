@@ -52,3 +52,18 @@ def test_a_gpu_memory_cap_that_is_not_a_number_is_refused(monkeypatch):
     monkeypatch.setenv(GPU_CAP_ENV, "0")
     with pytest.raises(ValueError, match="must be > 0"):
         cap_gpu_memory()
+
+
+def test_expandable_segments_reach_an_already_imported_torch(monkeypatch):
+    # torch parses PYTORCH_CUDA_ALLOC_CONF when it is imported: a notebook kernel imports it long
+    # before training starts, so the setting has to go through torch's runtime allocator call.
+    import os
+
+    calls = []
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    assert prefer_expandable_segments() is True
+    assert calls == [ALLOCATOR_DEFAULT] and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_DEFAULT
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert prefer_expandable_segments() is False and calls == [ALLOCATOR_DEFAULT]  # the user's choice stands

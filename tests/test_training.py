@@ -263,3 +263,16 @@ def test_stage6_adapter_merges_into_the_dequantised_weights_it_was_trained_again
     save_file({key: torch.zeros(3, 3)}, str(folder / DEQUANTISED_FILE))
     with pytest.raises(ValueError, match="another model"):
         apply_trained(load_stage_model(config, 5)[0], folder)
+
+
+def test_a_stage_on_torchaos_8bit_optimizer_writes_its_metrics(tiny_phase3, tmp_path):
+    # torchao keeps the learning rate as a tensor: the first a5000 rehearsal lost stage 6 when its
+    # history ({"lr": tensor(...)}) would not serialise after training had finished.
+    config, _ = tiny_phase3
+    _copy_root(Path(config.paths.root), tmp_path, range(1, 4))
+    private = load_config("tiny", overrides={"paths.root": str(tmp_path), "staged.stage4.optimizer": "adamw_8bit_sr",
+                                             "staged.stage4.max_steps": 2, "staged.stage4.eval_every": 2})
+    metrics = train_stage(private, 4, progress_bar=False)
+    saved = json.loads((artifact_path(private, "stage4") / "metrics.json").read_text())
+    assert [type(h["lr"]) for h in saved["history"]] == [float, float]
+    assert saved["history"] == json.loads(json.dumps(metrics["history"]))
