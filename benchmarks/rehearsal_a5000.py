@@ -116,14 +116,18 @@ def run(root: Path, start: str | None, stop: str | None, kill_step: str | None) 
 
 
 def _record(root: Path, entry: dict) -> None:
+    from kormedgemma.io import write_json
+
     path = root / "rehearsal_events.json"
     events = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-    path.write_text(json.dumps(events + [entry], indent=2), encoding="utf-8")
+    write_json(path, events + [entry])
 
 
 def collect(root: Path, out: Path) -> dict:
     """Every run's per-notebook figures, the stand-ins' and the resume evidence, in one JSON."""
     import torch
+
+    from kormedgemma.io import write_json
 
     runs = []
     for run_dir in sorted((root / "runs").iterdir()):
@@ -150,8 +154,7 @@ def collect(root: Path, out: Path) -> dict:
         "notebooks": [latest[k] for k in sorted(latest)],
         "runs": runs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out, result)
     for row in result["notebooks"]:
         used = row.get("resources", {})
         print(f"{row['id']:>5} {row['status']:>6} {row['seconds']:8.1f}s  GPU {used.get('peak_gpu_allocated_gb', '-')}"

@@ -36,6 +36,7 @@ if [ ! -f "$ROOT/standins/medgemma-4b/config.json" ]; then
   grep -E '^\{|seconds|pieces|agreement' "$OUT/prepare.log" | tail -12
 fi
 left=$(( BUDGET - ($(date +%s) - started) ))
+[ "$left" -lt 30 ] && left=30
 timeout -s INT -k 30 "$left" python3 benchmarks/rehearsal_a5000.py --root "$ROOT" run "$@" > "$OUT/run.log" 2>&1
 status=$?
 grep -E '^\[|^run |killed|pipeline finished|^error|Error' "$OUT/run.log" | tail -40

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Korean documents (field 'text'); every tenth trains the ordinary pieces")
     standins.add_argument("--dictionary", default="../shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv",
                           metavar="TSV", help="English terms (its 'en' column) for English pieces")
-    standins.add_argument("--english", action="append", default=["data/samples/english_medical.txt"], metavar="TXT")
+    standins.add_argument("--english", action="append", metavar="TXT",
+                          help="English plain text, one text a line (repeatable; default: the bundled sample)")
     standins.add_argument("--device", default=None, help="where the random weights are drawn (default: cuda if present)")
     standins.add_argument("--tokenizer-only", action="store_true")
 
@@ -304,12 +305,13 @@ def _build_standins(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from kormedgemma.config import repo_root
     from kormedgemma.io import write_json
     from kormedgemma.standin import build_standin_model, build_standin_tokenizer, standin_texts
 
     out = Path(args.out)
     texts = standin_texts(Path(args.korean), Path(args.dictionary) if args.dictionary else None,
-                          [Path(p) for p in args.english])
+                          [Path(p) for p in (args.english or [repo_root() / "data/samples/english_medical.txt"])])
     figures: dict = {"tokenizer": build_standin_tokenizer(Path(args.side_files), texts, out / "tokenizer")}
     print(json.dumps({"tokenizer": figures["tokenizer"]}), flush=True)
     if not args.tokenizer_only:

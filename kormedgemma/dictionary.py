@@ -30,12 +30,14 @@ def read_pairs_tsv(path: Path, default_source: str) -> Iterator[tuple[str, str, 
     if not Path(path).is_file():
         raise FileNotFoundError(f"dictionary file {path} not found")
     ko_col, en_col, source_col = 0, 1, 2
-    with open(path, encoding="utf-8") as handle:
+    first = True
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip() or line.startswith("#"):
                 continue
             cells = line.rstrip("\n").rstrip("\r").split("\t")
-            if number == 1:
+            if first:  # the first row that is not a comment may be a header
+                first = False
                 names = [c.strip().lower() for c in cells]
                 if "ko" in names or "en" in names:
                     if not {"ko", "en"} <= set(names):

@@ -92,9 +92,11 @@ def prefer_expandable_segments() -> bool:
     process (vLLM) keeps its own allocator."""
     import torch
 
-    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ and ALLOCATOR_DEFAULT not in os.environ["PYTORCH_CUDA_ALLOC_CONF"]:
-        return False  # the user's own allocator settings win
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)
+    users = " ".join(os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    if users.strip():
+        # The user's own settings win, and torch parsed them at import: nothing to switch.
+        return ALLOCATOR_DEFAULT in users
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT  # for child processes
     if not torch.cuda.is_available():
         return True
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \

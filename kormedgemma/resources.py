@@ -37,12 +37,23 @@ def reset_peak_gpu_memory(device: Any = None) -> None:
 
 def kernel_peaks() -> dict[str, Any]:
     """This process's peak RSS and, if it used CUDA, its allocator's peak allocated/reserved bytes."""
-    peaks: dict[str, Any] = {"kernel_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}
+    peaks: dict[str, Any] = {"kernel_peak_rss_gb": round(_peak_rss() / GB, 2)}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peaks["peak_gpu_allocated_gb"] = round(max(_high_water["allocated"], torch.cuda.max_memory_allocated()) / GB, 2)
         peaks["peak_gpu_reserved_gb"] = round(max(_high_water["reserved"], torch.cuda.max_memory_reserved()) / GB, 2)
     return peaks
+
+
+def _peak_rss() -> int:
+    """This process's own high-water mark (VmHWM); ru_maxrss would carry the parent's across fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_kernel_peaks(path: str) -> None:
@@ -130,13 +141,13 @@ class TreeSampler:
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peak_rss_gb": round(self.peak_rss / GB, 2),
-                               "written_gb": round(sum(self.written.values()) / GB, 2)}
+                               "written_gb": round(sum(self.written.values()) / GB, 3)}
         if self.peak_gpu is not None:
             out["peak_gpu_process_gb"] = round(self.peak_gpu / GB, 2)
         return out
 
 
-def folder_bytes(root: Path) -> int:
+def tree_bytes(root: Path) -> int:
     """Bytes of the files under `root` (0 if it does not exist); links are not followed."""
     total = 0
     for folder, _, files in os.walk(root):

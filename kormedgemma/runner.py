@@ -21,7 +21,7 @@ from kormedgemma.config import ProjectConfig, load_config, repo_root, resolve_pa
 from kormedgemma.io import MissingArtifactError, write_json
 from kormedgemma.manifest import freshness
 from kormedgemma.pipeline import Step, select_steps, step_by_id
-from kormedgemma.resources import TreeSampler, folder_bytes, peaks_cell
+from kormedgemma.resources import GB, TreeSampler, peaks_cell, tree_bytes
 
 
 class NotebookFailed(RuntimeError):
@@ -118,15 +118,19 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
 
 def _artifact_bytes(config: ProjectConfig, run_dir: Path) -> int:
     """Bytes under the artifact folders (data/, models/) and this run's folder."""
-    return sum(folder_bytes(resolve_path(config, name)) for name in ("data", "models")) + folder_bytes(run_dir)
+    return sum(tree_bytes(resolve_path(config, name)) for name in ("data", "models")) + tree_bytes(run_dir)
 
 
 def _resources(config: ProjectConfig, run_dir: Path, step: Step, sampler: TreeSampler, before: int) -> dict[str, Any]:
+    """The figures of one notebook; never the reason a run stops (a failed notebook's are partial)."""
     figures = sampler.figures()
-    peaks = run_dir / "resources" / f"{step.id}.json"
-    if peaks.is_file():
-        figures.update(json.loads(peaks.read_text(encoding="utf-8")))
-    figures["artifacts_growth_gb"] = round((_artifact_bytes(config, run_dir) - before) / 1e9, 2)
+    try:
+        peaks = run_dir / "resources" / f"{step.id}.json"
+        if peaks.is_file():
+            figures.update(json.loads(peaks.read_text(encoding="utf-8")))
+        figures["artifacts_growth_gb"] = round((_artifact_bytes(config, run_dir) - before) / GB, 3)
+    except (OSError, ValueError) as exc:
+        figures["error"] = str(exc)[:200]
     return figures
 
 
@@ -149,13 +153,17 @@ def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
     notebook = nbformat.read(source, as_version=4)
     (run_dir / "resources").mkdir(exist_ok=True)
     notebook.cells.append(nbformat.v4.new_code_cell(peaks_cell(run_dir / "resources" / f"{step.id}.json")))
+    # What ran is kept beside the executed copy (the source plus the appended cell).
+    ran = run_dir / "inputs" / Path(step.notebook).name
+    ran.parent.mkdir(exist_ok=True)
+    nbformat.write(notebook, ran)
     log = run_dir / "logs" / f"{step.id}_{Path(step.notebook).stem}.log"
     env_backup = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "Agg"  # headless: figures are saved, not shown
     try:
         with open(log, "w", encoding="utf-8") as handle:
             papermill.execute_notebook(
-                notebook, str(executed), parameters=parameters, kernel_name="python3",
+                str(ran), str(executed), parameters=parameters, kernel_name="python3",
                 cwd=str(source.parent), progress_bar=sys.stderr.isatty(), stdout_file=handle,
                 stderr_file=handle, request_save_on_cell_execute=True,
                 # The kernel talks to this process over loopback only; its per-start warning about

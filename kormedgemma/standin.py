@@ -57,6 +57,16 @@ class LayoutToken:
     single_word: bool = False
 
 
+def _swap_in(staging: Path, final: Path) -> None:
+    """Put a finished folder in place; an existing one is removed only once the new one is there."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _unescape(text: str) -> str:
     out, i = [], 0
     while i < len(text):
@@ -218,8 +228,7 @@ def build_standin_tokenizer(side_files: Path, texts: Sequence[str], out_dir: Pat
         "agreement_texts": len(probes), "seconds": round(time.perf_counter() - started, 1),
         "tokenizer_json_mb": round((out_dir / "tokenizer.json").stat().st_size / 1e6, 1),
     })
-    shutil.rmtree(final, ignore_errors=True)
-    out_dir.rename(final)
+    _swap_in(out_dir, final)
     return figures
 
 
@@ -277,8 +286,7 @@ def build_standin_model(tokenizer_dir: Path, out_dir: Path, seed: int = 0, devic
     # The tokenizer's files as built (a Hub folder holds them as published), not a re-save.
     for path in Path(tokenizer_dir).iterdir():
         shutil.copyfile(path, staging / path.name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    _swap_in(staging, out_dir)
     embeddings = model.get_input_embeddings().weight
     figures = {"parameters": sum(p.numel() for p in model.parameters()),
                "embedding_rows": embeddings.shape[0], "hidden_size": embeddings.shape[1],

@@ -9,7 +9,9 @@ from kormedgemma.environment import (ALLOCATOR_DEFAULT, GPU_CAP_ENV, cap_gpu_mem
 
 
 def test_training_sets_expandable_segments_when_unset(monkeypatch):
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded, so the value set below is undone
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert prefer_expandable_segments() is True
     import os
 
@@ -60,10 +62,17 @@ def test_expandable_segments_reach_an_already_imported_torch(monkeypatch):
     import os
 
     calls = []
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
     assert prefer_expandable_segments() is True
     assert calls == [ALLOCATOR_DEFAULT] and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_DEFAULT
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    assert prefer_expandable_segments() is False and calls == [ALLOCATOR_DEFAULT]  # the user's choice stands
+    # A user's settings (either variable) were parsed at import and stand: no runtime call.
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:128")
+    assert prefer_expandable_segments() is True and calls == [ALLOCATOR_DEFAULT]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")
+    assert prefer_expandable_segments() is False and calls == [ALLOCATOR_DEFAULT]
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from kormedgemma.resources import TreeSampler, folder_bytes, kernel_peaks
+from kormedgemma.resources import TreeSampler, tree_bytes, kernel_peaks
 
 CHILD = """
 import os, sys, time
@@ -21,9 +21,9 @@ def test_sampler_sees_a_child_processes_memory_and_bytes_written(tmp_path):
         subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "out.bin")], check=True)
     figures = sampler.figures()
     assert 0.30 <= figures["peak_rss_gb"] < 1.0
-    assert 0.06 <= figures["written_gb"] < 0.2  # 64 MB, rounded to 0.01 GB
-    assert folder_bytes(tmp_path) == 64 * 10**6
-    assert folder_bytes(tmp_path / "absent") == 0
+    assert 0.064 <= figures["written_gb"] < 0.2  # 64 MB
+    assert tree_bytes(tmp_path) == 64 * 10**6
+    assert tree_bytes(tmp_path / "absent") == 0
 
 
 def test_kernel_peaks_report_this_process_without_touching_cuda():

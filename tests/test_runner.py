@@ -84,6 +84,10 @@ def test_step_selection():
         select_steps("9.9")
 
 
+def run_dir_of(root):
+    return sorted((root / "runs").iterdir())[0]
+
+
 def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
     root, _, outcomes = first_run
     by_id = {o.id: o.resources for o in outcomes}
@@ -92,8 +96,10 @@ def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
         # reported the kernel's own peak, the sampler the tree's.
         assert used["peak_rss_gb"] >= 0.05 and used["kernel_peak_rss_gb"] >= 0.05, step_id
         assert used["written_gb"] >= 0 and "artifacts_growth_gb" in used, step_id
-    assert by_id["0.04"]["artifacts_growth_gb"] >= 0 and by_id["0.00"]["artifacts_growth_gb"] > 0  # 0.00 builds the base
-    run_dir = sorted((root / "runs").iterdir())[0]
+    # 0.00 builds the tiny base model (tokenizer + weights, ~20 MB); 0.01 only reads.
+    assert by_id["0.00"]["artifacts_growth_gb"] >= 0.005 and by_id["0.01"]["artifacts_growth_gb"] == 0
+    assert (run_dir_of(root) / "inputs" / "00_setup_environment.ipynb").is_file()  # what ran, appended cell included
+    run_dir = run_dir_of(root)
     state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
     assert all("peak_rss_gb" in row["resources"] for row in state)
     assert "peak RSS GB" in (run_dir / "report.md").read_text(encoding="utf-8")

@@ -110,7 +110,7 @@ def test_dictionary_reads_columns_named_by_the_header(tmp_path):
     # The KCD export's layout: code, Korean, English, a flag. Read by position it would pair codes
     # with Korean names.
     kcd = tmp_path / "kcd_ko_en.tsv"
-    kcd.write_text("kcd\tko\ten\tlatest\nA00\t콜레라\tCholera\t\nI10\t본태성(원발성) 고혈압\tEssential (primary) hypertension\t1\n",
+    kcd.write_text("# KCD-8 export\n\nkcd\tko\ten\tlatest\nA00\t콜레라\tCholera\t\nI10\t본태성(원발성) 고혈압\tEssential (primary) hypertension\t1\n",
                    encoding="utf-8")
     assert list(read_pairs_tsv(kcd, "kcd_ko_en")) == [
         ("콜레라", "Cholera", "kcd_ko_en"), ("본태성(원발성) 고혈압", "Essential (primary) hypertension", "kcd_ko_en")]
