@@ -1,8 +1,10 @@
 """Run the notebooks headless with papermill: in order, resumable, with logs kept.
 
 Each run gets `runs/<timestamp>/` holding the executed copy of every notebook, its log, a
-`state.json` of what ran, was skipped or failed, and `report.md` with every step's headline
-figures. A notebook is skipped when all its outputs' manifests match the current inputs and
+`state.json` of what ran, was skipped or failed (with each notebook's peak memory and bytes
+written, `kormedgemma.resources`), and `report.md` with every step's headline figures. The
+notebook as run — the source plus a last cell that reports the kernel's memory peaks — is kept
+in `inputs/`. A notebook is skipped when all its outputs' manifests match the current inputs and
 config, so re-running the same command after a crash (or a fix) resumes where it stopped.
 """
 from __future__ import annotations
