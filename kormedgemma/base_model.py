@@ -25,6 +25,12 @@ IMAGE_SOFT_TOKEN = "<image_soft_token>"
 TEMPLATE = Path(__file__).parent / "templates" / "gemma3_chat.jinja"
 
 
+# Gemma keeps text verbatim: no normalisation, no dummy prefix, whitespace pieces allowed, digits
+# split one by one. Every Gemma-form SentencePiece model this project trains uses these.
+GEMMA_TEXT_RULES = dict(normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+                        allow_whitespace_only_pieces=True, split_digits=True)
+
+
 def chat_template() -> str:
     return TEMPLATE.read_text(encoding="utf-8")
 
@@ -42,11 +48,7 @@ def train_base_sentencepiece(corpus: Path, out_prefix: Path, vocab_size: int) ->
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece=SPECIAL_PIECES["pad"], eos_piece=SPECIAL_PIECES["eos"],
         bos_piece=SPECIAL_PIECES["bos"], unk_piece=SPECIAL_PIECES["unk"],
-        control_symbols=CONTROL_SYMBOLS, user_defined_symbols=CHAT_SYMBOLS,
-        # Gemma keeps text verbatim: no normalisation, no dummy prefix, whitespace pieces allowed,
-        # digits split one by one.
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True, minloglevel=2,
+        control_symbols=CONTROL_SYMBOLS, user_defined_symbols=CHAT_SYMBOLS, minloglevel=2, **GEMMA_TEXT_RULES,
     )
     return Path(f"{out_prefix}.model")
 

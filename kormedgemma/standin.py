@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from kormedgemma.io import atomic_dir
+from kormedgemma.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, _proto, load_sp_proto
+
 GEMMA3_PIECES = 262_144
 # Gemma 3's added tokens fill ids 0..237 and 255968..262144; bytes follow the low block as in
 # Gemma 2 (whose added tokens end at 216 and whose <0x00> is 217).
@@ -39,8 +42,6 @@ SIDE_FILES = ("tokenizer_config.gemma3_base.json", "special_tokens_map.json", "c
 HANGUL_SYLLABLES = range(0xAC00, 0xD7A4)
 CJK_IDEOGRAPHS = range(0x4E00, 0xA000)
 
-# SentencePiece piece types (sentencepiece_model.proto).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 _CONTROL = {"<pad>", "<eos>", "<bos>", "<mask>", "[multimodal]"}
 
 
@@ -55,16 +56,6 @@ class LayoutToken:
     rstrip: bool = False
     normalized: bool = False
     single_word: bool = False
-
-
-def _swap_in(staging: Path, final: Path) -> None:
-    """Put a finished folder in place; an existing one is removed only once the new one is there."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _unescape(text: str) -> str:
@@ -120,7 +111,8 @@ def build_sentencepiece(layout: Sequence[LayoutToken], texts: Sequence[str], out
                         size: int = GEMMA3_PIECES, trained_pieces: int = 16_000, threads: int = 8) -> dict[str, Any]:
     """Write a `size`-piece SentencePiece BPE model with the layout's tokens at their ids."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from kormedgemma.base_model import GEMMA_TEXT_RULES
 
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     if not lines:
@@ -136,12 +128,9 @@ def build_sentencepiece(layout: Sequence[LayoutToken], texts: Sequence[str], out
             sentence_iterator=iter(lines), model_prefix=f"{tmp}/sp", model_type="bpe",
             vocab_size=trained_pieces, byte_fallback=True, character_coverage=0.9995,
             pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-            unk_piece="<unk>", normalization_rule_name="identity", add_dummy_prefix=False,
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-            num_threads=threads, minloglevel=2)
-        trained = pb.ModelProto()
-        trained.ParseFromString(Path(f"{tmp}/sp.model").read_bytes())
-    proto = pb.ModelProto()
+            unk_piece="<unk>", num_threads=threads, minloglevel=2, **GEMMA_TEXT_RULES)
+        trained = load_sp_proto(Path(f"{tmp}/sp.model"))
+    proto = _proto().ModelProto()
     proto.trainer_spec.CopyFrom(trained.trainer_spec)
     proto.normalizer_spec.CopyFrom(trained.normalizer_spec)
     proto.trainer_spec.vocab_size = size
@@ -193,42 +182,38 @@ def build_standin_tokenizer(side_files: Path, texts: Sequence[str], out_dir: Pat
                                 "side files folder (../shared/data/gemma3_tokenizer_side_files)")
     layout = read_layout(side_files)
     started = time.perf_counter()
-    final = Path(out_dir)
-    out_dir = final.with_name(final.name + ".partial")  # renamed into place once it checks out
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    sp_path = out_dir / "tokenizer.model"
-    figures = build_sentencepiece(layout, texts, sp_path, size, trained_pieces)
-    tokenizer = hf_tokenizer_from_sentencepiece(sp_path)
-    tokenizer.save_pretrained(out_dir)
-    # Gemma 3's added tokens, exactly: ids, contents and flags, including <image_soft_token> past
-    # the SentencePiece pieces.
-    data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    data["added_tokens"] = [{"id": t.id, "content": t.content, "single_word": t.single_word, "lstrip": t.lstrip,
-                             "rstrip": t.rstrip, "normalized": t.normalized, "special": t.special}
-                            for t in layout if t.id <= size]
-    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    # copyfile, not copy: the side files may be read-only, and later phases rewrite their copies.
-    shutil.copyfile(side_files / "tokenizer_config.gemma3_base.json", out_dir / "tokenizer_config.json")
-    for name in ("special_tokens_map.json", "chat_template.jinja"):
-        shutil.copyfile(side_files / name, out_dir / name)
-    (out_dir / "chat_template.json").unlink(missing_ok=True)
+    with atomic_dir(Path(out_dir)) as out_dir:  # in place only once it checks out
+        sp_path = out_dir / "tokenizer.model"
+        figures = build_sentencepiece(layout, texts, sp_path, size, trained_pieces)
+        tokenizer = hf_tokenizer_from_sentencepiece(sp_path)
+        tokenizer.save_pretrained(out_dir)
+        # Gemma 3's added tokens, exactly: ids, contents and flags, including <image_soft_token> past
+        # the SentencePiece pieces.
+        data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        data["added_tokens"] = [{"id": t.id, "content": t.content, "single_word": t.single_word, "lstrip": t.lstrip,
+                                 "rstrip": t.rstrip, "normalized": t.normalized, "special": t.special}
+                                for t in layout if t.id <= size]
+        (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        # copyfile, not copy: the side files may be read-only, and later phases rewrite their copies.
+        shutil.copyfile(side_files / "tokenizer_config.gemma3_base.json", out_dir / "tokenizer_config.json")
+        for name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copyfile(side_files / name, out_dir / name)
+        (out_dir / "chat_template.json").unlink(missing_ok=True)
 
-    loaded = AutoTokenizer.from_pretrained(out_dir)
-    wrong = [t.content for t in layout if t.id <= size and loaded.convert_tokens_to_ids(t.content) != t.id]
-    if wrong:
-        raise RuntimeError(f"{len(wrong)} layout token(s) at the wrong id after loading, e.g. {wrong[:3]}")
-    processor = spm.SentencePieceProcessor(model_file=str(sp_path))
-    probes = list(check_texts) or list(texts[:200])
-    agree = sum(processor.encode(t) == loaded.encode(t, add_special_tokens=False) for t in probes)
-    figures.update({
-        "tokenizer_size": len(loaded), "image_soft_token_id": loaded.convert_tokens_to_ids("<image_soft_token>"),
-        "bos_id": loaded.bos_token_id, "eos_id": loaded.eos_token_id, "pad_id": loaded.pad_token_id,
-        "sentencepiece_agreement": round(agree / len(probes), 4) if probes else None,
-        "agreement_texts": len(probes), "seconds": round(time.perf_counter() - started, 1),
-        "tokenizer_json_mb": round((out_dir / "tokenizer.json").stat().st_size / 1e6, 1),
-    })
-    _swap_in(out_dir, final)
+        loaded = AutoTokenizer.from_pretrained(out_dir)
+        wrong = [t.content for t in layout if t.id <= size and loaded.convert_tokens_to_ids(t.content) != t.id]
+        if wrong:
+            raise RuntimeError(f"{len(wrong)} layout token(s) at the wrong id after loading, e.g. {wrong[:3]}")
+        processor = spm.SentencePieceProcessor(model_file=str(sp_path))
+        probes = list(check_texts) or list(texts[:200])
+        agree = sum(processor.encode(t) == loaded.encode(t, add_special_tokens=False) for t in probes)
+        figures.update({
+            "tokenizer_size": len(loaded), "image_soft_token_id": loaded.convert_tokens_to_ids("<image_soft_token>"),
+            "bos_id": loaded.bos_token_id, "eos_id": loaded.eos_token_id, "pad_id": loaded.pad_token_id,
+            "sentencepiece_agreement": round(agree / len(probes), 4) if probes else None,
+            "agreement_texts": len(probes), "seconds": round(time.perf_counter() - started, 1),
+            "tokenizer_json_mb": round((out_dir / "tokenizer.json").stat().st_size / 1e6, 1),
+        })
     return figures
 
 
@@ -280,13 +265,11 @@ def build_standin_model(tokenizer_dir: Path, out_dir: Path, seed: int = 0, devic
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    # The tokenizer's files as built (a Hub folder holds them as published), not a re-save.
-    for path in Path(tokenizer_dir).iterdir():
-        shutil.copyfile(path, staging / path.name)
-    _swap_in(staging, out_dir)
+    with atomic_dir(out_dir) as staging:
+        model.save_pretrained(staging)
+        # The tokenizer's files as built (a Hub folder holds them as published), not a re-save.
+        for path in Path(tokenizer_dir).iterdir():
+            shutil.copyfile(path, staging / path.name)
     embeddings = model.get_input_embeddings().weight
     figures = {"parameters": sum(p.numel() for p in model.parameters()),
                "embedding_rows": embeddings.shape[0], "hidden_size": embeddings.shape[1],
