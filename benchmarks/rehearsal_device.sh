@@ -6,6 +6,16 @@
 # the figures so far to $OUT.
 #
 #   bash benchmarks/rehearsal_device.sh [rehearsal_a5000.py run arguments, e.g. --to 2.02]
+#   bash benchmarks/rehearsal_device.sh --watch [SECONDS]
+#
+# --watch runs the whole rehearsal (prepare, 0.00-2.02, prune models/resized/, 3.01-6.02) as one
+# detached process session that outlives the command, so no notebook is cut at a command's limit
+# and no time is lost between commands; each --watch command starts it if it is not running,
+# follows it for SECONDS (default 560) or until it ends, and writes the figures so far to $OUT.
+# After a failure it is restarted only once the code differs (a fix sent with the next command);
+# until then a --watch command keeps the machine warm for at most 120 s and reports. With
+# REHEARSAL_NO_START=1 a --watch command on a fresh machine (the last one was given back) starts
+# nothing.
 #
 # Carried (ignored) folder .rehearsal/: gpusite.tar.xz (the packages the GPU image lacks, for
 # Python 3.12: papermill and the Jupyter kernel, datatrove, gensim, bitsandbytes with its CUDA 13
@@ -17,6 +27,10 @@ ROOT=${REHEARSAL_ROOT:-/root/rehearsal}
 BUDGET=${REHEARSAL_BUDGET_S:-520}
 OUT=${OUT:-/tmp/rehearsal_out}
 mkdir -p "$OUT"
+if [ "${1:-}" = "--watch" ] && [ -n "${REHEARSAL_NO_START:-}" ] && [ ! -f "$ROOT/daemon.log" ]; then
+  echo "FRESH-MACHINE: no rehearsal here to follow (REHEARSAL_NO_START is set); nothing started"
+  exit 0
+fi
 if [ ! -d /tmp/gpusite ]; then
   tar -C /tmp -xJf .rehearsal/gpusite.tar.xz || exit 3
 fi
@@ -31,6 +45,63 @@ export PYTHONPATH=/tmp/gpusite:$PWD
 export PATH=/tmp/gpusite/bin:$PATH
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 started=$(date +%s)
+
+report() {  # what a command brings back: per-notebook figures, the report, logs, executed notebooks
+  python3 benchmarks/rehearsal_a5000.py --root "$ROOT" collect --out "$OUT/rehearsal_a5000.json" > "$OUT/collect.log" 2>&1
+  tail -30 "$OUT/collect.log"
+  local latest
+  latest=$(ls -d "$ROOT"/runs/* 2>/dev/null | tail -1)
+  if [ -n "$latest" ]; then
+    cp "$latest/report.md" "$OUT/report.md" 2>/dev/null
+    (cd "$ROOT/runs" && tar -czf "$OUT/logs.tgz" -- */logs */executed 2>/dev/null)
+  fi
+  df -h "$ROOT" | tail -1
+  du -sh "$ROOT"/models/* "$ROOT"/data 2>/dev/null | sort -h | tail -12
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader
+}
+
+if [ "${1:-}" = "--watch" ]; then
+  WATCH=${2:-560}
+  mkdir -p "$ROOT"
+  code=$(find kormedgemma benchmarks config phase* -type f \( -name '*.py' -o -name '*.ipynb' -o -name '*.yaml' \
+         -o -name '*.sh' -o -name '*.jinja' \) | sort | xargs sha256sum | sha256sum | cut -c1-16)
+  pid=$(cat "$ROOT/daemon.pid" 2>/dev/null)
+  if [ -f "$ROOT/.done" ]; then
+    echo "the rehearsal has finished"
+  elif [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    echo "rehearsal running (pid $pid)"
+  elif [ "$(cat "$ROOT/.failed" 2>/dev/null)" = "$code" ]; then
+    echo "the rehearsal failed with this code ($code); waiting for a fix"
+    sleep $(( WATCH < 120 ? WATCH : 120 ))
+  else
+    echo "starting the rehearsal with code $code"
+    rm -f "$ROOT/.failed"
+    setsid nohup bash -c '
+      cd "$1"; ROOT=$2; code=$3
+      step() { echo "== $(date +%T) $*"; "$@"; }
+      (
+        if [ ! -f "$ROOT/standins/medgemma-4b/config.json" ]; then
+          step python3 benchmarks/rehearsal_a5000.py --root "$ROOT" prepare || exit 1
+        fi
+        if [ ! -f "$ROOT/models/initialized/manifest.json" ]; then
+          step python3 benchmarks/rehearsal_a5000.py --root "$ROOT" run --to 2.02 || exit 1
+        fi
+        rm -rf "$ROOT/models/resized"  # read by 2.02 alone; the 64 GB disk needs the room
+        step python3 benchmarks/rehearsal_a5000.py --root "$ROOT" run --from 3.01 || exit 1
+      ) && touch "$ROOT/.done" || echo "$code" > "$ROOT/.failed"
+      echo "== $(date +%T) ended"' rehearsal "$PWD" "$ROOT" "$code" >> "$ROOT/daemon.log" 2>&1 < /dev/null &
+    echo $! > "$ROOT/daemon.pid"
+  fi
+  pid=$(cat "$ROOT/daemon.pid" 2>/dev/null)
+  while [ $(( $(date +%s) - started )) -lt "$WATCH" ] && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+  done
+  grep -E '^== |^\[|^run |pipeline finished|^error|Error|rror:' "$ROOT/daemon.log" | tail -40
+  cp "$ROOT/daemon.log" "$OUT/daemon.log"
+  report
+  exit 0
+fi
+
 if [ ! -f "$ROOT/standins/medgemma-4b/config.json" ]; then
   python3 benchmarks/rehearsal_a5000.py --root "$ROOT" prepare > "$OUT/prepare.log" 2>&1 || { tail -40 "$OUT/prepare.log"; exit 4; }
   grep -E '^\{|seconds|pieces|agreement' "$OUT/prepare.log" | tail -12
@@ -46,12 +117,5 @@ timeout -s INT -k 30 "$left" python3 benchmarks/rehearsal_a5000.py --root "$ROOT
 status=$?
 grep -E '^\[|^run |killed|pipeline finished|^error|Error' "$OUT/run.log" | tail -40
 echo "run exit status: $status"
-python3 benchmarks/rehearsal_a5000.py --root "$ROOT" collect --out "$OUT/rehearsal_a5000.json" > "$OUT/collect.log" 2>&1
-cat "$OUT/collect.log" | tail -30
-latest=$(ls -d "$ROOT"/runs/* 2>/dev/null | tail -1)
-[ -n "$latest" ] && cp "$latest/report.md" "$OUT/report.md" 2>/dev/null
-[ -n "$latest" ] && tar -C "$latest" -czf "$OUT/logs.tgz" logs 2>/dev/null
-df -h "$ROOT" | tail -1
-du -sh "$ROOT"/models/* "$ROOT"/data 2>/dev/null | sort -h | tail -12
-nvidia-smi --query-gpu=memory.used --format=csv,noheader
+report
 exit 0
