@@ -210,13 +210,14 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     from kormedgemma.loss import CausalLMLoss
     from kormedgemma.stages import with_lora
     from kormedgemma.trainloop import (Progress, crash_if_asked, keep_trainable, latest_checkpoint, make_accelerator,
-                                       make_optimizer, mean_loss, optimizer_step, peak_memory_gb, read_extra, resume,
-                                       save_checkpoint, seal)
+                                       make_optimizer, mean_loss, optimizer_step, peak_memory_gb, prepare_module,
+                                       read_extra, resume, save_checkpoint, seal)
 
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
     prefer_expandable_segments()  # before the model reaches CUDA
-    accelerator = make_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm)
+    accelerator = make_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm,
+                                   config.base.torch_dtype)
     device, world = accelerator.device, accelerator.num_processes
     cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
     set_seed(spec.seed)
@@ -239,7 +240,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     steps = min(steps, spec.max_steps) if spec.max_steps else steps
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
                               num_training_steps=steps)
-    module, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer, device_placement=[False, True])
+    module, optimizer = prepare_module(accelerator, CausalLMLoss(model), optimizer)
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     accelerator.register_save_state_pre_hook(keep_trainable)

@@ -27,9 +27,9 @@ from kormedgemma.config import ProjectConfig, config_to_dict
 from kormedgemma.corpus.batching import BlockOrder
 from kormedgemma.resources import reset_peak_gpu_memory
 from kormedgemma.stages import STAGES, StageSpec, apply_stage
-from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked, keep_trainable, latest_checkpoint,
-                                   make_accelerator, make_optimizer, mean_loss, optimizer_step, peak_memory_gb,
-                                   resume, run_fingerprint, save_checkpoint, seal)
+from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked, distributed_kind, keep_trainable,
+                                   latest_checkpoint, make_accelerator, make_optimizer, mean_loss, optimizer_step,
+                                   peak_memory_gb, prepare_module, resume, run_fingerprint, save_checkpoint, seal)
 
 TRAINED_FILE = "trained.safetensors"
 ADAPTER_DIR = "adapter"
@@ -245,7 +245,8 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
     prefer_expandable_segments()  # before anything here touches CUDA
-    accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm)
+    accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm,
+                                   config.base.torch_dtype)
     device = accelerator.device
     cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
     notices: list[str] = []
@@ -272,7 +273,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     optimizer = _optimizer(hyper, parameters, notices)
     scheduler = get_scheduler(hyper.lr_scheduler, optimizer, num_warmup_steps=math.ceil(hyper.warmup_ratio * hyper.max_steps),
                               num_training_steps=hyper.max_steps)
-    module, optimizer = accelerator.prepare(module, optimizer, device_placement=[False, True])
+    module, optimizer = prepare_module(accelerator, module, optimizer)
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
     accelerator.register_save_state_pre_hook(keep_trainable)
@@ -358,7 +359,7 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
         # the first step (compilation, allocator warm-up) is left out of the rate
         "tokens_per_second": round(tokens_per_step * len(timed) / sum(timed), 1) if timed else None,
         "train_seconds": round(progress.train_seconds, 2), "processes": accelerator.num_processes,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "distributed": distributed_kind(accelerator), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **peak_memory_gb(device), "resumed_from": resumed_from, "notices": notices,
         "history": progress.history, "evals": progress.evals,
     }

@@ -105,21 +105,60 @@ def make_optimizer(kind: str, parameters: list[torch.nn.Parameter], lr: float, w
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def make_accelerator(grad_accum: int, micro_batch_size: int, max_grad_norm: float) -> Any:
-    from accelerate import Accelerator
+def deepspeed_requested() -> bool:
+    """`accelerate launch` with a DeepSpeed config (config/accelerate_zero2.yaml) says so here."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
 
-    # cpu=True on a machine without CUDA is what makes `torchrun` there run gloo DDP, not N copies
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=not torch.cuda.is_available())
+
+def make_accelerator(grad_accum: int, micro_batch_size: int, max_grad_norm: float, dtype: str = "float32") -> Any:
+    """The run's accelerator. Under DeepSpeed its config's batch sizes and clipping are the stage's,
+    and its precision is the model's (`base.torch_dtype`): the engine casts the module to bf16 when
+    told to, so a bf16 flag on an fp32 model (the tiny profile) would quietly train another model."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    deepspeed, cuda = deepspeed_requested(), torch.cuda.is_available()
+    # cpu=True on a machine without CUDA is what makes `torchrun` there run gloo DDP, not N copies.
+    # Under DeepSpeed it would quietly run DDP instead: there DeepSpeed's own CPU accelerator runs
+    # ZeRO-2 over gloo (how the tests exercise the path a multi-GPU user takes), and accelerate
+    # must be told gloo, or it counts one process while DeepSpeed counts all of them.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=not cuda and not deepspeed,
+                              kwargs_handlers=handlers)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
                            "use `accelerate launch` or `torchrun` with a matching accelerate config")
+    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise RuntimeError(f"launched with a DeepSpeed config but accelerate set up {accelerator.distributed_type}: "
+                           "is deepspeed installed (`pip install -r requirements-gpu.txt`)?")
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # "auto" entries of config/ds_config_zero2.json take the run's values
         plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": micro_batch_size,
                                         "gradient_accumulation_steps": grad_accum,
+                                        "train_batch_size": micro_batch_size * grad_accum * accelerator.num_processes,
                                         "gradient_clipping": max_grad_norm})
+        plugin.deepspeed_config.setdefault("bf16", {})["enabled"] = dtype == "bfloat16"
+        plugin.deepspeed_config.setdefault("fp16", {})["enabled"] = dtype == "float16"
     return accelerator
+
+
+def prepare_module(accelerator: Any, module: Any, optimizer: Any) -> tuple[Any, Any]:
+    """accelerate's prepare, leaving the module where it was loaded (a 4-bit base cannot move).
+
+    DeepSpeed refuses custom placement and moves the module to its device itself, which it is
+    already on."""
+    if _is_deepspeed(accelerator):
+        return accelerator.prepare(module, optimizer)
+    return accelerator.prepare(module, optimizer, device_placement=[False, True])
+
+
+def distributed_kind(accelerator: Any) -> str:
+    """What the metrics say ran: `single`, `ddp` or `deepspeed-zero<stage>`."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        return f"deepspeed-zero{plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def peak_memory_gb(device: torch.device) -> dict[str, float]:
@@ -221,7 +260,9 @@ def save_checkpoint(accelerator: Any, folder: Path, progress: Progress, fingerpr
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    # DeepSpeed writes the module itself: without exclude_frozen_parameters every checkpoint would
+    # hold the 8.6 GB frozen model (keep_trainable cuts only accelerate's own safetensors file).
+    accelerator.save_state(str(partial), **({"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extra:
@@ -277,9 +318,16 @@ def resume(accelerator: Any, module: Any, folder: Path, fingerprint: str, enable
         raise ValueError(f"{latest} was made with another {what} config or other inputs, so resuming it would "
                          f"mix two runs: {fresh_start}")
     check_checkpoint_keys(module, latest, fresh_start)
-    accelerator.load_state(str(latest), strict=False)
+    if _is_deepspeed(accelerator):  # frozen tensors were left out of the checkpoint (save_checkpoint)
+        accelerator.load_state(str(latest), load_module_strict=False)
+    else:
+        accelerator.load_state(str(latest), strict=False)
     accelerator.print(f"resumed {what} from {latest.name}")
     return latest
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
 
 def read_extra(checkpoint: Path) -> dict[str, torch.Tensor]:
