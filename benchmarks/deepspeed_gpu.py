@@ -58,9 +58,11 @@ def _max_difference(a: Path, b: Path, stage: int) -> dict:
         fa, fb = a / f"models/staged_training/stage{stage}" / part, b / f"models/staged_training/stage{stage}" / part
         if fa.is_file() and fb.is_file():
             x, y = load_file(fa), load_file(fb)
+            shared = sorted(x.keys() & y.keys())
             out[part] = {"tensors": len(x), "same_keys": x.keys() == y.keys(),
-                         "max_abs_difference": max(float((x[k].float() - y[k].float()).abs().max()) for k in x),
-                         "max_abs_value": max(float(x[k].float().abs().max()) for k in x)}
+                         "max_abs_difference": max((float((x[k].float() - y[k].float()).abs().max()) for k in shared),
+                                                   default=None),
+                         "max_abs_value": max((float(x[k].float().abs().max()) for k in x), default=None)}
     return out
 
 

@@ -11,9 +11,10 @@
 # --watch runs the whole rehearsal (prepare, 0.00-2.02, prune models/resized/, 3.01-6.02) as one
 # detached process session that outlives the command, so no notebook is cut at a command's limit
 # and no time is lost between commands; each --watch command starts it if it is not running,
-# follows it for SECONDS (default 560) or until it ends, and writes the figures so far to $OUT.
+# follows it for SECONDS (default 540) or until it ends, and writes the figures so far to $OUT.
 # After a failure it is restarted only once the code differs (a fix sent with the next command);
-# until then a --watch command keeps the machine warm for at most 120 s and reports. With
+# until then a --watch command keeps the machine warm for at most 120 s and reports
+# (REHEARSAL_RETRY=1 restarts it anyway, after a failure of the machine rather than the code). With
 # REHEARSAL_NO_START=1 a --watch command on a fresh machine (the last one was given back) starts
 # nothing.
 #
@@ -23,6 +24,7 @@
 # (../shared/data: kowiki_medical, kormedmcqa, the KCD list, the Gemma 3 tokenizer side files), and
 # wheels of pinned versions the image holds in another release (xxhash 3.8.2).
 set -uo pipefail
+started=$(date +%s)  # the command's clock: unpacking on a fresh machine counts against its limit
 ROOT=${REHEARSAL_ROOT:-/root/rehearsal}
 BUDGET=${REHEARSAL_BUDGET_S:-520}
 OUT=${OUT:-/tmp/rehearsal_out}
@@ -44,7 +46,6 @@ fi
 export PYTHONPATH=/tmp/gpusite:$PWD
 export PATH=/tmp/gpusite/bin:$PATH
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-started=$(date +%s)
 
 report() {  # what a command brings back: per-notebook figures, the report, logs, executed notebooks
   python3 benchmarks/rehearsal_a5000.py --root "$ROOT" collect --out "$OUT/rehearsal_a5000.json" > "$OUT/collect.log" 2>&1
@@ -61,16 +62,16 @@ report() {  # what a command brings back: per-notebook figures, the report, logs
 }
 
 if [ "${1:-}" = "--watch" ]; then
-  WATCH=${2:-560}
+  WATCH=${2:-540}
   mkdir -p "$ROOT"
   code=$(find kormedgemma benchmarks config phase* -type f \( -name '*.py' -o -name '*.ipynb' -o -name '*.yaml' \
-         -o -name '*.sh' -o -name '*.jinja' \) | sort | xargs sha256sum | sha256sum | cut -c1-16)
+         -o -name '*.sh' -o -name '*.jinja' \) -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
   pid=$(cat "$ROOT/daemon.pid" 2>/dev/null)
   if [ -f "$ROOT/.done" ]; then
     echo "the rehearsal has finished"
   elif [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     echo "rehearsal running (pid $pid)"
-  elif [ "$(cat "$ROOT/.failed" 2>/dev/null)" = "$code" ]; then
+  elif [ "$(cat "$ROOT/.failed" 2>/dev/null)" = "$code" ] && [ -z "${REHEARSAL_RETRY:-}" ]; then
     echo "the rehearsal failed with this code ($code); waiting for a fix"
     sleep $(( WATCH < 120 ? WATCH : 120 ))
   else

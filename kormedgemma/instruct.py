@@ -209,9 +209,9 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     from kormedgemma.environment import cap_gpu_memory, prefer_expandable_segments
     from kormedgemma.loss import CausalLMLoss
     from kormedgemma.stages import with_lora
-    from kormedgemma.trainloop import (Progress, crash_if_asked, keep_trainable, latest_checkpoint, make_accelerator,
-                                       make_optimizer, mean_loss, optimizer_step, peak_memory_gb, prepare_module,
-                                       read_extra, resume, save_checkpoint, seal)
+    from kormedgemma.trainloop import (Progress, crash_if_asked, distributed_kind, keep_trainable, latest_checkpoint,
+                                       make_accelerator, make_optimizer, mean_loss, optimizer_step, peak_memory_gb,
+                                       prepare_module, read_extra, resume, save_checkpoint, seal)
 
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
@@ -317,6 +317,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
         "best_step": best["best_step"], "best_dev_loss": best["best_dev_loss"],
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
         "train_seconds": round(progress.train_seconds, 2), "processes": world,
+        "distributed": distributed_kind(accelerator),
         "resumed_from": checkpoint.name if checkpoint else None,
         # tokens (prompt and answer, padding excluded) per second; the first step (warm-up) left out
         "tokens_per_second": round(progress.tokens / progress.step * len(timed) / sum(timed), 1) if timed else None,

@@ -27,9 +27,10 @@ from kormedgemma.config import ProjectConfig, config_to_dict
 from kormedgemma.corpus.batching import BlockOrder
 from kormedgemma.resources import reset_peak_gpu_memory
 from kormedgemma.stages import STAGES, StageSpec, apply_stage
-from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked, distributed_kind, keep_trainable,
-                                   latest_checkpoint, make_accelerator, make_optimizer, mean_loss, optimizer_step,
-                                   peak_memory_gb, prepare_module, resume, run_fingerprint, save_checkpoint, seal)
+from kormedgemma.trainloop import (Progress, bitsandbytes_ready, crash_if_asked, deepspeed_notice, distributed_kind,
+                                   keep_trainable, latest_checkpoint, make_accelerator, make_optimizer, mean_loss,
+                                   optimizer_step, peak_memory_gb, prepare_module, resume, run_fingerprint,
+                                   save_checkpoint, seal)
 
 TRAINED_FILE = "trained.safetensors"
 ADAPTER_DIR = "adapter"
@@ -271,6 +272,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     parameters = [p for p in trained.parameters() if p.requires_grad]
     module = CausalLMLoss(trained)
     optimizer = _optimizer(hyper, parameters, notices)
+    notices += [n for n in [deepspeed_notice(accelerator, config.base.torch_dtype)] if n]
     scheduler = get_scheduler(hyper.lr_scheduler, optimizer, num_warmup_steps=math.ceil(hyper.warmup_ratio * hyper.max_steps),
                               num_training_steps=hyper.max_steps)
     module, optimizer = prepare_module(accelerator, module, optimizer)

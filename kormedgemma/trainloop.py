@@ -131,7 +131,7 @@ def make_accelerator(grad_accum: int, micro_batch_size: int, max_grad_norm: floa
                            "use `accelerate launch` or `torchrun` with a matching accelerate config")
     if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise RuntimeError(f"launched with a DeepSpeed config but accelerate set up {accelerator.distributed_type}: "
-                           "is deepspeed installed (`pip install -r requirements-gpu.txt`)?")
+                           "is deepspeed installed (`pip install -r requirements.txt`)?")
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:  # "auto" entries of config/ds_config_zero2.json take the run's values
         plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": micro_batch_size,
@@ -151,6 +151,20 @@ def prepare_module(accelerator: Any, module: Any, optimizer: Any) -> tuple[Any, 
     if _is_deepspeed(accelerator):
         return accelerator.prepare(module, optimizer)
     return accelerator.prepare(module, optimizer, device_placement=[False, True])
+
+
+def deepspeed_notice(accelerator: Any, dtype: str) -> Optional[str]:
+    """What ZeRO changes about the optimizer, said in the metrics where it applies."""
+    if not _is_deepspeed(accelerator) or dtype == "float32":
+        return None
+    return ("DeepSpeed ZeRO keeps fp32 master weights and fp32 gradient partitions of the trainable tensors (8 bytes "
+            "a parameter, split across processes) and the optimizer updates those: Kahan compensation and stochastic "
+            "rounding have nothing to do there")
+
+
+def launch_of(accelerator: Any) -> str:
+    """`ddp x 2`: what a checkpoint records of the launch that wrote it."""
+    return f"{distributed_kind(accelerator)} x {accelerator.num_processes}"
 
 
 def distributed_kind(accelerator: Any) -> str:
@@ -267,7 +281,8 @@ def save_checkpoint(accelerator: Any, folder: Path, progress: Progress, fingerpr
     if accelerator.is_main_process:
         if extra:
             save_file({k: v.contiguous() for k, v in extra.items()}, str(partial / EXTRA_FILE))
-        (partial / "progress.json").write_text(json.dumps({"step": progress.step, "fingerprint": fingerprint}))
+        (partial / "progress.json").write_text(json.dumps({"step": progress.step, "fingerprint": fingerprint,
+                                                           "launch": launch_of(accelerator)}))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)  # a checkpoint exists whole or not at all
         for old in sorted(p for p in folder.glob("step-*"))[:-keep]:
@@ -284,10 +299,16 @@ def check_checkpoint_keys(module: Any, checkpoint: Path, fresh_start: str) -> No
     from safetensors import safe_open
 
     file = Path(checkpoint) / "model.safetensors"
-    if not file.is_file():
-        return  # DeepSpeed writes its own layout and checks its own keys
-    with safe_open(str(file), framework="pt") as handle:
-        saved = set(handle.keys())
+    deepspeed = Path(checkpoint) / "pytorch_model" / "mp_rank_00_model_states.pt"
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as handle:
+            saved = set(handle.keys())
+    elif deepspeed.is_file():  # loaded with load_module_strict=False, so it would not check either
+        saved = set(torch.load(deepspeed, map_location="cpu", mmap=True, weights_only=False)["module"])
+        module = getattr(module, "module", module)  # the engine's names carry a "module." prefix
+    else:
+        raise ValueError(f"{checkpoint} holds no model tensors (model.safetensors or DeepSpeed's pytorch_model/): "
+                         f"{fresh_start}")
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     if saved != trainable:
         missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
@@ -305,6 +326,7 @@ def resume(accelerator: Any, module: Any, folder: Path, fingerprint: str, enable
     latest = latest_checkpoint(folder)
     if latest is None:
         return None
+    fresh_start = f"delete {folder} (or run with --set {resume_key}=false) to start {what} afresh"
     if not enabled:
         accelerator.print(f"{resume_key}=false: discarding checkpoints in {folder}")
         accelerator.wait_for_everyone()
@@ -312,8 +334,13 @@ def resume(accelerator: Any, module: Any, folder: Path, fingerprint: str, enable
             shutil.rmtree(folder)
         accelerator.wait_for_everyone()
         return None
-    fresh_start = f"delete {folder} (or run with --set {resume_key}=false) to start {what} afresh"
     saved = json.loads((latest / "progress.json").read_text())
+    launch = launch_of(accelerator)
+    if saved.get("launch", launch) != launch:
+        # the data order folds in the process count, and ZeRO-2's optimizer partitions and
+        # accelerate's per-process files exist only for the launch that wrote them
+        raise ValueError(f"{latest} was written by a {saved['launch']} run and this is a {launch} run: resume with "
+                         f"the launcher and process count that wrote it, or {fresh_start}")
     if saved["fingerprint"] != fingerprint:
         raise ValueError(f"{latest} was made with another {what} config or other inputs, so resuming it would "
                          f"mix two runs: {fresh_start}")

@@ -51,15 +51,15 @@ def _tensors(root: Path, stage: int, part: str = TRAINED_FILE) -> dict[str, torc
     return load_file(root / f"models/staged_training/stage{stage}" / part)
 
 
-def test_zero2_on_two_processes_trains_stage1_as_one_process_accumulating_two(tiny_phase2, tmp_path):
+def test_zero2_on_two_processes_accumulating_two_trains_stage1_as_one_process_accumulating_four(tiny_phase2, tmp_path):
     config, _, _ = tiny_phase2
     steps = ("staged.stage1.max_steps=4", "staged.stage1.save_every=2")
     _root(Path(config.paths.root), tmp_path / "zero2", range(0))
     _root(Path(config.paths.root), tmp_path / "single", range(0))
-    ran = _zero2(tmp_path / "zero2", 1, *steps, "staged.stage1.grad_accum=1")
+    ran = _zero2(tmp_path / "zero2", 1, *steps, "staged.stage1.grad_accum=2")
     assert ran.returncode == 0, ran.stderr[-3000:]
     single = load_config("tiny", overrides={"paths.root": str(tmp_path / "single"), "staged.stage1.max_steps": 4,
-                                            "staged.stage1.save_every": 2, "staged.stage1.grad_accum": 2})
+                                            "staged.stage1.save_every": 2, "staged.stage1.grad_accum": 4})
     expected = train_stage(single, 1, progress_bar=False)
     got = _metrics(tmp_path / "zero2", 1)
     # DeepSpeed really ran (accelerate without a CUDA device would otherwise fall back to DDP)
@@ -71,7 +71,7 @@ def test_zero2_on_two_processes_trains_stage1_as_one_process_accumulating_two(ti
     trained, reference = _tensors(tmp_path / "zero2", 1), _tensors(tmp_path / "single", 1)
     assert trained["input_embeddings"].dtype == torch.float32  # the tiny model's dtype, not DeepSpeed's bf16
     # ZeRO-2 sums gradients in another order than one process does; Adam divides by √v, so the few
-    # entries whose gradients are near zero carry that rounding up to ~2e-5 (4 of 151,808 here).
+    # entries whose gradients are near zero carry that rounding up to ~2e-5 (a handful of 151,808).
     difference = (trained["input_embeddings"] - reference["input_embeddings"]).abs()
     assert float(difference.max()) < 5e-5 and int((difference > 1e-6).sum()) <= difference.numel() // 10_000
 
@@ -113,6 +113,19 @@ def test_zero2_run_killed_mid_stage_resumes_to_the_uninterrupted_result(tiny_pha
     states = torch.load(checkpoints / "step-000002/pytorch_model/mp_rank_00_model_states.pt", weights_only=False)
     assert {k: tuple(v.shape) for k, v in states["module"].items()} == {
         "model.model.language_model.embed_tokens.delta": tuple(_tensors(tmp_path / "whole", 1)["input_embeddings"].shape)}
+    # another launch cannot take the checkpoint over: its data order and optimizer partitions differ
+    with pytest.raises(ValueError, match=r"written by a deepspeed-zero2 x 2 run and this is a single x 1 run"):
+        train_stage(load_config("tiny", overrides={"paths.root": str(tmp_path / "killed"), "staged.stage1.max_steps": 4,
+                                                   "staged.stage1.save_every": 2, "staged.stage1.grad_accum": 1}),
+                    1, progress_bar=False)
+    # a checkpoint whose tensor names drifted is refused, not loaded non-strictly into nothing
+    states_file = checkpoints / "step-000002/pytorch_model/mp_rank_00_model_states.pt"
+    original = states_file.read_bytes()
+    states["module"] = {"drifted." + k: v for k, v in states["module"].items()}
+    torch.save(states, states_file)
+    drifted = _zero2(tmp_path / "killed", 1, *steps)
+    assert drifted.returncode != 0 and "does not hold this run's trainable tensors" in drifted.stdout + drifted.stderr
+    states_file.write_bytes(original)
     resumed = _zero2(tmp_path / "killed", 1, *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed stage 1 from step-000002" in resumed.stdout + resumed.stderr
