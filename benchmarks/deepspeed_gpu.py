@@ -103,18 +103,16 @@ def main() -> None:
     plans = {1: ["staged.stage1.max_steps=4", "staged.stage1.save_every=2", "staged.stage1.grad_accum=2"],
              6: ["staged.stage6.max_steps=4", "staged.stage6.save_every=2", "staged.stage6.grad_accum=2",
                  "staged.stage6.optimizer=adamw_8bit_sr", "staged.stage6.load_in_4bit=true"]}
-    runs = [("plain", single, []), ("zero2", zero2, []), ("zero2_killed", zero2, [])]
+    runs = [("plain", single), ("zero2", zero2), ("zero2_killed", zero2)]
     if args.gpus > 1:  # the same global batch on one GPU: N times the accumulation
-        runs.insert(0, ("one_gpu", [sys.executable], ["grad_accum"]))
-    for stage, overrides in plans.items():
-        entry: dict = {"overrides": common + overrides}
+        runs.insert(0, ("one_gpu", [sys.executable]))
+    for stage, plan in plans.items():
+        entry: dict = {"overrides": common + plan}
         roots = {}
-        for name, launcher, scaled in runs:
-            if scaled:
-                overrides = [f"staged.stage{stage}.grad_accum={2 * args.gpus}" if o.startswith(f"staged.stage{stage}.grad_accum=")
-                             else o for o in plans[stage]]
-            else:
-                overrides = plans[stage]
+        for name, launcher in runs:
+            accumulate = f"staged.stage{stage}.grad_accum={2 * args.gpus}"
+            overrides = [accumulate if name == "one_gpu" and o.startswith(f"staged.stage{stage}.grad_accum=") else o
+                         for o in plan]
             root = args.root / f"stage{stage}_{name}"
             roots[name] = root
             done = _metrics(root, stage)

@@ -18,11 +18,8 @@
 # REHEARSAL_NO_START=1 a --watch command on a fresh machine (the last one was given back) starts
 # nothing.
 #
-# Carried (ignored) folder .rehearsal/: gpusite.tar.xz (the packages the GPU image lacks, for
-# Python 3.12: papermill and the Jupyter kernel, datatrove, gensim, bitsandbytes with its CUDA 13
-# library only, torchao, torch-optimi, llm-compressor, FastAPI/uvicorn, openai) and data.tar.xz
-# (../shared/data: kowiki_medical, kormedmcqa, the KCD list, the Gemma 3 tokenizer side files), and
-# wheels of pinned versions the image holds in another release (xxhash 3.8.2).
+# Carried (ignored) folder .rehearsal/: what benchmarks/device_setup.sh installs, and data.tar.xz
+# (../shared/data: kowiki_medical, kormedmcqa, the KCD list, the Gemma 3 tokenizer side files).
 set -uo pipefail
 started=$(date +%s)  # the command's clock: unpacking on a fresh machine counts against its limit
 ROOT=${REHEARSAL_ROOT:-/root/rehearsal}
@@ -33,19 +30,11 @@ if [ "${1:-}" = "--watch" ] && [ -n "${REHEARSAL_NO_START:-}" ] && [ ! -f "$ROOT
   echo "FRESH-MACHINE: no rehearsal here to follow (REHEARSAL_NO_START is set); nothing started"
   exit 0
 fi
-if [ ! -d /tmp/gpusite ]; then
-  tar -C /tmp -xJf .rehearsal/gpusite.tar.xz || exit 3
-fi
-if [ ! -f /tmp/gpusite/.wheels ]; then
-  # Versions the image has in another release: xxhash 4 refuses datatrove's str shingles.
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpusite .rehearsal/*.whl && touch /tmp/gpusite/.wheels || exit 3
-fi
+. benchmarks/device_setup.sh
 if [ ! -d ../shared/data/kormedmcqa ]; then
   mkdir -p ../shared && tar -C ../shared -xJf .rehearsal/data.tar.xz || exit 3
 fi
-export PYTHONPATH=/tmp/gpusite:$PWD
-export PATH=/tmp/gpusite/bin:$PATH
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+export TQDM_MININTERVAL=30
 
 report() {  # what a command brings back: per-notebook figures, the report, logs, executed notebooks
   python3 benchmarks/rehearsal_a5000.py --root "$ROOT" collect --out "$OUT/rehearsal_a5000.json" > "$OUT/collect.log" 2>&1

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from kormedgemma.io import atomic_dir
-from kormedgemma.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, _proto, load_sp_proto
+from kormedgemma.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, load_sp_proto, new_sp_proto
 
 GEMMA3_PIECES = 262_144
 # Gemma 3's added tokens fill ids 0..237 and 255968..262144; bytes follow the low block as in
@@ -130,7 +130,7 @@ def build_sentencepiece(layout: Sequence[LayoutToken], texts: Sequence[str], out
             pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
             unk_piece="<unk>", num_threads=threads, minloglevel=2, **GEMMA_TEXT_RULES)
         trained = load_sp_proto(Path(f"{tmp}/sp.model"))
-    proto = _proto().ModelProto()
+    proto = new_sp_proto()
     proto.trainer_spec.CopyFrom(trained.trainer_spec)
     proto.normalizer_spec.CopyFrom(trained.normalizer_spec)
     proto.trainer_spec.vocab_size = size

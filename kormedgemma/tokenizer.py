@@ -39,8 +39,13 @@ def _proto():
     return sentencepiece_model_pb2
 
 
+def new_sp_proto() -> Any:
+    """An empty SentencePiece ModelProto (the file format of `tokenizer.model`)."""
+    return _proto().ModelProto()
+
+
 def load_sp_proto(path: Path) -> Any:
-    proto = _proto().ModelProto()
+    proto = new_sp_proto()
     proto.ParseFromString(Path(path).read_bytes())
     return proto
 

@@ -272,7 +272,8 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     parameters = [p for p in trained.parameters() if p.requires_grad]
     module = CausalLMLoss(trained)
     optimizer = _optimizer(hyper, parameters, notices)
-    notices += [n for n in [deepspeed_notice(accelerator, config.base.torch_dtype)] if n]
+    if notice := deepspeed_notice(accelerator, config.base.torch_dtype):
+        notices.append(notice)
     scheduler = get_scheduler(hyper.lr_scheduler, optimizer, num_warmup_steps=math.ceil(hyper.warmup_ratio * hyper.max_steps),
                               num_training_steps=hyper.max_steps)
     module, optimizer = prepare_module(accelerator, module, optimizer)
@@ -361,7 +362,8 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
         # the first step (compilation, allocator warm-up) is left out of the rate
         "tokens_per_second": round(tokens_per_step * len(timed) / sum(timed), 1) if timed else None,
         "train_seconds": round(progress.train_seconds, 2), "processes": accelerator.num_processes,
-        "distributed": distributed_kind(accelerator), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "distributed": distributed_kind(accelerator),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **peak_memory_gb(device), "resumed_from": resumed_from, "notices": notices,
         "history": progress.history, "evals": progress.evals,
     }

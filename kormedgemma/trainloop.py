@@ -169,9 +169,8 @@ def launch_of(accelerator: Any) -> str:
 
 def distributed_kind(accelerator: Any) -> str:
     """What the metrics say ran: `single`, `ddp` or `deepspeed-zero<stage>`."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        return f"deepspeed-zero{plugin.zero_stage}"
+    if _is_deepspeed(accelerator):
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
