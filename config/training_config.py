@@ -451,6 +451,10 @@ class DeployConfig:
     serve_backend: Literal["vllm", "transformers"] = "vllm"
     host: str = "127.0.0.1"
     port: int = 8000
+    # The NAME of the environment variable holding the API key, never the key itself: config is
+    # written to manifests and artifacts. With the variable set, both servers require
+    # `Authorization: Bearer <key>`; a host other than loopback is refused without it.
+    api_key_env: str = "KORMEDGEMMA_API_KEY"
     # Name clients pass as `model`; vLLM and the transformers server both answer to it.
     served_model_name: str = "korean-medgemma"
     max_model_len: int = 8192
@@ -469,6 +473,10 @@ class DeployConfig:
         _require(self.calibration_samples >= 1, "calibration_samples", "must be ≥ 1")
         _require(self.calibration_seq_len >= 1, "calibration_seq_len", "must be ≥ 1")
         _require(1 <= self.port <= 65535, "port", "must be in 1..65535")
+        # The value is not echoed: someone may have pasted the key here by mistake.
+        _require(self.api_key_env.isidentifier() and self.api_key_env.isascii(), "api_key_env",
+                 "must name an environment variable (letters, digits, _), e.g. KORMEDGEMMA_API_KEY; "
+                 "put the key itself in that variable, not in the config")
         _require(self.max_model_len >= 1, "max_model_len", "must be ≥ 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be ≥ 1")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")

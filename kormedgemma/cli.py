@@ -137,11 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="OpenAI-compatible server for a model folder (vLLM on GPU, transformers on CPU)",
         description="Serve /v1/chat/completions and /v1/models. --backend vllm starts vLLM's own server "
                     "(from PATH or .venv-serve/, see `make serve-env`) and waits until it is healthy; "
-                    "--backend transformers runs a small FastAPI server in this process.")
+                    "--backend transformers runs a small FastAPI server in this process. With an API key in "
+                    "$KORMEDGEMMA_API_KEY (the variable deploy.api_key_env names) clients must send "
+                    "'Authorization: Bearer <key>'; a host other than loopback is refused without one.")
     serve.add_argument("--model", required=True, metavar="DIR", help="model folder (e.g. models/final/korean_medgemma_awq)")
     serve.add_argument("--backend", choices=("vllm", "transformers"), default=None,
                        help="default: deploy.serve_backend of the profile")
-    serve.add_argument("--host", default=None, help="default: deploy.host (127.0.0.1)")
+    serve.add_argument("--host", default=None,
+                       help="default: deploy.host (127.0.0.1); any other host needs an API key in the environment")
     serve.add_argument("--port", type=int, default=None, help="default: deploy.port (8000)")
     serve.add_argument("--profile", default="tiny", help="config profile whose deploy section is used")
     serve.add_argument("--config", dest="config_file", help="YAML file of overrides")
@@ -328,7 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kormedgemma.config import load_config
-    from kormedgemma.serve import ServerProcess, serve_transformers, server_command
+    from kormedgemma.serve import ServerProcess, require_key_for, serve_transformers, server_command, server_env
 
     config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
     deploy = config.deploy
@@ -340,15 +343,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--port must be in 1..65535")
     backend = args.backend or deploy.serve_backend
     host, port = args.host or deploy.host, args.port or deploy.port
+    # Refused here, before any model is loaded, when the host is reachable from outside and no key is set.
+    key = require_key_for(host, deploy)
+    access = f"API key required (from ${deploy.api_key_env})" if key else "no API key (loopback only)"
     if backend == "transformers":
-        print(f"serving {model} as {deploy.served_model_name!r} at http://{host}:{port}/v1 (transformers backend); "
-              "Ctrl-C stops it", flush=True)
+        print(f"serving {model} as {deploy.served_model_name!r} at http://{host}:{port}/v1 (transformers backend, "
+              f"{access}); Ctrl-C stops it", flush=True)
         serve_transformers(model, deploy, host, port, args.device)  # uvicorn handles Ctrl-C itself
         return 0
     command = server_command(model, deploy, backend, host, port, config.profile)
-    print("starting: " + " ".join(command), flush=True)
+    print(f"starting ({access}): " + " ".join(command), flush=True)  # the key travels in the environment only
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    with ServerProcess(command, url, deploy.startup_timeout_s, Path("runs") / "serve" / "vllm.log") as server:
+    with ServerProcess(command, url, deploy.startup_timeout_s, Path("runs") / "serve" / "vllm.log",
+                       env=server_env(deploy)) as server:
         print(f"healthy after {server.startup_s:.0f} s: {url}/v1 serves {deploy.served_model_name!r} "
               f"(log: runs/serve/vllm.log); Ctrl-C stops it", flush=True)
         try:

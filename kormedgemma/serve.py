@@ -11,10 +11,19 @@ Two backends behind one command (`python -m kormedgemma serve`):
   one fixed folder with the same request limits vLLM applies.
 
 Either way clients talk to `http://host:port/v1` with the `openai` package.
+
+Access: both bind 127.0.0.1 by default. With an API key in the environment variable that
+`deploy.api_key_env` names (`KORMEDGEMMA_API_KEY`), both require `Authorization: Bearer <key>`
+on everything but `/health`; binding any other host without a key is refused before starting,
+since the model would otherwise answer anyone who can reach the machine. The key is only ever
+read from the environment and handed on through the environment (vLLM reads `VLLM_API_KEY`),
+so it never reaches a command line, a log, the config, a manifest or an error message.
 (No `from __future__ import annotations` here: FastAPI reads the request model from the
 endpoint's annotation at definition time, and the models are local to `build_app`.)
 """
 
+import hmac
+import ipaddress
 import json
 import os
 import shutil
@@ -26,7 +35,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -35,6 +44,63 @@ from config.training_config import DeployConfig
 
 class ServeError(RuntimeError):
     """The server cannot start or did not come up; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- API key
+
+def is_loopback(host: str) -> bool:
+    """True for hosts only this machine can reach: `localhost` and loopback addresses
+    (127.0.0.0/8, ::1). `0.0.0.0`, `::`, LAN addresses and other names are reachable from outside."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything, so it counts as outside
+
+
+def api_key(deploy: DeployConfig) -> Optional[str]:
+    """The API key from the environment variable `deploy.api_key_env` names, or None when unset/empty.
+
+    It must be printable ASCII without spaces, as HTTP headers carry it; the error names the
+    variable, never the value."""
+    key = os.environ.get(deploy.api_key_env, "").strip()
+    if not key:
+        return None
+    if not (key.isascii() and key.isprintable() and " " not in key):
+        raise ServeError(f"the API key in ${deploy.api_key_env} must be printable ASCII without spaces; make one with "
+                         "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return key
+
+
+def require_key_for(host: str, deploy: DeployConfig) -> Optional[str]:
+    """The API key to serve on `host` with (None: open, loopback only).
+
+    A non-loopback host without a key is refused: it would expose the model, unauthenticated, to
+    everyone who can reach this machine."""
+    key = api_key(deploy)
+    if key is None and not is_loopback(host):
+        name = deploy.api_key_env
+        raise ServeError(f"refusing to serve on {host!r} without an API key: anyone who can reach this machine "
+                         f"could use the model. Set one in the environment variable {name} (e.g. "
+                         f"export {name}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')) and give "
+                         f"it to your clients, who send 'Authorization: Bearer <key>'; or serve on 127.0.0.1 "
+                         f"(deploy.api_key_env names a different variable if you need one)")
+    return key
+
+
+def server_env(deploy: DeployConfig, base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment for a server child process: the key reaches vLLM as `VLLM_API_KEY` (the
+    transformers child reads `deploy.api_key_env` itself) instead of `--api-key` on its command
+    line, which vLLM would log and `serve_check` records. A stray `VLLM_API_KEY` is dropped when
+    no key is configured, so the server enforces exactly what the client sends."""
+    env = dict(os.environ if base is None else base)
+    key = api_key(deploy)
+    env.pop("VLLM_API_KEY", None)
+    if key is not None:
+        env["VLLM_API_KEY"] = key
+    return env
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -60,10 +126,15 @@ def find_vllm() -> Optional[str]:
 def vllm_command(model_dir: Path, deploy: DeployConfig, executable: str = "vllm", host: Optional[str] = None,
                  port: Optional[int] = None) -> list[str]:
     """`vllm serve …` for this model: its chat template, context length, concurrency, memory share,
-    quantisation format, and the name clients ask for."""
+    quantisation format, and the name clients ask for.
+
+    The API key is deliberately not here (the command is printed and kept in check.json): it
+    travels in the child's environment, see `server_env`. A non-loopback host without one is refused."""
     model_dir = Path(model_dir)
+    host = host or deploy.host
+    require_key_for(host, deploy)
     command = [executable, "serve", str(model_dir), "--served-model-name", deploy.served_model_name,
-               "--host", host or deploy.host, "--port", str(port or deploy.port),
+               "--host", host, "--port", str(port or deploy.port),
                "--max-model-len", str(deploy.max_model_len), "--max-num-seqs", str(deploy.max_num_seqs),
                "--gpu-memory-utilization", str(deploy.gpu_memory_utilization), "--dtype", "bfloat16"]
     method = quantization_method(model_dir)
@@ -85,12 +156,16 @@ def _text_of(content: Any) -> str:
 
 
 def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
-              default_max_tokens: int = 512) -> Any:
+              default_max_tokens: int = 512, api_key: Optional[str] = None) -> Any:
     """A FastAPI app answering OpenAI chat requests with `model.generate`, one request at a time.
 
     Errors follow vLLM's shape (`{"error": {"message", "type", "code"}}`, HTTP 4xx): an empty
     `messages`, an unknown `model`, a prompt + `max_tokens` past `max_model_len`, or messages the
     chat template refuses are the client's mistake, not a crash of the server.
+
+    With `api_key`, every path but `/health` (which load balancers and `wait_healthy` poll)
+    needs `Authorization: Bearer <api_key>`, else HTTP 401; the check is an ASGI middleware, so
+    it also covers unknown paths and /docs, and compares in constant time.
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -120,6 +195,8 @@ def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
             self.status, self.message, self.code = status, message, code
 
     app = FastAPI(title="Korean MedGemma (transformers backend)")
+    if api_key is not None:
+        app.add_middleware(_RequireBearer, key=api_key)
     lock = threading.Lock()
     device = next(model.parameters()).device
     created = int(time.time())
@@ -227,17 +304,51 @@ def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
     return app
 
 
+class _RequireBearer:
+    """ASGI middleware: HTTP requests other than `/health` need `Authorization: Bearer <key>`.
+
+    The answer to a missing or wrong key is the same OpenAI-style 401 and never echoes what was
+    sent; `hmac.compare_digest` keeps the comparison's time independent of how much matched."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode("ascii")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health" or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        sent = any(name == b"authorization" for name, _ in scope["headers"])
+        message = ("invalid API key" if sent else
+                   "this server requires an API key: send the header 'Authorization: Bearer <key>'")
+        response = JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                                content={"error": {"message": message, "type": "AuthenticationError",
+                                                   "code": "invalid_api_key"}})
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Any) -> bool:
+        ok = False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.strip().partition(b" ")
+                ok = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        return ok
+
+
 def serve_transformers(model_dir: Path, deploy: DeployConfig, host: Optional[str] = None, port: Optional[int] = None,
                        device: Optional[str] = None) -> None:
     """Load the folder (4-bit compressed-tensors checkpoints are unpacked by transformers) and
-    serve it until interrupted."""
+    serve it until interrupted; a non-loopback host without an API key is refused before loading."""
     import uvicorn
 
     from kormedgemma.base_model import load_for_eval
 
+    host = host or deploy.host
+    key = require_key_for(host, deploy)
     model, tokenizer = load_for_eval(model_dir, device=device)
-    app = build_app(model, tokenizer, deploy.served_model_name, deploy.max_model_len)
-    uvicorn.run(app, host=host or deploy.host, port=port or deploy.port, log_level="warning")
+    app = build_app(model, tokenizer, deploy.served_model_name, deploy.max_model_len, api_key=key)
+    uvicorn.run(app, host=host, port=port or deploy.port, log_level="warning")
 
 
 # --------------------------------------------------------------------------- process control
@@ -300,23 +411,27 @@ def server_command(model_dir: Path, deploy: DeployConfig, backend: str, host: st
     command = [sys.executable, "-m", "kormedgemma", "serve", "--model", str(model_dir), "--backend", "transformers",
                "--host", host, "--port", str(port), "--profile", profile,
                "--set", f"deploy.served_model_name={deploy.served_model_name}",
-               "--set", f"deploy.max_model_len={deploy.max_model_len}"]
+               "--set", f"deploy.max_model_len={deploy.max_model_len}",
+               "--set", f"deploy.api_key_env={deploy.api_key_env}"]  # the variable's name, not the key
     return command + (["--device", device] if device else [])
 
 
 class ServerProcess:
     """A server in a child process: `with ServerProcess(cmd, url, …) as server:` waits until it is
-    healthy, and stops it (SIGTERM, then SIGKILL) on leaving, even after an error."""
+    healthy, and stops it (SIGTERM, then SIGKILL) on leaving, even after an error. `env` (default:
+    this process's) is the child's environment; `server_env` adds the API key there."""
 
-    def __init__(self, command: Sequence[str], url: str, timeout_s: float, log: Path) -> None:
+    def __init__(self, command: Sequence[str], url: str, timeout_s: float, log: Path,
+                 env: Optional[Mapping[str, str]] = None) -> None:
         self.command, self.url, self.timeout_s, self.log = list(command), url, timeout_s, Path(log)
+        self.env = dict(os.environ if env is None else env)
         self.process: Optional[subprocess.Popen] = None
         self.startup_s: Optional[float] = None
 
     def __enter__(self) -> "ServerProcess":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.log, "w", encoding="utf-8")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**self.env, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT, env=env)
         handle.close()
         try:
@@ -342,10 +457,11 @@ class ServerProcess:
 
 # --------------------------------------------------------------------------- client
 
-def openai_client(base_url: str) -> Any:
+def openai_client(base_url: str, api_key: Optional[str] = None) -> Any:
+    """An OpenAI client for the server; it sends `api_key` as the bearer token when there is one."""
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", timeout=600, max_retries=0)
+    return OpenAI(base_url=f"{base_url}/v1", api_key=api_key or "not-needed", timeout=600, max_retries=0)
 
 
 def ask(client: Any, model: str, question: str, max_tokens: int, system: Optional[str] = None) -> dict[str, Any]:
@@ -378,15 +494,24 @@ def ask_streaming(client: Any, model: str, question: str, max_tokens: int) -> di
             "total_s": round(time.perf_counter() - started, 3), "chunks": len(parts)}
 
 
-def check_bad_requests(base_url: str, model: str, max_model_len: int) -> list[dict[str, Any]]:
-    """Send the three requests a server must refuse politely; (request, status, message) each."""
-    cases = [("empty messages", {"model": model, "messages": []}),
-             ("unknown model", {"model": "no-such-model", "messages": [{"role": "user", "content": "안녕"}]}),
-             ("over-long prompt", {"model": model, "messages": [{"role": "user", "content": "가 " * (max_model_len * 2)}]})]
+def check_bad_requests(base_url: str, model: str, max_model_len: int,
+                       api_key: Optional[str] = None) -> list[dict[str, Any]]:
+    """Send the three requests a server must refuse politely; (request, status, message) each.
+
+    With `api_key` they carry it (so the refusals are about the request, not the key), and two
+    more check the key is enforced: a valid request without it, and with a wrong one (401 each)."""
+    valid = {"model": model, "messages": [{"role": "user", "content": "안녕"}], "max_tokens": 1}
+    cases = [("empty messages", {"model": model, "messages": []}, api_key),
+             ("unknown model", {"model": "no-such-model", "messages": [{"role": "user", "content": "안녕"}]}, api_key),
+             ("over-long prompt", {"model": model, "messages": [{"role": "user", "content": "가 " * (max_model_len * 2)}]},
+              api_key)]
+    if api_key:
+        cases += [("no API key", valid, None), ("wrong API key", valid, "wrong-" + api_key)]
     results = []
-    for name, body in cases:
+    for name, body, key in cases:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         request = urllib.request.Request(f"{base_url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+                                         headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 status, payload = response.status, response.read().decode()
@@ -404,7 +529,10 @@ def check_bad_requests(base_url: str, model: str, max_model_len: int) -> list[di
 
 def serve_check(config: Any, backend: Optional[str] = None, progress: bool = True) -> Path:
     """6.02: start the configured server on loopback, list its models, ask the check question,
-    send the three bad requests, stop it, and keep what happened in models/final/serve_check/."""
+    send the three bad requests, stop it, and keep what happened in models/final/serve_check/.
+
+    With an API key in the environment the server enforces it and the client sends it; check.json
+    records only whether one was required, and the refused requests include the two without it."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.io import write_json
     from kormedgemma.manifest import write_artifact
@@ -416,15 +544,18 @@ def serve_check(config: Any, backend: Optional[str] = None, progress: bool = Tru
     port = deploy.port if not port_in_use(host, deploy.port) else free_port(host)
     url = f"http://{host}:{port}"
     command = server_command(model_dir, deploy, backend, host, port, profile=config.profile)
+    key = api_key(deploy)
     final = artifact_path(config, "serve_check")
     with write_artifact(final, "6.02", config, ["deploy"], {"awq_model": model_dir}) as out:
-        with ServerProcess(command, url, deploy.startup_timeout_s, out.path / "server.log") as server:
-            client = openai_client(url)
+        with ServerProcess(command, url, deploy.startup_timeout_s, out.path / "server.log",
+                           env=server_env(deploy)) as server:
+            client = openai_client(url, key)
             served = [m.id for m in client.models.list().data]
             answer = ask(client, deploy.served_model_name, deploy.check_question, deploy.check_max_tokens)
             streamed = ask_streaming(client, deploy.served_model_name, deploy.check_question, deploy.check_max_tokens)
-            refused = check_bad_requests(url, deploy.served_model_name, deploy.max_model_len)
-        result = {"backend": backend, "command": command, "url": url, "startup_s": round(server.startup_s or 0, 2),
+            refused = check_bad_requests(url, deploy.served_model_name, deploy.max_model_len, key)
+        result = {"backend": backend, "command": command, "url": url, "api_key_required": key is not None,
+                  "startup_s": round(server.startup_s or 0, 2),
                   "models": served, **answer, "streamed": streamed, "bad_requests": refused}
         write_json(out.path / "check.json", result)
         out.metrics.update({k: result[k] for k in ("backend", "startup_s", "latency_s", "completion_tokens", "answer")})

@@ -1,5 +1,6 @@
 """Phase 6.02: the OpenAI-compatible server answers through the `openai` client, refuses bad
-requests with 4xx, and `serve --backend vllm` launches vLLM with this model's arguments."""
+requests with 4xx, `serve --backend vllm` launches vLLM with this model's arguments, and with an
+API key in the environment both servers require it (and refuse to leave loopback without one)."""
 from __future__ import annotations
 
 import json
@@ -9,26 +10,42 @@ from dataclasses import replace
 
 import pytest
 
-from config.training_config import DeployConfig
-from kormedgemma.serve import (ServeError, ServerProcess, build_app, free_port, port_in_use, server_command,
-                               vllm_command)
+from config.training_config import ConfigError, DeployConfig
+from kormedgemma.serve import (ServeError, ServerProcess, build_app, free_port, is_loopback, port_in_use,
+                               server_command, server_env, vllm_command)
+
+KEY = "test-key-Zq8v3LxN0pRw"  # a stand-in secret: the tests look for it where it must never be
 
 
 @pytest.fixture(scope="module")
-def client(tiny_phase6):
-    from fastapi.testclient import TestClient
-
+def loaded(tiny_phase6):
     from kormedgemma.evaluate import load_for_eval
 
-    config, out, _ = tiny_phase6
-    model, tokenizer = load_for_eval(out, device="cpu")
+    _, out, _ = tiny_phase6
+    return load_for_eval(out, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = loaded
     app = build_app(model, tokenizer, "korean-medgemma", max_model_len=256, default_max_tokens=8)
     return TestClient(app), tokenizer
 
 
-def _chat(client, **body):
+@pytest.fixture(scope="module")
+def keyed(loaded):
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = loaded
+    return TestClient(build_app(model, tokenizer, "korean-medgemma", max_model_len=256, default_max_tokens=8,
+                                api_key=KEY))
+
+
+def _chat(client, headers=None, **body):
     body = {"model": "korean-medgemma", "messages": [{"role": "user", "content": "두통의 원인은?"}], **body}
-    return client.post("/v1/chat/completions", json=body)
+    return client.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def test_chat_completion_is_greedy_and_counts_its_tokens(client):
@@ -82,10 +99,94 @@ def test_models_lists_the_served_name(client):
     assert [m["id"] for m in data] == ["korean-medgemma"] and data[0]["max_model_len"] == 256
 
 
-def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(tiny_phase6):
+@pytest.mark.parametrize("headers, words", [
+    ({}, "requires an API key"),
+    ({"Authorization": "Bearer wrong-key"}, "invalid API key"),
+    ({"Authorization": f"Bearer {KEY}x"}, "invalid API key"),
+    ({"Authorization": f"Basic {KEY}"}, "invalid API key"),
+    ({"Authorization": KEY}, "invalid API key"),
+])
+def test_with_a_key_requests_without_it_or_with_a_wrong_one_get_401(keyed, headers, words):
+    for response in (_chat(keyed, max_tokens=2, headers=headers), keyed.get("/v1/models", headers=headers),
+                     keyed.get("/docs", headers=headers), keyed.get("/no-such-path", headers=headers)):
+        assert response.status_code == 401, response.request.url
+        error = response.json()["error"]
+        assert words in error["message"] and error["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert KEY not in response.text
+
+
+def test_with_the_right_key_the_server_answers_and_health_needs_none(keyed):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    response = _chat(keyed, max_tokens=2, headers=auth)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] <= 2
+    assert keyed.get("/v1/models", headers=auth).json()["data"][0]["id"] == "korean-medgemma"
+    assert _chat(keyed, stream=True, max_tokens=2, headers=auth).text.rstrip().endswith("data: [DONE]")
+    assert _chat(keyed, messages=[], headers=auth).status_code == 400  # past the key, the request is judged
+    assert keyed.get("/health").json() == {"status": "ok"}  # what load balancers and wait_healthy poll
+
+
+def test_without_a_key_on_loopback_the_server_stays_open(client):
+    http, _ = client
+    assert _chat(http, max_tokens=2).status_code == 200 and http.get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("host, inside", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True),
+                                          ("127.0.0.2", True), ("0.0.0.0", False), ("::", False),
+                                          ("192.168.0.10", False), ("gpu-box.lan", False)])
+def test_only_loopback_counts_as_inside(host, inside):
+    assert is_loopback(host) is inside
+
+
+def test_a_host_beyond_loopback_without_a_key_is_refused_before_starting(tiny_phase6, tmp_path, monkeypatch, capsys):
+    import kormedgemma.serve as serve
+    from kormedgemma.cli import main
+
+    _, out, _ = tiny_phase6
+    monkeypatch.delenv("KORMEDGEMMA_API_KEY", raising=False)
+    refusal = r"refusing to serve on '0\.0\.0\.0' without an API key(?s:.*)KORMEDGEMMA_API_KEY"
+    with pytest.raises(ServeError, match=refusal):
+        vllm_command(out, DeployConfig(host="0.0.0.0"), "vllm")
+    with pytest.raises(ServeError, match=refusal):
+        vllm_command(out, DeployConfig(), "vllm", host="0.0.0.0")
+    # Refused before the model is loaded: this folder has no model, so loading would fail differently.
+    with pytest.raises(ServeError, match=refusal):
+        serve.serve_transformers(tmp_path / "not-loaded", DeployConfig(), host="0.0.0.0")
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["serve", "--model", str(tmp_path), "--backend", "transformers", "--host", "0.0.0.0"]) == 2
+    assert "KORMEDGEMMA_API_KEY" in capsys.readouterr().err
+    # The config may name another variable; the message names that one.
+    with pytest.raises(ServeError, match="MY_SERVE_KEY"):
+        vllm_command(out, DeployConfig(api_key_env="MY_SERVE_KEY"), "vllm", host="10.0.0.5")
+    monkeypatch.setenv("KORMEDGEMMA_API_KEY", KEY)
+    assert KEY not in " ".join(vllm_command(out, DeployConfig(host="0.0.0.0"), "vllm"))
+
+
+def test_the_key_is_read_from_the_environment_only(tiny_phase6, monkeypatch):
+    with pytest.raises(ConfigError, match="api_key_env") as refused:
+        DeployConfig(api_key_env=KEY + "!")  # the key pasted where the variable's name belongs
+    assert KEY not in str(refused.value)
+    monkeypatch.setenv("KORMEDGEMMA_API_KEY", "has a space " + KEY)
+    with pytest.raises(ServeError, match="KORMEDGEMMA_API_KEY") as bad:
+        server_env(DeployConfig())
+    assert KEY not in str(bad.value)
+    monkeypatch.setenv("KORMEDGEMMA_API_KEY", KEY)
+    assert server_env(DeployConfig())["VLLM_API_KEY"] == KEY
+    monkeypatch.delenv("KORMEDGEMMA_API_KEY")
+    monkeypatch.setenv("VLLM_API_KEY", "stray")  # not configured here, so not enforced either
+    assert "VLLM_API_KEY" not in server_env(DeployConfig())
+    _, out, _ = tiny_phase6
+    command = server_command(out, DeployConfig(api_key_env="MY_SERVE_KEY"), "transformers", "127.0.0.1", 8000)
+    assert "deploy.api_key_env=MY_SERVE_KEY" in command  # the child reads the same variable
+
+
+def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(tiny_phase6, monkeypatch):
+    """With a key set, as a server shared with colleagues would be: the check still gets its answer,
+    the server refuses requests without the key, and the key is in none of the files written."""
     from kormedgemma.serve import serve_check
 
     config, _, _ = tiny_phase6
+    monkeypatch.setenv(config.deploy.api_key_env, KEY)
     port = free_port()
     config = replace(config, deploy=replace(config.deploy, port=port))
     out = serve_check(config)
@@ -94,7 +195,13 @@ def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(ti
     assert check["question"] == config.deploy.check_question and isinstance(check["answer"], str)
     assert 1 <= check["completion_tokens"] <= config.deploy.check_max_tokens
     assert check["latency_s"] > 0 and check["streamed"]["first_token_s"] is not None
-    assert [r["status"] for r in check["bad_requests"]] == [400, 404, 400]
+    assert [(r["request"], r["status"]) for r in check["bad_requests"]] == [
+        ("empty messages", 400), ("unknown model", 404), ("over-long prompt", 400), ("no API key", 401),
+        ("wrong API key", 401)]
+    assert check["api_key_required"] is True
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {"check.json", "server.log"} <= {p.name for p in written}
+    assert not [p for p in written if KEY.encode() in p.read_bytes()]
     assert not port_in_use("127.0.0.1", port)  # stopped
 
 
@@ -120,7 +227,8 @@ def test_vllm_backend_without_vllm_names_make_serve_env(tiny_phase6, monkeypatch
 
 
 def test_vllm_launcher_waits_for_health_with_the_arguments_given(tiny_phase6, tmp_path, monkeypatch):
-    """A stand-in `vllm` records its arguments and answers /health: the launcher's contract."""
+    """A stand-in `vllm` records its arguments and answers /health: the launcher's contract. The
+    API key reaches it as VLLM_API_KEY in its environment, never on its (printed, logged) command line."""
     import kormedgemma.serve as serve
 
     _, out, _ = tiny_phase6
@@ -128,8 +236,9 @@ def test_vllm_launcher_waits_for_health_with_the_arguments_given(tiny_phase6, tm
     fake = tmp_path / "vllm"
     fake.write_text(f"""#!{sys.executable}
 import json, sys, http.server
+import os
 args = sys.argv[1:]
-json.dump(args, open({str(record)!r}, "w"))
+json.dump({{"args": args, "key": os.environ.get("VLLM_API_KEY")}}, open({str(record)!r}, "w"))
 port = int(args[args.index("--port") + 1])
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -140,12 +249,16 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(serve, "find_vllm", lambda: str(fake))
     monkeypatch.setattr(serve.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    monkeypatch.setenv("KORMEDGEMMA_API_KEY", KEY)
     port = free_port()
-    command = server_command(out, DeployConfig(max_model_len=4096), "vllm", "127.0.0.1", port)
-    with ServerProcess(command, f"http://127.0.0.1:{port}", 30, tmp_path / "vllm.log") as server:
+    deploy = DeployConfig(max_model_len=4096)
+    command = server_command(out, deploy, "vllm", "0.0.0.0", port)  # beyond loopback: allowed with a key
+    with ServerProcess(command, f"http://127.0.0.1:{port}", 30, tmp_path / "vllm.log", env=server_env(deploy)) as server:
         assert server.startup_s is not None
-    args = json.loads(record.read_text())
+    seen = json.loads(record.read_text())
+    args = seen["args"]
     assert args[:2] == ["serve", str(out)] and args[args.index("--max-model-len") + 1] == "4096"
+    assert seen["key"] == KEY and not any(KEY in a for a in command + args) and "--api-key" not in args
     assert not port_in_use("127.0.0.1", port)
 
 
