@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= tiny
 RUN_ARGS ?=
+LAB_ARGS ?=
 
 SERVE_VENV ?= .venv-serve
 LMEVAL_VENV ?= .venv-lmeval
@@ -12,7 +13,7 @@ PARITY_DATA ?= data/processed/kormedmcqa
 PARITY_OUT ?= runs/harness_parity.json
 PARITY_ARGS ?=
 
-.PHONY: demo test venv serve-env parity clean-artifacts
+.PHONY: demo test test-slow test-all lab venv serve-env parity clean-artifacts
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +28,29 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m kormedgemma run --profile $(PROFILE) $(RUN_ARGS)
 
-## Run the test suite.
+## The test suite's first tier (minutes): everything but the tests marked slow.
 test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+## The second tier: the whole tiny pipeline through papermill, multi-process (DDP, ZeRO-2) launches,
+## kill-and-resume runs. CI runs it after `make test`.
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+## Both tiers in one run.
+test-all: venv
 	$(PY) -m pytest -q
+
+## Optional: JupyterLab (requirements-lab.txt, into .venv) on the repository, to step through the
+## notebooks; the project's kernel is registered inside .venv (--sys-prefix), nothing outside it.
+## Headless machine: make lab LAB_ARGS="--no-browser --ip=127.0.0.1", then open the URL it prints.
+lab: venv $(VENV)/.lab-installed
+	$(PY) -m jupyter lab --notebook-dir=. $(LAB_ARGS)
+
+$(VENV)/.lab-installed: $(VENV)/.installed requirements-lab.txt
+	$(PY) -m pip install --quiet -r requirements-lab.txt
+	$(PY) -m ipykernel install --sys-prefix --name kormedgemma --display-name "Python (kormedgemma .venv)"
+	touch $@
 
 ## Serving environment for the GPU box: vLLM pins its own torch, so it gets its own venv.
 ## Then: $(SERVE_VENV)/bin/python -m kormedgemma serve --model models/final/korean_medgemma_awq --backend vllm --profile a5000

@@ -22,6 +22,10 @@ SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"
 CONTROL_SYMBOLS = ["<mask>", "[multimodal]"]
 CHAT_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>"]
 IMAGE_SOFT_TOKEN = "<image_soft_token>"
+# Model folders are written in shards of this size: `save_pretrained` turns a shard into bytes on the
+# CPU before writing it, so a one-shard 10 GB MedGemma-4B folder would need 10 GB more RAM, a 2 GB
+# shard 2 GB. A folder of shards loads with `from_pretrained` like one file does.
+SHARD_SIZE = "2GB"
 TEMPLATE = Path(__file__).parent / "templates" / "gemma3_chat.jinja"
 
 
@@ -264,8 +268,9 @@ def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None 
         config = AutoConfig.from_pretrained(target)
         tokenizer = AutoTokenizer.from_pretrained(target)
         cls = AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
-        model = cls.from_pretrained(target, dtype=getattr(torch, dtype))
-    model.to(device).eval()
+        # straight onto the device: loading on the CPU and moving would hold the whole model in RAM
+        model = cls.from_pretrained(target, dtype=getattr(torch, dtype), device_map={"": device})
+    model.eval()
     check_tokenizer_matches_model(tokenizer, model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

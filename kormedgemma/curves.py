@@ -24,16 +24,19 @@ def plot_stage(metrics: dict[str, Any], ax: Any) -> None:
 
 
 def save_stage_plot(metrics: dict[str, Any], path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+    from kormedgemma.plots import new_figure  # no pyplot: leaves a notebook's backend alone
 
-    figure = Figure(figsize=(5, 3.2))
+    figure = new_figure((5, 3.2))
     plot_stage(metrics, figure.subplots())
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
 def plot_all_stages(all_metrics: Sequence[dict[str, Any]]) -> Any:
-    """Valid losses across the stages, on one step axis (stage boundaries dashed)."""
+    """Valid losses across the stages, on one step axis (stage boundaries dashed).
+
+    A pyplot figure, unlike the other helpers' (`kormedgemma.plots`): notebook 3.07 draws it and
+    calls `plt.show()`, which shows and closes it on the inline backend."""
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(8, 3.5))

@@ -371,9 +371,9 @@ def _neighbour_table(base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequen
 
 # --------------------------------------------------------------------------- pipeline steps
 def _save_model_and_tokenizer(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    from kormedgemma.base_model import save_tokenizer
+    from kormedgemma.base_model import SHARD_SIZE, save_tokenizer
 
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
     save_tokenizer(tokenizer, out_dir)
 
 

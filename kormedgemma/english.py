@@ -190,9 +190,9 @@ def retention_warnings(summary: dict[str, Any]) -> list[str]:
 
 def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Grouped bars: base vs adapted accuracy per benchmark, chance dashed."""
-    from matplotlib.figure import Figure
+    from kormedgemma.plots import new_figure
 
-    figure = Figure(figsize=(6, 3.2))
+    figure = new_figure((6, 3.2))
     ax = figure.subplots()
     rows = summary["retention"]
     xs = range(len(rows))

@@ -359,11 +359,11 @@ def accuracy_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plot_accuracy(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Bars per subset (and overall) for every run; chance (20%) dashed."""
-    from matplotlib.figure import Figure
+    from kormedgemma.plots import new_figure
 
     runs = summary["runs"]
     groups = list(runs[0]["subsets"]) + ["overall"]
-    figure = Figure(figsize=(max(6.0, 1.4 * len(groups) + 2), 3.6))
+    figure = new_figure((max(6.0, 1.4 * len(groups) + 2), 3.6))
     ax = figure.subplots()
     width = 0.8 / len(runs)
     colours = {"base": "0.6", "stage7": "tab:orange", "instruct": "tab:blue"}

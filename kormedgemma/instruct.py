@@ -334,7 +334,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
 def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Tensor], tokenizer: Any,
                     inputs: dict[str, Path], metrics: dict[str, Any]) -> None:
     from kormedgemma.artifacts import artifact_path
-    from kormedgemma.base_model import save_tokenizer
+    from kormedgemma.base_model import SHARD_SIZE, save_tokenizer
     from kormedgemma.manifest import write_artifact
 
     with torch.no_grad():
@@ -347,7 +347,7 @@ def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Te
     keys = ["instruct", "data.kormedmcqa.subsets", "data.preprocess.leakage_ngram_chars",
             "data.preprocess.leakage_min_share", "data.preprocess.leakage_min_span_chars"]
     with write_artifact(artifact_path(config, "instruct_model"), "4.01", config, keys, inputs) as out:
-        merged.save_pretrained(out.path)
+        merged.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
         save_tokenizer(tokenizer, out.path)
         (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
         save_instruct_plot(metrics, out.path / "loss.png")
@@ -358,9 +358,9 @@ def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Te
 
 def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Train loss per step and dev loss per evaluation, the kept (best) step marked."""
-    from matplotlib.figure import Figure
+    from kormedgemma.plots import new_figure
 
-    figure = Figure(figsize=(6, 3.2))
+    figure = new_figure((6, 3.2))
     ax = figure.subplots()
     ax.plot([h["step"] for h in metrics["history"]], [h["loss"] for h in metrics["history"]], color="0.5", lw=1,
             label="train (answer tokens)")

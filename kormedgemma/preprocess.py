@@ -250,14 +250,12 @@ def clean_kormedmcqa(raw_mcqa: Path, out_dir: Path, subsets: list[str], splits: 
 
 def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] = None) -> Any:
     """Histogram of text lengths (characters, log scale) per corpus; saved to `path` if given."""
-    import matplotlib
-
-    if path is not None and not _in_notebook():
-        matplotlib.use("Agg")  # headless library call: draw to file, never open a window
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    figure, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 3.2), squeeze=False)
+    from kormedgemma.plots import new_figure
+
+    figure = new_figure((5 * len(corpora), 3.2))
+    axes = figure.subplots(1, len(corpora), squeeze=False)
     for axis, (name, values) in zip(axes[0], corpora.items()):
         lengths = np.asarray(values, dtype=np.int64) if len(values) else np.ones(1, dtype=np.int64)
         if lengths.max() / max(lengths.min(), 1) > 20:  # web documents span 20 to 20,000 characters: log bins
@@ -273,15 +271,6 @@ def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] =
     if path is not None:
         figure.savefig(path, dpi=110)
     return figure
-
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return get_ipython() is not None
-    except ImportError:
-        return False
 
 
 def preprocess_all(config: ProjectConfig, progress: bool = True) -> dict[str, Any]:

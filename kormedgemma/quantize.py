@@ -25,6 +25,7 @@ import torch
 from config.training_config import DeployConfig
 from kormedgemma.resources import reset_peak_gpu_memory
 
+
 # Gemma 3 decoder layers, as llm-compressor's own Gemma 3 mappings have them (v_proj→o_proj,
 # pre-feedforward norm→gate/up, up→down; the q/k-norm layers are left alone because smoothing
 # into them degrades accuracy). Scoped to the language model: the SigLIP vision tower also has
@@ -136,7 +137,7 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, blocks: Sequence[Sequ
     # One line per module at INFO buries the notebook; without a GPU every layer also warns "No
     # accelerator available", so there only errors show. LLM_COMPRESSOR_LOG_LEVEL still overrides.
     configure_logger(LoggerConfig(console_log_level="WARNING" if torch.accelerator.is_available() else "ERROR"))
-    from kormedgemma.base_model import load_for_eval
+    from kormedgemma.base_model import SHARD_SIZE, load_for_eval
 
     # On the CPU (in bf16 where a GPU exists): llm-compressor moves one decoder layer at a time to
     # the GPU, so the whole model never has to fit there beside the calibration activations.
@@ -151,7 +152,7 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, blocks: Sequence[Sequ
                 num_calibration_samples=len(blocks), max_seq_length=deploy.calibration_seq_len,
                 shuffle_calibration_samples=False)
     seconds = time.perf_counter() - started
-    model.save_pretrained(out_dir, save_compressed=True)
+    model.save_pretrained(out_dir, save_compressed=True, max_shard_size=SHARD_SIZE)  # one shard in RAM at a time
     tokenizer.save_pretrained(out_dir)
     _copy_side_files(Path(model_dir), Path(out_dir))
     _restore_ignore_patterns(Path(out_dir), deploy.ignore)
@@ -359,9 +360,14 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
                             max_questions=spec.max_questions)
     check_mcqa = deploy.eval_shots
     check_shots(data, check_mcqa)  # before a long calibration, not after it
-    keys = ["deploy", "evaluation", "data.kormedmcqa.subsets"]
+    # the deploy keys that shape this checkpoint and its report (not the server's host, port or key)
+    keys = [f"deploy.{k}" for k in ("backend", "scheme", "group_size", "calibration_samples", "calibration_seq_len",
+                                    "ignore", "calibration_seed", "eval_shots", "max_model_len", "max_num_seqs",
+                                    "gpu_memory_utilization", "serve_gpu_gb", "serve_overhead_gb")]
+    keys += ["evaluation", "data.kormedmcqa.subsets"]
     with write_artifact(artifact_path(config, "awq_model"), "6.01", config, keys, inputs) as out:
         info = quantize(inputs["instruct_model"], out.path, calibration, deploy)
+        free_memory()  # the calibrated model (10 GB on the CPU at MedGemma-4B shape) goes before the next loads
         compare: dict[str, Any] = {}
         probe: Optional[torch.Tensor] = None
         reference: Optional[torch.Tensor] = None
@@ -448,9 +454,9 @@ def deployment_report(summary: dict[str, Any]) -> str:
 def plot_deployment(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Left: size on disk, source vs 4-bit. Right: the serving card's memory, stacked, against
     vLLM's budget (dashed) at full concurrency."""
-    from matplotlib.figure import Figure
+    from kormedgemma.plots import new_figure
 
-    figure = Figure(figsize=(10, 3.8))
+    figure = new_figure((10, 3.8))
     left, right = figure.subplots(1, 2)
     labels = list(summary["compare"])
     sizes = [summary["compare"][k]["bytes"] / 1e9 for k in labels]

@@ -161,7 +161,9 @@ def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
     nbformat.write(notebook, ran)
     log = run_dir / "logs" / f"{step.id}_{Path(step.notebook).stem}.log"
     env_backup = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "Agg"  # headless: figures are saved, not shown
+    # ipykernel's own default: headless all the same (no window), and a figure shown by pyplot
+    # (`plt.show()`, pandas' `.plot`) lands in the executed copy as a picture; under Agg it vanished
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:
         with open(log, "w", encoding="utf-8") as handle:
             papermill.execute_notebook(

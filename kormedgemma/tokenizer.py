@@ -356,10 +356,11 @@ def examples_table(base: Any, merged: Any, words: Sequence[str]) -> list[dict[st
 
 def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Optional[Path] = None) -> Any:
     """Rank-frequency curve of the Korean pieces with the threshold marked."""
-    import matplotlib.pyplot as plt
+    from kormedgemma.plots import new_figure
 
     ordered = np.sort(counts[counts > 0])[::-1]
-    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    figure = new_figure((6.5, 3.6))
+    axis = figure.subplots()
     axis.loglog(np.arange(1, ordered.size + 1), ordered, color="#4C72B0", label="Korean pieces")
     axis.axhline(threshold, color="#C44E52", linestyle="--", label=f"min_frequency = {threshold:,}")
     axis.set_xlabel("rank")

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from config.training_config import StageConfig
+from kormedgemma.base_model import SHARD_SIZE
 from kormedgemma.config import ProjectConfig, config_to_dict
 from kormedgemma.corpus.batching import BlockOrder
 from kormedgemma.resources import reset_peak_gpu_memory
@@ -74,9 +75,11 @@ def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
         kwargs.update(quantization_config=_bnb_config(dtype), device_map={"": device or torch.device("cuda", 0)})
+    elif device is not None:
+        # straight onto the device, tensor by tensor: loading on the CPU first and moving would hold
+        # the whole model (10 GB at MedGemma-4B shape) in the workstation's RAM
+        kwargs.update(device_map={"": device})
     model = AutoModelForImageTextToText.from_pretrained(initialized, **kwargs)
-    if device is not None and not quantize_4bit:
-        model.to(device)
     for folder in folders:
         model = apply_trained(model, folder)
     check_tokenizer_matches_model(tokenizer, model)
@@ -119,33 +122,42 @@ def apply_trained(model: Any, folder: Path, merge_adapter: bool = True) -> Any:
 
 
 def _write_weights(model: Any, file: Path) -> None:
-    from safetensors import safe_open
-
     parameters = dict(model.named_parameters())
-    with safe_open(str(file), framework="pt") as handle:
-        for key in handle.keys():
-            tensor = handle.get_tensor(key)
-            if key not in parameters or parameters[key].shape != tensor.shape:
-                raise ValueError(f"{file}: {key} {tuple(tensor.shape)} is not a weight of this model: the stage was "
-                                 "trained on another model")
-            with torch.no_grad():
-                parameters[key].copy_(tensor.to(parameters[key].device, parameters[key].dtype))
+    for key in read_tensor_names(file):  # one tensor at a time, the file closed in between (see _swap_base)
+        tensor = read_tensor(file, key)
+        if key not in parameters or parameters[key].shape != tensor.shape:
+            raise ValueError(f"{file}: {key} {tuple(tensor.shape)} is not a weight of this model: the stage was "
+                             "trained on another model")
+        with torch.no_grad():
+            parameters[key].copy_(tensor.to(parameters[key].device, parameters[key].dtype))
+        del tensor
 
 
-def dequantised_weights(model: Any) -> dict[str, torch.Tensor]:
-    """name → bf16 weight, as the forward pass saw it, of every 4-bit linear layer (none when the
-    model is not quantised); names are those of the plain model the adapter is merged into."""
+def dequantised_layers(model: Any) -> dict[str, Any]:
+    """name → 4-bit linear layer (none when the model is not quantised); names are those of the
+    plain model's weights the adapter is merged into."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(inner, "is_loaded_in_4bit", False):
         return {}
     import bitsandbytes as bnb
 
-    weights = {}
-    for name, module in inner.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            key = name.removesuffix(".base_layer") + ".weight"
-            weights[key] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to("cpu")
-    return weights
+    return {name.removesuffix(".base_layer") + ".weight": module for name, module in inner.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def write_dequantised_weights(layers: dict[str, Any], file: Path) -> int:
+    """The bf16 weights the forward pass saw, as one safetensors file, one layer at a time (6.4 GB at
+    MedGemma-4B shape, never in RAM at once); returns the bytes written."""
+    import bitsandbytes as bnb
+
+    from kormedgemma.io import stream_safetensors
+
+    def dequantised(key: str) -> torch.Tensor:
+        weight = layers[key].weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    specs = [(key, tuple(layer.weight.quant_state.shape), layer.weight.quant_state.dtype) for key, layer in layers.items()]
+    return stream_safetensors(file, specs, dequantised)
 
 
 def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -387,20 +399,21 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
     with write_artifact(artifact_path(config, f"stage{number}"), f"3.0{number}", config, keys, inputs) as out:
         if tensors:
             save_file(tensors, str(out.path / TRAINED_FILE), metadata=meta)
+        del tensors  # written: the two 272K-row matrices (2.8 GB at 4B shape) leave RAM
         if spec.lora:
             model.save_pretrained(str(out.path / ADAPTER_DIR), save_embedding_layers=False)
-            dequantised = dequantised_weights(model)
-            if dequantised:
-                save_file(dequantised, str(out.path / DEQUANTISED_FILE))
-                del dequantised
+            layers = dequantised_layers(model)
+            if layers:
+                write_dequantised_weights(layers, out.path / DEQUANTISED_FILE)
         save_tokenizer(tokenizer, out.path)
         (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
         save_stage_plot(metrics, out.path / "loss.png")
         if config.staged.save_full_model:
             del model
             free_memory()
-            full, _ = load_stage_model(config, number - 1, extra=out.path)
-            full.save_pretrained(out.path)
+            device = accelerator.device if accelerator.device.type == "cuda" else None
+            full, _ = load_stage_model(config, number - 1, extra=out.path, device=device)
+            full.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
             del full
         out.metrics.update({k: metrics[k] for k in ("steps", "tokens", "first_loss", "last_loss", "tokens_per_second",
                                                     "trainable_parameters", "resumed_from")})
@@ -416,9 +429,10 @@ def merge_stages(config: ProjectConfig) -> Path:
 
     inputs = {f"stage{k}": require(config, f"stage{k}") for k in range(1, 8)}
     inputs["initialized_model"] = require(config, "initialized_model")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else None  # the merge runs where it fits
     with write_artifact(artifact_path(config, "merged_model"), "3.07", config, ["staged"], inputs) as out:
-        model, tokenizer = load_stage_model(config, 7)
-        model.save_pretrained(out.path)
+        model, tokenizer = load_stage_model(config, 7, device=device)
+        model.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
         save_tokenizer(tokenizer, out.path)
         out.metrics["parameters"] = sum(p.numel() for p in model.parameters())
     return artifact_path(config, "merged_model")
@@ -449,7 +463,9 @@ def qlora_merge_gap(config: ProjectConfig, device: Optional[torch.device] = None
     figures: dict[str, Any] = {"quantized": quantized, "notices": notices, **_compare(as_trained, merged, valid, device)}
     dequantised = require(config, "stage6") / DEQUANTISED_FILE
     if dequantised.is_file():  # what merging into the unquantised originals would have given
-        _swap_base(merged, dequantised, dict(load_stage_model(config, 5)[0].named_parameters()))
+        # stages 1-5 train embedding rows only: the originals of the 4-bit layers are the initialised
+        # model's, read from its files one tensor at a time (not a second model in RAM)
+        _swap_base(merged, dequantised, require(config, "initialized_model"))
         figures["merged_into_originals"] = _compare(as_trained, merged, valid, device)
     return figures
 
@@ -477,15 +493,56 @@ def _compare(reference: Any, other: Any, valid: dict[str, torch.Tensor], device:
     return figures
 
 
-def _swap_base(merged: Any, dequantised: Path, originals: dict[str, torch.Tensor]) -> None:
-    """Under each merged weight W_deq + BA, put the unquantised W in place of W_deq."""
+def _swap_base(merged: Any, dequantised: Path, originals: Path) -> None:
+    """Under each merged weight W_deq + BA, put the unquantised W (from the model folder `originals`)
+    in place of W_deq. One tensor at a time, each file opened and closed per tensor: a file held open
+    keeps every page it has read mapped into this process (6.4 + 10 GB at MedGemma-4B shape)."""
+    targets = dict(merged.named_parameters())
+    keys = list(read_tensor_names(dequantised))
+    saved = saved_names(merged, keys)
+    for key in keys:
+        target = targets[key]
+        original = read_tensor(originals, saved[key]).to(target.device, target.dtype)
+        target.add_(original - read_tensor(dequantised, key).to(target.device, target.dtype))
+        del original
+
+
+def read_tensor_names(file: Path) -> list[str]:
     from safetensors import safe_open
 
-    targets = dict(merged.named_parameters())
-    with safe_open(str(dequantised), framework="pt") as handle:
-        for key in handle.keys():
-            target = targets[key]
-            target.add_(originals[key].to(target.device, target.dtype) - handle.get_tensor(key).to(target.device, target.dtype))
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def read_tensor(source: Path, key: str) -> torch.Tensor:
+    """One tensor from a safetensors file, or from a model folder (one file, or shards and their
+    index), read and the file closed again."""
+    from safetensors import safe_open
+
+    source = Path(source)
+    file = source
+    if source.is_dir():
+        index = source / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
+        file = source / (weight_map.get(key, "") if weight_map is not None else "model.safetensors")
+    if not file.is_file():
+        raise KeyError(f"{source} holds no tensor {key}: the stage was trained on another model")
+    with safe_open(str(file), framework="pt") as handle:
+        if key not in handle.keys():
+            raise KeyError(f"{source} holds no tensor {key}: the stage was trained on another model")
+        return handle.get_tensor(key)
+
+
+def saved_names(model: Any, names: list[str]) -> dict[str, str]:
+    """Parameter name → the key `save_pretrained` writes it under: transformers 5 keeps Gemma 3's
+    legacy checkpoint layout (`language_model.model.layers…` for `model.language_model.layers…`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    placeholders = {name: torch.empty(0) for name in names}
+    by_id = {id(tensor): name for name, tensor in placeholders.items()}
+    renamed = {by_id[id(tensor)]: key for key, tensor in revert_weight_conversion(model, placeholders).items()
+               if id(tensor) in by_id}
+    return {name: renamed.get(name, name) for name in names}
 
 
 def read_metrics(config: ProjectConfig, number: int) -> dict[str, Any]:

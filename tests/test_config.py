@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from config.training_config import ConfigError
@@ -9,13 +11,23 @@ def test_unknown_profile_lists_the_known_ones():
         load_config("a6000")
 
 
-def test_both_profiles_load_and_differ_where_they_should():
+def test_tiny_reads_only_bundled_files_and_a5000_reads_the_hub():
+    """The tiny profile must run with no network: every input it names is a file in this checkout.
+    The a5000 profile must not quietly read the bundled samples as if they were the real data."""
     tiny, real = load_config("tiny"), load_config("a5000")
-    assert tiny.base.build_tiny and not real.base.build_tiny
-    assert real.base.model == "google/medgemma-4b-it"
-    assert real.tokenizer.min_frequency == 6000 and real.tokenizer.vocab_size == 40000
+    local = [s.local_path for s in tiny.data.sources.values()] + [tiny.data.kormedmcqa.local_path,
+                                                                 tiny.evaluation.english_local_path]
+    assert tiny.base.build_tiny and all(p and resolve_input(tiny, p).exists() for p in local), local
+    assert not any(s.hub_id and not s.local_path for s in tiny.data.sources.values())
+    assert not real.base.build_tiny and "/" in real.base.model and not Path(real.base.model).exists()
+    hub = {k for k, s in real.data.sources.items() if s.hub_id}
+    assert {real.data.sources[k].language for k in hub} == {"ko", "en"}
+    assert all(real.data.sources[k].local_path is None for k in hub)
+    # beside the Hub corpora, only the project's own bundled text (written here, licensed with it)
+    assert all(s.local_path.startswith("data/samples/") for k, s in real.data.sources.items() if k not in hub)
+    assert real.data.kormedmcqa.local_path is None and real.evaluation.english_local_path is None
+    # stage 6 of the real run trains on a 4-bit base with an adapter (QLoRA); stage 7 keeps the adapter only
     assert real.staged.stage6.load_in_4bit and real.staged.stage6.lora is not None
-    assert "oscar_korean" in real.data.sources and real.data.sources["oscar_korean"].max_docs
 
 
 def test_unknown_key_is_named_with_its_neighbours():

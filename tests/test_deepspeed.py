@@ -20,8 +20,9 @@ from kormedgemma.config import load_config, repo_root
 from kormedgemma.trainloop import CRASH_ENV
 from kormedgemma.training import TRAINED_FILE, checkpoint_root, train_stage
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                reason="deepspeed is not installed (requirements.txt installs deepspeed==0.19.8)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                                     reason="deepspeed is not installed (requirements.txt installs "
+                                                            "deepspeed==0.19.8)")]
 
 ACCELERATE_ZERO2 = ["-m", "accelerate.commands.launch", "--config_file", "config/accelerate_zero2.yaml",
                     "--num_processes", "2"]

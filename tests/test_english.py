@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -53,16 +54,46 @@ def test_hub_benchmarks_fail_clearly_offline():
         load_benchmark(config, "medqa")
 
 
-def test_english_evaluation_scores_both_models(tiny_phase4):
-    from kormedgemma.english import evaluate_english
+def test_retention_drop_is_measured_on_two_models_whose_answers_are_known(tiny_phase4, tmp_path):
+    """Each row's answer is set to the base model's own pick, so base scores 100 % and the adapted model
+    scores exactly its agreement with base: the drop the artifact reports is known in advance."""
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.base_model import load_for_eval
+    from kormedgemma.config import apply_overrides
+    from kormedgemma.english import evaluate_english, plot_retention, score_benchmark
+    from kormedgemma.hub import model_ref
 
-    config, _, _ = tiny_phase4
-    out = evaluate_english(config, progress=False)
+    config, instruct, _ = tiny_phase4
+    names = list(config.evaluation.english_benchmarks)
+    rows = {name: load_benchmark(config, name)[0] for name in names}
+    base_model, base_tokenizer = load_for_eval(model_ref(config, config.base.model, "base.model"))
+    adapted_model, adapted_tokenizer = load_for_eval(str(instruct))
+    base_picks = {n: score_benchmark(base_model, base_tokenizer, n, rows[n], progress=False)["predictions"] for n in names}
+    adapted_picks = {n: score_benchmark(adapted_model, adapted_tokenizer, n, rows[n], progress=False)["predictions"]
+                     for n in names}
+    planted = tmp_path / "english"
+    planted.mkdir()
+    for name in names:
+        with open(planted / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            for row, pick in zip(rows[name], base_picks[name]):
+                handle.write(json.dumps(dict(row, answer=pick), ensure_ascii=False) + "\n")
+    private = apply_overrides(config, {"paths.root": str(tmp_path / "root"), "evaluation.english_local_path": str(planted)})
+    for key in ("instruct_model", "english", "token_store", "base_model"):
+        shutil.copytree(artifact_path(config, key), artifact_path(private, key))
+    out = evaluate_english(private, progress=False)
     summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert [r["benchmark"] for r in summary["retention"]] == ["medqa", "mmlu_medical", "pubmedqa"]
+    assert [r["benchmark"] for r in summary["retention"]] == names
+    tolerance = private.evaluation.retention_tolerance
     for row in summary["retention"]:
-        by = summary["benchmarks"][row["benchmark"]]
-        assert row["drop"] == round(by["base"]["accuracy"] - by["adapted"]["accuracy"], 4)
-        assert by["base"]["n"] == by["adapted"]["n"] == row["n"]
+        name = row["benchmark"]
+        agree = sum(a == b for a, b in zip(adapted_picks[name], base_picks[name])) / len(rows[name])
+        assert row["n"] == len(rows[name]) and row["base"] == 1.0
+        assert row["adapted"] == pytest.approx(agree, abs=1e-4) and row["drop"] == pytest.approx(1 - agree, abs=1e-4)
+        assert row["flagged"] == (1 - agree > tolerance)
+    assert summary["flagged"] == [r["benchmark"] for r in summary["retention"] if r["flagged"]]
     assert set(summary["perplexity"]) == {"base", "adapted"}
-    assert (out / "retention.png").stat().st_size > 0
+    assert all(0 < v["bits_per_char"] < 100 for v in summary["perplexity"].values())
+    # the plot draws those accuracies: base bars, then adapted bars, in benchmark order
+    heights = [patch.get_height() for patch in plot_retention(summary).axes[0].patches]
+    assert heights == [r["base"] for r in summary["retention"]] + [r["adapted"] for r in summary["retention"]]
+    assert (out / "retention.png").is_file()

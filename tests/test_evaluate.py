@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -138,7 +137,15 @@ def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
     base, expanded = summary["tokenizer_efficiency"]
     assert expanded["tokens_per_char"] < base["tokens_per_char"]
     assert summary["perplexity"]["stage7"]["bits_per_char"] < summary["perplexity"]["base"]["bits_per_char"]
-    assert (out / "accuracy.png").stat().st_size > 0 and "KorMedMCQA accuracy" in (out / "report.md").read_text()
+    assert "KorMedMCQA accuracy" in (out / "report.md").read_text()
+    # the plot's bars are each run's accuracy per subset, then overall, run after run
+    from plotdata import bar_heights, png_size
+
+    groups = list(summary["runs"][0]["subsets"])
+    expected = [round(v or 0, 6) for r in summary["runs"]
+                for v in [r["subsets"][g]["accuracy"] for g in groups] + [r["overall"]["accuracy"]]]
+    assert bar_heights(ev.plot_accuracy(summary).axes[0]) == expected
+    assert min(png_size(out / "accuracy.png")) >= 200
     assert "`kormedmcqa` task v3.0" in (out / "report.md").read_text()
     # the pipeline report names the task version and carries the v2.0 exact match beside the headline
     from kormedgemma.report import headline
@@ -148,4 +155,3 @@ def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
     assert "(lm-evaluation-harness kormedmcqa v3.0) base_generate_0shot " in line
     assert "; v2.0 exact match base_generate_0shot " in line
     assert set(metrics["exact_match_v2"]) == {r["name"] for r in summary["runs"] if r["mode"] == "generate"}
-    shutil.rmtree(out / "runs", ignore_errors=True)

@@ -90,28 +90,44 @@ def test_merged_instruct_model_changed_only_the_lora_layers(tiny_phase4):
     assert not any("vision" in k or "embed" in k or "lm_head" in k for k in changed)
 
 
-def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_path: Path):
+def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_path: Path, monkeypatch):
+    """Deterministic by construction: every evaluation after step 0 reports the real dev loss plus
+    1000 per evaluation, so it rises whatever the update did (a real loss lies in [0, ~60] here). The
+    training, early stopping and the restore of the step-0 adapter are the real ones."""
     from safetensors.torch import load_file
 
+    from kormedgemma import trainloop
     from kormedgemma.artifacts import artifact_path
     from kormedgemma.config import apply_overrides
     from kormedgemma.instruct import read_instruct_metrics, train_instruct
 
+    real_mean_loss, calls = trainloop.mean_loss, []
+
+    def rising(module, batches, accelerator):
+        figure = real_mean_loss(module, batches, accelerator)
+        calls.append(figure)
+        return figure + 1000.0 * (len(calls) - 1)
+
+    monkeypatch.setattr(trainloop, "mean_loss", rising)
     config, _ = tiny_phase3
-    wild = apply_overrides(config, {"paths.root": str(tmp_path), "instruct.learning_rate": 30.0,
+    wild = apply_overrides(config, {"paths.root": str(tmp_path), "instruct.learning_rate": 1e-2,
                                     "instruct.warmup_ratio": 0.0, "instruct.eval_every": 2,
-                                    "instruct.early_stopping_patience": 2, "instruct.max_grad_norm": 100.0})
+                                    "instruct.early_stopping_patience": 2})
     for key in ("merged_model", "kormedmcqa"):  # its own root: the session's phase-4 artifact stays as it is
         shutil.copytree(artifact_path(config, key), artifact_path(wild, key))
     out = train_instruct(wild, progress_bar=False)
     metrics = read_instruct_metrics(wild)
-    assert metrics["stopped_early"] and metrics["steps"] < metrics["planned_steps"]
-    assert metrics["best_step"] == 0
+    assert len(calls) == 3 and [e["step"] for e in metrics["evals"]] == [0, 2, 4]
+    assert metrics["stopped_early"] and metrics["steps"] == 4 < metrics["planned_steps"]
+    assert metrics["best_step"] == 0 and metrics["best_dev_loss"] == pytest.approx(calls[0], abs=1e-6)
+    # the adapter did move (a real update): what is kept is the untrained model, not a no-op run
+    assert metrics["last_loss"] != metrics["first_loss"]
     before = load_file(artifact_path(config, "merged_model") / "model.safetensors")
     after = load_file(out / "model.safetensors")
-    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # launches its own training processes: `make test-slow`
 def test_instruction_tuning_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase4, tmp_path: Path):
     import os
     import subprocess
@@ -151,6 +167,7 @@ def test_instruction_tuning_killed_mid_run_resumes_to_the_uninterrupted_result(t
     assert not checkpoints.exists()  # spent once the model is written
 
 
+@pytest.mark.slow  # launches its own training processes: `make test-slow`
 def test_two_processes_equal_one_process_accumulating_their_micro_batches(tiny_phase3, tmp_path: Path):
     """torchrun (gloo DDP): each step's answer tokens weigh the same whichever process holds them."""
     import os

@@ -201,7 +201,14 @@ def test_phase0_outputs_follow_the_artifact_contract(tiny_phase0):
         assert train and valid and set(train[0]) == {"text", "source"}
         assert len(train) + len(valid) == figures[key]["filters"]["kept"]
         assert read_manifest(folder)["metrics"]["train"]["docs"] == len(train)
-        assert (folder / "length_histogram.png").stat().st_size > 1000
+        # the histogram counts every kept text once
+        from kormedgemma.preprocess import plot_length_histogram
+        from plotdata import png_size
+
+        lengths = [len(row["text"]) for row in train + valid]
+        (axis,) = plot_length_histogram({key: lengths}).axes
+        assert sum(patch.get_height() for patch in axis.patches) == len(lengths)
+        assert min(png_size(folder / "length_histogram.png")) >= 200
     mcqa = artifact_path(config, "kormedmcqa")
     assert sorted(p.name for p in mcqa.iterdir() if p.is_dir()) == ["dentist", "doctor", "nurse", "pharm"]
     row = next(read_jsonl(mcqa / "doctor" / "test.jsonl"))

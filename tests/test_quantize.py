@@ -115,7 +115,17 @@ def test_report_accuracy_is_recomputed_from_its_predictions(tiny_phase6):
         assert overall["unanswered"] == sum(r["prediction"] == "" for r in rows)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["metrics"]["quantized_gb"] < manifest["metrics"]["source_gb"]
-    assert (out / "deployment.png").stat().st_size > 0 and "Memory plan" in (out / "report.md").read_text(encoding="utf-8")
+    assert "Memory plan" in (out / "report.md").read_text(encoding="utf-8")
+    # left: the two sizes on disk; right: weights, overhead and KV cache stacked, against the budget
+    from kormedgemma.quantize import plot_deployment
+    from plotdata import bar_heights, png_size
+
+    left, right = plot_deployment(summary).axes
+    assert bar_heights(left) == [round(summary["compare"][k]["bytes"] / 1e9, 6) for k in ("source", "quantized")]
+    plan = summary["memory_plan"]
+    assert bar_heights(right) == [round(plan[k], 6) for k in ("weights_gb", "overhead_gb", "kv_needed_gb")]
+    assert [float(y) for y in right.get_lines()[0].get_ydata()] == [plan["budget_gb"]] * 2
+    assert min(png_size(out / "deployment.png")) >= 200
     from kormedgemma.report import headline
 
     line = headline("awq_model", manifest["metrics"])

@@ -1,5 +1,11 @@
-"""The papermill runner on the real phase-0 notebooks, under a temporary artifact root."""
+"""The papermill runner on every real notebook, under a temporary artifact root.
+
+The tests that run notebooks share one run of the whole tiny pipeline (`first_run`, ~3 min on two
+cores) and form the second tier (`make test-slow`); the ones that need no run stay in `make test`."""
+import base64
 import json
+import re
+import struct
 
 import pytest
 
@@ -10,8 +16,6 @@ from kormedgemma.manifest import read_manifest
 from kormedgemma.pipeline import STEPS, select_steps
 from kormedgemma.runner import NotebookFailed, run_pipeline
 
-pytestmark = pytest.mark.notebooks
-
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
@@ -21,7 +25,9 @@ def first_run(tmp_path_factory):
     return root, overrides, outcomes
 
 
-def test_runs_every_phase0_notebook_and_writes_the_contract(first_run):
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_runs_every_notebook_and_writes_the_contract(first_run):
     root, overrides, outcomes = first_run
     assert [(o.id, o.status) for o in outcomes] == [(s.id, "ran") for s in STEPS]
     config = load_config("tiny", overrides=overrides)
@@ -39,6 +45,8 @@ def test_runs_every_phase0_notebook_and_writes_the_contract(first_run):
     assert any(cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code")
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
 def test_second_run_skips_fresh_notebooks_and_reruns_after_a_config_change(first_run):
     root, overrides, _ = first_run
     again = run_pipeline("tiny", overrides=overrides, echo=lambda *_: None)
@@ -46,14 +54,16 @@ def test_second_run_skips_fresh_notebooks_and_reruns_after_a_config_change(first
     changed = run_pipeline("tiny", start="0.04", stop="0.04", overrides={**overrides, "data.preprocess.seed": 11},
                            echo=lambda *_: None)
     assert [(o.id, o.status) for o in changed] == [("0.04", "ran")]
-    # A tokenizer key leaves phase 0 fresh and re-runs phase 1, and everything downstream of its
-    # outputs (their hashes change), from the notebook that reads it.
-    tuned = run_pipeline("tiny", overrides={**overrides, "data.preprocess.seed": 11, "tokenizer.min_frequency": 4},
-                         echo=lambda *_: None)
-    assert {o.id: o.status for o in tuned if o.id >= "1"} == {s.id: "ran" for s in STEPS if s.id >= "1"}
+    # A tokenizer key leaves phase 0 fresh and re-runs phase 1, and what reads its outputs (their
+    # hashes change): 1.02 reads 1.01's model, 1.03 1.02's pieces, 1.04 1.03's tokenizer, 2.01 that.
+    tuned = run_pipeline("tiny", stop="2.01", overrides={**overrides, "data.preprocess.seed": 11,
+                                                          "tokenizer.min_frequency": 4}, echo=lambda *_: None)
+    assert {o.id: o.status for o in tuned if o.id >= "1"} == {s.id: "ran" for s in STEPS if "1" <= s.id <= "2.01"}
     assert all(o.status == "skipped" for o in tuned if o.id < "1" and o.id != "0.01")
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
 def test_failing_notebook_names_cell_and_keeps_existing_artifacts(first_run):
     root, overrides, _ = first_run
     config = load_config("tiny", overrides=overrides)
@@ -88,6 +98,8 @@ def run_dir_of(root):
     return sorted((root / "runs").iterdir())[0]
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
 def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
     root, _, outcomes = first_run
     by_id = {o.id: o.resources for o in outcomes}
@@ -105,8 +117,45 @@ def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
     assert "peak RSS GB" in (run_dir / "report.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.notebooks
+@pytest.mark.slow
 def test_report_has_a_readable_line_per_artifact(first_run):
     root, _, _ = first_run
     report = (sorted((root / "runs").iterdir())[0] / "report.md").read_text(encoding="utf-8")
     assert "Korean tokens/char" in report and "untied=True" in report and "hybrid:" in report
     assert '{"' not in report  # no artifact falls back to a raw JSON dump
+
+
+# The cells that draw: a library plot returned or shown, a saved PNG shown, pandas or pyplot drawing.
+PLOT_CELL = re.compile(r"\bplot_\w+\(|plt\.show\(\)|\.plot\.\w+\(|Image\(filename=")
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_every_plot_cell_of_the_executed_notebooks_holds_a_picture(first_run):
+    """What a researcher opens after an unattended run: each plot is an image/png in the executed
+    copy (not `<Figure size 900x360 with 1 Axes>` text), drawn once, and no cell prints torchao's
+    failed kernel loads."""
+    root, _, _ = first_run
+    executed = run_dir_of(root) / "executed"
+    plots = 0
+    for notebook in sorted(executed.iterdir()):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        for number, cell in enumerate(cells, start=1):
+            if cell["cell_type"] != "code":
+                continue
+            source = "".join(cell["source"])
+            outputs = cell.get("outputs", [])
+            # text a reader sees: streams, and plain text not standing beside a picture
+            shown = "".join("".join(o.get("text", "")) + ("" if "image/png" in o.get("data", {}) else
+                                                          "".join(o.get("data", {}).get("text/plain", "")))
+                            for o in outputs)
+            assert "Failed to load" not in shown and "<Figure size" not in shown, (notebook.name, number, shown[:300])
+            if PLOT_CELL.search(source):
+                pictures = [o for o in outputs if "image/png" in o.get("data", {})]
+                assert len(pictures) == 1, (notebook.name, number, [list(o.get("data", {})) for o in outputs])
+                png = base64.b64decode(pictures[0]["data"]["image/png"])
+                assert png[:8] == b"\x89PNG\r\n\x1a\n" and min(struct.unpack(">II", png[16:24])) >= 100
+                plots += 1
+    # 0.04, 1.02, 2.02, seven stage curves and 3.07's, 4.01, 5.01, 5.02, 6.01
+    assert plots == 16

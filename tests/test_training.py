@@ -81,7 +81,18 @@ def test_stage_folder_is_a_full_model_equal_to_the_rebuilt_chain(tiny_phase3, ch
     assert all(torch.equal(loaded[k], chain[number][k]) for k in loaded)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["steps"] == config.staged.__dict__[f"stage{number}"].max_steps
-    assert (folder / "loss.png").stat().st_size > 1000
+    # the saved curve draws this stage's own losses
+    from matplotlib.figure import Figure
+
+    from kormedgemma.curves import plot_stage
+    from plotdata import line_data, png_size
+
+    ax = Figure().subplots()
+    plot_stage(metrics, ax)
+    drawn = line_data(ax)
+    assert drawn["train"] == [h["loss"] for h in metrics["history"]]
+    assert drawn["korean valid"] == [e["korean_valid_loss"] for e in metrics["evals"] if "korean_valid_loss" in e]
+    assert min(png_size(folder / "loss.png")) >= 200
 
 
 def test_merged_model_equals_stage7_with_lora_merged(tiny_phase3, chain):
@@ -130,6 +141,7 @@ def _train_stage_process(root: Path, stage: int, env_extra: dict[str, str], *lau
     return subprocess.run(command, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # launches its own training processes: `make test-slow`
 def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, tmp_path):
     config, _ = tiny_phase3
     root = Path(config.paths.root)
@@ -167,6 +179,7 @@ def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, t
     assert not checkpoints.exists()  # spent once the stage is sealed
 
 
+@pytest.mark.slow  # launches its own training processes: `make test-slow`
 def test_two_processes_equal_one_process_accumulating_two_micro_batches(tiny_phase2, tmp_path):
     config, _, _ = tiny_phase2
     root = Path(config.paths.root)
@@ -263,6 +276,28 @@ def test_stage6_adapter_merges_into_the_dequantised_weights_it_was_trained_again
     save_file({key: torch.zeros(3, 3)}, str(folder / DEQUANTISED_FILE))
     with pytest.raises(ValueError, match="another model"):
         apply_trained(load_stage_model(config, 5)[0], folder)
+
+
+def test_merge_gap_puts_the_initialised_weights_under_the_adapter_by_their_saved_names(tiny_phase3, tmp_path):
+    """The 'merged into originals' comparison reads each original from the initialised model's files
+    (saved as `language_model.model.layers…`, named `model.language_model.layers…` once loaded)."""
+    from kormedgemma.io import stream_safetensors
+    from kormedgemma.training import _swap_base
+
+    config, _ = tiny_phase3
+    keys = ["model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.mlp.down_proj.weight"]
+    original = {k: v.detach().clone() for k, v in load_stage_model(config, 0)[0].named_parameters() if k in keys}
+    file = tmp_path / "dequantised.safetensors"
+    stream_safetensors(file, [(k, tuple(original[k].shape), original[k].dtype) for k in keys],
+                       lambda k: original[k] + 0.01 * (1 + keys.index(k)))
+    merged = load_stage_model(config, 6)[0]
+    before = {k: v.detach().clone() for k, v in merged.named_parameters()}
+    with torch.no_grad():
+        _swap_base(merged, file, artifact_path(config, "initialized_model"))
+    after = dict(merged.named_parameters())
+    for number, key in enumerate(keys, start=1):
+        torch.testing.assert_close(after[key].detach(), before[key] - 0.01 * number, rtol=0, atol=1e-6)
+    assert all(torch.equal(after[k].detach(), v) for k, v in before.items() if k not in keys)
 
 
 def test_a_stage_on_torchaos_8bit_optimizer_writes_its_metrics(tiny_phase3, tmp_path):
