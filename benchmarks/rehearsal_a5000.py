@@ -158,8 +158,11 @@ def collect(root: Path, out: Path) -> dict:
     for row in result["notebooks"]:
         used = row.get("resources", {})
         print(f"{row['id']:>5} {row['status']:>6} {row['seconds']:8.1f}s  GPU {used.get('peak_gpu_allocated_gb', '-')}"
-              f"/{used.get('peak_gpu_reserved_gb', '-')} GB  RSS {used.get('peak_rss_gb', '-')} GB  "
+              f"/{used.get('peak_gpu_reserved_gb', '-')} GB  RSS {used.get('peak_rss_gb', '-')} GB "
+              f"(anon {used.get('peak_anon_rss_gb', '-')}, kernel {used.get('kernel_peak_rss_gb', '-')})  "
               f"wrote {used.get('written_gb', '-')} GB  +{used.get('artifacts_growth_gb', '-')} GB")
+        for process in used.get("processes_at_peak", [])[:4]:
+            print(f"{'':>22}{process['rss_gb']:6.2f} GB (anon {process['anon_gb']}) {process['name']}")
     return result
 
 

@@ -112,16 +112,20 @@ def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[An
     outcomes = list(outcomes)
     lines = [f"# Korean MedGemma pipeline report — profile `{config.profile}`", "",
              f"Run folder: `{run_dir}`", "", "## Notebooks", "",
-             "| step | status | seconds | peak RSS GB | GPU GB allocated / reserved | GB written | artifacts +GB | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| step | status | seconds | peak RSS GB | of it allocated GB | GPU GB allocated / reserved | GB written | "
+             "artifacts +GB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for outcome in outcomes:
         used = getattr(outcome, "resources", None) or {}
         gpu = (f"{used['peak_gpu_allocated_gb']:.2f} / {used['peak_gpu_reserved_gb']:.2f}"
                if "peak_gpu_allocated_gb" in used else "—")
-        cells = [f"{used[k]:.2f}" if k in used else "—" for k in ("peak_rss_gb", "written_gb", "artifacts_growth_gb")]
-        lines.append(f"| {outcome.id} | {outcome.status} | {outcome.seconds:.1f} | {cells[0]} | {gpu} | {cells[1]} | "
-                     f"{cells[2]} | {outcome.note} |")
-    lines += ["", "## Artifacts", "", "| artifact | made by | seconds | summary |", "| --- | --- | ---: | --- |"]
+        cells = [f"{used[k]:.2f}" if k in used else "—"
+                 for k in ("peak_rss_gb", "peak_anon_rss_gb", "written_gb", "artifacts_growth_gb")]
+        lines.append(f"| {outcome.id} | {outcome.status} | {outcome.seconds:.1f} | {cells[0]} | {cells[1]} | {gpu} | "
+                     f"{cells[2]} | {cells[3]} | {outcome.note} |")
+    lines += ["", "Peak RSS is the notebook's whole process tree; *of it allocated* is anonymous memory, what must "
+              "fit in RAM (the rest is pages of files read through memory maps, which the kernel can drop).", ""]
+    lines += ["## Artifacts", "", "| artifact | made by | seconds | summary |", "| --- | --- | ---: | --- |"]
     for row in artifact_rows(config):
         lines.append(f"| `{row['artifact']}` | {row['step']} | {row['seconds']} | {row['summary']} |")
     path = Path(run_dir) / "report.md"

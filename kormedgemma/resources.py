@@ -4,9 +4,13 @@ A week-long run is planned from these figures (will 5.01 fit the card, will 2.02
 much disk do the stages need), so the runner records them for every notebook it executes:
 
 - from outside, a sampler thread walks the kernel's whole process tree (the kernel, datatrove
-  workers, a server a notebook starts) for its summed resident memory, the bytes each process
-  wrote, and — where NVML is present — the GPU memory each process holds (the CUDA context and
-  the allocator's reserve included, as `nvidia-smi` shows it);
+  workers, compile workers, a server a notebook starts) for its summed resident memory, the bytes
+  each process wrote, and — where NVML is present — the GPU memory each process holds (the CUDA
+  context and the allocator's reserve included, as `nvidia-smi` shows it). Resident memory is
+  split as the kernel counts it: anonymous (what the processes allocated: it must fit in RAM)
+  and file-backed (pages of files they read through a memory map, e.g. a safetensors checkpoint
+  being loaded: page cache the kernel can drop under pressure). At the tree's peak the sampler
+  also keeps which processes held it, so a figure that is too high says where to look;
 - from inside, a cell appended to the executed copy reads the kernel's own allocator peaks
   (allocated vs reserved), which only that process knows. Code that resets the peak counters to
   measure one part (a training stage) goes through `reset_peak_gpu_memory`, which keeps the
@@ -100,6 +104,8 @@ class TreeSampler:
         self.parent = parent or os.getpid()
         self.interval = interval
         self.peak_rss = 0
+        self.peak_anon = 0
+        self.at_peak: list[dict[str, Any]] = []  # the processes holding the tree's peak RSS
         self.peak_gpu: Optional[int] = None
         self.written: dict[int, int] = {}
         self._stop = threading.Event()
@@ -127,24 +133,57 @@ class TreeSampler:
             children = psutil.Process(self.parent).children(recursive=True)
         except psutil.Error:
             return
-        rss = 0
+        rss, anon, holders = 0, 0, []
         for child in children:
             try:
-                rss += child.memory_info().rss
+                resident = child.memory_info().rss
                 self.written[child.pid] = max(self.written.get(child.pid, 0), child.io_counters().write_bytes)
             except (psutil.Error, AttributeError):  # gone, or no io counters on this platform
                 continue
+            own = _anonymous_bytes(child.pid)
+            rss += resident
+            anon += own if own is not None else resident
+            holders.append((resident, own, child))
+        if rss > self.peak_rss:
+            self.at_peak = [{"pid": c.pid, "name": _name(c), "rss_gb": round(r / GB, 2),
+                             "anon_gb": None if a is None else round(a / GB, 2)}
+                            for r, a, c in sorted(holders, key=lambda h: -h[0])[:6] if r >= 0.05 * GB]
         self.peak_rss = max(self.peak_rss, rss)
+        self.peak_anon = max(self.peak_anon, anon)
         used = self._gpu.used_by({c.pid for c in children}) if self._gpu else None
         if used is not None:
             self.peak_gpu = max(self.peak_gpu or 0, used)
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peak_rss_gb": round(self.peak_rss / GB, 2),
+                               "peak_anon_rss_gb": round(self.peak_anon / GB, 2),
                                "written_gb": round(sum(self.written.values()) / GB, 3)}
+        if self.at_peak:
+            out["processes_at_peak"] = self.at_peak
         if self.peak_gpu is not None:
             out["peak_gpu_process_gb"] = round(self.peak_gpu / GB, 2)
         return out
+
+
+def _anonymous_bytes(pid: int) -> Optional[int]:
+    """RssAnon of a process (Linux), or None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _name(process: Any) -> str:
+    """A short label: the executable and what it runs (`python -m ipykernel_launcher`, a compile worker)."""
+    try:
+        command = process.cmdline()
+    except Exception:  # noqa: BLE001 — gone or not ours to read
+        return "?"
+    return " ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command[:4]))[:120] if command else "?"
 
 
 def tree_bytes(root: Path) -> int:

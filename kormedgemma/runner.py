@@ -137,7 +137,7 @@ def _resources(config: ProjectConfig, run_dir: Path, step: Step, sampler: TreeSa
 
 
 def _resource_line(figures: Mapping[str, Any]) -> str:
-    parts = [f"peak RSS {figures.get('peak_rss_gb', 0):.1f} GB"]
+    parts = [f"peak RSS {figures.get('peak_rss_gb', 0):.1f} GB ({figures.get('peak_anon_rss_gb', 0):.1f} allocated)"]
     if "peak_gpu_allocated_gb" in figures:
         parts.append(f"GPU {figures['peak_gpu_allocated_gb']:.1f} GB allocated / "
                      f"{figures['peak_gpu_reserved_gb']:.1f} reserved")

@@ -161,7 +161,8 @@ def write_dequantised_weights(layers: dict[str, Any], file: Path) -> int:
 
 
 def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The rows a stage trained, deltas folded in, as (tensors, safetensors metadata)."""
+    """The rows a stage trained, deltas folded in, as (tensors, safetensors metadata); the tensors
+    are views of the model's weights, where they live (`stream_safetensors` copies one at a time)."""
     from kormedgemma.rows import merge_row_deltas
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -172,7 +173,7 @@ def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tupl
         if rows is None:
             continue
         start, stop = (first, first + count) if rows == "new" else (0, module.weight.shape[0])
-        tensors[key] = module.weight.detach()[start:stop].to("cpu").contiguous()
+        tensors[key] = module.weight.detach()[start:stop]
         meta[f"{key}.first_row"] = str(start)
     return tensors, meta
 
@@ -383,11 +384,10 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
 
 def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec, first: int, count: int, tokenizer: Any,
                  inputs: dict[str, Path], metrics: dict[str, Any], accelerator: Any) -> None:
-    from safetensors.torch import save_file
-
     from kormedgemma.artifacts import artifact_path
     from kormedgemma.base_model import save_tokenizer
     from kormedgemma.curves import save_stage_plot
+    from kormedgemma.io import stream_safetensors
     from kormedgemma.environment import free_memory
     from kormedgemma.manifest import write_artifact
 
@@ -397,9 +397,10 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
         return
     keys = [f"staged.stage{number}", "staged.seed", "staged.save_full_model"]
     with write_artifact(artifact_path(config, f"stage{number}"), f"3.0{number}", config, keys, inputs) as out:
-        if tensors:
-            save_file(tensors, str(out.path / TRAINED_FILE), metadata=meta)
-        del tensors  # written: the two 272K-row matrices (2.8 GB at 4B shape) leave RAM
+        if tensors:  # one matrix in RAM at a time (save_file would hold both, then their bytes: 5.6 GB at 4B shape)
+            stream_safetensors(out.path / TRAINED_FILE, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
+                               tensors.__getitem__, metadata=meta)
+        del tensors
         if spec.lora:
             model.save_pretrained(str(out.path / ADAPTER_DIR), save_embedding_layers=False)
             layers = dequantised_layers(model)

@@ -38,6 +38,10 @@ def test_sampler_sees_a_child_processes_memory_and_bytes_written(tmp_path):
     assert child.returncode == 0
     figures = sampler.figures()
     assert 0.30 <= figures["peak_rss_gb"] < 1.0
+    # the child's 300 MB are its own allocation (anonymous), and it is named among the processes at the peak
+    assert 0.30 <= figures["peak_anon_rss_gb"] <= figures["peak_rss_gb"]
+    holder = max(figures["processes_at_peak"], key=lambda p: p["rss_gb"])
+    assert holder["pid"] == child.pid and holder["anon_gb"] >= 0.30 and "python" in holder["name"]
     assert 0.064 <= figures["written_gb"] < 0.2  # 64 MB
     assert tree_bytes(tmp_path) == 64 * 10**6
     assert tree_bytes(tmp_path / "absent") == 0
