@@ -12,6 +12,7 @@ activations on Korean text are what the served model will meet.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -24,6 +25,10 @@ import torch
 
 from config.training_config import DeployConfig
 from kormedgemma.resources import reset_peak_gpu_memory
+
+# DeployConfig fields that only the running server reads (6.02 and `serve`), not 6.01's checkpoint or report.
+SERVER_ONLY_KEYS = {"serve_backend", "host", "port", "api_key_env", "served_model_name", "startup_timeout_s",
+                    "check_question", "check_max_tokens"}
 
 
 # Gemma 3 decoder layers, as llm-compressor's own Gemma 3 mappings have them (v_proj→o_proj,
@@ -360,10 +365,8 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
                             max_questions=spec.max_questions)
     check_mcqa = deploy.eval_shots
     check_shots(data, check_mcqa)  # before a long calibration, not after it
-    # the deploy keys that shape this checkpoint and its report (not the server's host, port or key)
-    keys = [f"deploy.{k}" for k in ("backend", "scheme", "group_size", "calibration_samples", "calibration_seq_len",
-                                    "ignore", "calibration_seed", "eval_shots", "max_model_len", "max_num_seqs",
-                                    "gpu_memory_utilization", "serve_gpu_gb", "serve_overhead_gb")]
+    # every deploy key but those of the running server: a new host, port or key re-quantises nothing
+    keys = [f"deploy.{f.name}" for f in dataclasses.fields(DeployConfig) if f.name not in SERVER_ONLY_KEYS]
     keys += ["evaluation", "data.kormedmcqa.subsets"]
     with write_artifact(artifact_path(config, "awq_model"), "6.01", config, keys, inputs) as out:
         info = quantize(inputs["instruct_model"], out.path, calibration, deploy)

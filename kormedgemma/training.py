@@ -412,8 +412,9 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
         if config.staged.save_full_model:
             del model
             free_memory()
-            device = accelerator.device if accelerator.device.type == "cuda" else None
-            full, _ = load_stage_model(config, number - 1, extra=out.path, device=device)
+            # on the CPU: the stage's own model and optimizer are still referenced by train_stage, so the
+            # GPU may not hold a second copy (a5000 keeps save_full_model off: stage folders hold tensors)
+            full, _ = load_stage_model(config, number - 1, extra=out.path)
             full.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
             del full
         out.metrics.update({k: metrics[k] for k in ("steps", "tokens", "first_loss", "last_loss", "tokens_per_second",
@@ -509,6 +510,7 @@ def _swap_base(merged: Any, dequantised: Path, originals: Path) -> None:
 
 
 def read_tensor_names(file: Path) -> list[str]:
+    """The tensor names of a safetensors file, the file closed again (see `_swap_base`)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:

@@ -6,10 +6,10 @@ import struct
 from pathlib import Path
 
 
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the PNG header; fails on anything that is not a PNG."""
-    head = Path(path).read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG"
+def png_size(source: Path | bytes) -> tuple[int, int]:
+    """(width, height) from the PNG header of a file or of bytes; fails on anything that is not a PNG."""
+    head = (source if isinstance(source, bytes) else Path(source).read_bytes())[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", "not a PNG"
     return struct.unpack(">II", head[16:24])
 
 

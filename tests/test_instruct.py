@@ -120,8 +120,7 @@ def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_p
     assert len(calls) == 3 and [e["step"] for e in metrics["evals"]] == [0, 2, 4]
     assert metrics["stopped_early"] and metrics["steps"] == 4 < metrics["planned_steps"]
     assert metrics["best_step"] == 0 and metrics["best_dev_loss"] == pytest.approx(calls[0], abs=1e-6)
-    # the adapter did move (a real update): what is kept is the untrained model, not a no-op run
-    assert metrics["last_loss"] != metrics["first_loss"]
+    assert all(h["grad_norm"] and h["grad_norm"] > 0 for h in metrics["history"])  # real updates were made
     before = load_file(artifact_path(config, "merged_model") / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import struct
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from kormedgemma.pipeline import STEPS
+from plotdata import png_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,11 +47,6 @@ def test_pipeline_notebooks_are_all_found() -> None:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def _png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
-    return struct.unpack(">II", data[16:24])
 
 
 _RETENTION = {"retention": [{"benchmark": "medqa", "base": 0.3, "adapted": 0.28, "flagged": False},
@@ -108,7 +103,7 @@ def test_plot_helpers_save_pngs_and_leave_pyplot_alone(tmp_path: Path) -> None:
         path = tmp_path / f"{name}.png"
         figure = helper(path)
         assert figure is None or isinstance(figure, Figure), name
-        assert _png_size(path.read_bytes()) == SAVED_SIZES[name], name  # figsize x 110 dpi
+        assert png_size(path.read_bytes()) == SAVED_SIZES[name], name  # figsize x 110 dpi
     assert Gcf.get_num_fig_managers() == before, "a helper left a pyplot figure open (shown twice, or leaked)"
 
 
@@ -124,7 +119,7 @@ def _run_notebook(cells: list[str], folder: Path) -> list[list[dict]]:
     return [cell.outputs for cell in notebook.cells]
 
 
-# The runner's kernel runs on Agg; JupyterLab's on the inline backend. The kernel inherits MPLBACKEND.
+# The runner's kernels and JupyterLab's run the inline backend; a user's MPLBACKEND=Agg must show pictures too.
 @pytest.mark.parametrize("backend", ["Agg", "module://matplotlib_inline.backend_inline"], ids=["agg", "inline"])
 def test_helper_figure_is_a_picture_in_a_kernel(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLBACKEND", backend)
@@ -146,8 +141,8 @@ def test_helper_figure_is_a_picture_in_a_kernel(backend: str, tmp_path: Path, mo
         data = outputs[cell][0]["data"]
         assert data["text/plain"] == "<Figure size 600x320 with 1 Axes>"
         # figsize (6, 3.2) at the kernel's 100 dpi: the whole figure, as a picture.
-        assert _png_size(base64.b64decode(data["image/png"])) == (600, 320)
-    assert _png_size(saved.read_bytes()) == (660, 352)  # the artifact's PNG, 110 dpi, as before
+        assert png_size(base64.b64decode(data["image/png"])) == (600, 320)
+    assert png_size(saved.read_bytes()) == (660, 352)  # the artifact's PNG, 110 dpi, as before
     assert outputs[3] == []
     assert outputs[4][0]["data"]["text/plain"] == "False"
 

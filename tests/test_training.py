@@ -168,8 +168,13 @@ def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, t
     resumed = train_stage(private, 6, progress_bar=False)
     assert resumed["resumed_from"] == "step-000010"
     uninterrupted = json.loads((artifact_path(config, "stage6") / "metrics.json").read_text())
-    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
-    assert resumed["evals"] == uninterrupted["evals"]
+    # the crashed run's steps ran in a 1-thread subprocess, the uninterrupted run with this process's
+    # threads: sums in another order may differ in the last bits, never by 1e-5
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in uninterrupted["history"]],
+                                                                    abs=1e-5)
+    assert [e["step"] for e in resumed["evals"]] == [e["step"] for e in uninterrupted["evals"]]
+    for got, expected in zip(resumed["evals"], uninterrupted["evals"]):
+        assert got == pytest.approx(expected, abs=1e-5)
     for part in (TRAINED_FILE, "adapter/adapter_model.safetensors"):
         a = load_file(artifact_path(private, "stage6") / part)
         b = load_file(artifact_path(config, "stage6") / part)
