@@ -4,7 +4,7 @@ At MedGemma-4B shape stage 6 used to hold its 6.4 GB of dequantised weights in a
 writing them, and the merge-gap check loaded stage 5 as a second 10 GB model on the CPU just to read
 the originals of the 4-bit layers (3.06 peaked at 35.4 GB resident). Both now go one tensor at a
 time. Each test measures the project's code and the old way side by side, in fresh subprocesses, on
-a model large enough (~270 MB) that one more copy cannot hide in the interpreter's own memory.
+a model large enough (254 MB) that one more copy cannot hide in the interpreter's own memory.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _run(script: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    """A Gemma 3 text model of ~270 MB (fp32) saved as a folder, and a 'dequantised' file of its
+    """A Gemma 3 text model of 254 MB (fp32) saved as a folder, and a 'dequantised' file of its
     linear layers: each weight plus 0.01, as NF4 rounding would have moved it."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
