@@ -387,8 +387,8 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
     from kormedgemma.artifacts import artifact_path
     from kormedgemma.base_model import save_tokenizer
     from kormedgemma.curves import save_stage_plot
-    from kormedgemma.io import stream_safetensors
     from kormedgemma.environment import free_memory
+    from kormedgemma.io import stream_safetensors
     from kormedgemma.manifest import write_artifact
 
     tensors, meta = trained_tensors(model, spec, first, count)
@@ -500,11 +500,14 @@ def _swap_base(merged: Any, dequantised: Path, originals: Path) -> None:
     in place of W_deq. One tensor at a time, each file opened and closed per tensor: a file held open
     keeps every page it has read mapped into this process (6.4 + 10 GB at MedGemma-4B shape)."""
     targets = dict(merged.named_parameters())
-    keys = list(read_tensor_names(dequantised))
+    keys = read_tensor_names(dequantised)
     saved = saved_names(merged, keys)
+    files = tensor_files(originals)
     for key in keys:
         target = targets[key]
-        original = read_tensor(originals, saved[key]).to(target.device, target.dtype)
+        if saved[key] not in files:
+            raise KeyError(f"{originals} holds no tensor {saved[key]}: the stage was trained on another model")
+        original = read_tensor(files[saved[key]], saved[key]).to(target.device, target.dtype)
         target.add_(original - read_tensor(dequantised, key).to(target.device, target.dtype))
         del original
 
@@ -517,22 +520,20 @@ def read_tensor_names(file: Path) -> list[str]:
         return list(handle.keys())
 
 
-def read_tensor(source: Path, key: str) -> torch.Tensor:
-    """One tensor from a safetensors file, or from a model folder (one file, or shards and their
-    index), read and the file closed again."""
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name → the file of a saved model folder that holds it (one file, or shards and their index)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {key: folder / name for key, name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    return dict.fromkeys(read_tensor_names(folder / "model.safetensors"), folder / "model.safetensors")
+
+
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read and the file closed again (see `_swap_base`)."""
     from safetensors import safe_open
 
-    source = Path(source)
-    file = source
-    if source.is_dir():
-        index = source / "model.safetensors.index.json"
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
-        file = source / (weight_map.get(key, "") if weight_map is not None else "model.safetensors")
-    if not file.is_file():
-        raise KeyError(f"{source} holds no tensor {key}: the stage was trained on another model")
     with safe_open(str(file), framework="pt") as handle:
-        if key not in handle.keys():
-            raise KeyError(f"{source} holds no tensor {key}: the stage was trained on another model")
         return handle.get_tensor(key)
 
 

@@ -26,7 +26,6 @@ import torch
 
 from kormedgemma.loss import IGNORE
 
-
 # Test hook: the process dies (os._exit, no clean-up) right after this optimizer step, like `kill -9`.
 CRASH_ENV = "KORMEDGEMMA_CRASH_AT_STEP"
 EXTRA_FILE = "extra.safetensors"
