@@ -128,6 +128,7 @@ def collect(root: Path, out: Path) -> dict:
     import torch
 
     from kormedgemma.io import write_json
+    from kormedgemma.report import heaviest_cell
 
     runs = []
     for run_dir in sorted((root / "runs").iterdir()):
@@ -161,6 +162,8 @@ def collect(root: Path, out: Path) -> dict:
               f"/{used.get('peak_gpu_reserved_gb', '-')} GB  RSS {used.get('peak_rss_gb', '-')} GB "
               f"(anon {used.get('peak_anon_rss_gb', '-')}, kernel {used.get('kernel_peak_rss_gb', '-')})  "
               f"wrote {used.get('written_gb', '-')} GB  +{used.get('artifacts_growth_gb', '-')} GB")
+        if used.get("cells"):
+            print(f"{'':>22}heaviest {heaviest_cell(used)}")
         for process in used.get("processes_at_peak", [])[:4]:
             print(f"{'':>22}{process['rss_gb']:6.2f} GB (anon {process['anon_gb']}) {process['name']}")
     return result

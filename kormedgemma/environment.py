@@ -107,6 +107,23 @@ def prefer_expandable_segments() -> bool:
     return True
 
 
+# Inductor compiles in a pool of worker processes, one per core up to 32; each imports torch. In the
+# a5000 rehearsal (16 cores) the pool held ~7.5 GB beside 3.06's and 3.07's kernels; four workers
+# compile Gemma 3's decoder layers (one graph, cached after the first) all the same.
+COMPILE_WORKERS = 4
+
+
+def limit_compile_workers(limit: int = COMPILE_WORKERS) -> int:
+    """Before `torch.compile` first runs: at most `limit` inductor compile workers, unless the user
+    set TORCHINDUCTOR_COMPILE_THREADS. Returns the number in force."""
+    import torch._inductor.config as inductor
+
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        inductor.compile_threads = max(1, min(inductor.compile_threads, limit))
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(inductor.compile_threads)  # for child processes
+    return inductor.compile_threads
+
+
 GPU_CAP_ENV = "KORMEDGEMMA_GPU_MEMORY_GB"
 
 

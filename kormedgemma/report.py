@@ -108,13 +108,24 @@ def artifact_rows(config: ProjectConfig) -> Iterable[dict[str, Any]]:
                "summary": headline(key, manifest.get("metrics", {})), "finished": manifest.get("finished")}
 
 
+def heaviest_cell(resources: dict[str, Any]) -> str:
+    """'cell 6 `gap = qlora_merge_gap(cfg)`: 21.5 GB (anon 4.1, file 17.2)', or '—' without per-cell figures."""
+    cells = resources.get("cells") or []
+    if not cells:
+        return "—"
+    top = max(cells, key=lambda cell: cell["peak_rss_gb"])
+    source = top["source"].replace("|", "\\|").replace("`", "'")
+    return (f"cell {top['cell']} `{source}`: {top['peak_rss_gb']:.1f} GB "
+            f"(anon {top['peak_anon_gb']:.1f}, file {top['peak_file_gb']:.1f})")
+
+
 def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[Any]) -> Path:
     outcomes = list(outcomes)
     lines = [f"# Korean MedGemma pipeline report — profile `{config.profile}`", "",
              f"Run folder: `{run_dir}`", "", "## Notebooks", "",
              "| step | status | seconds | peak RSS GB | of it allocated GB | GPU GB allocated / reserved | GB written | "
-             "artifacts +GB | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "artifacts +GB | heaviest cell | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for outcome in outcomes:
         used = getattr(outcome, "resources", None) or {}
         gpu = (f"{used['peak_gpu_allocated_gb']:.2f} / {used['peak_gpu_reserved_gb']:.2f}"
@@ -122,9 +133,11 @@ def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[An
         cells = [f"{used[k]:.2f}" if k in used else "—"
                  for k in ("peak_rss_gb", "peak_anon_rss_gb", "written_gb", "artifacts_growth_gb")]
         lines.append(f"| {outcome.id} | {outcome.status} | {outcome.seconds:.1f} | {cells[0]} | {cells[1]} | {gpu} | "
-                     f"{cells[2]} | {cells[3]} | {outcome.note} |")
+                     f"{cells[2]} | {cells[3]} | {heaviest_cell(used)} | {outcome.note} |")
     lines += ["", "Peak RSS is the notebook's whole process tree; *of it allocated* is anonymous memory, what must "
-              "fit in RAM (the rest is pages of files read through memory maps, which the kernel can drop).", ""]
+              "fit in RAM (the rest is pages of files read through memory maps, which the kernel can drop). "
+              "*Heaviest cell* is the kernel's cell with the highest peak RSS: that peak, and the most of it "
+              "allocated and file-backed seen during the cell.", ""]
     lines += ["## Artifacts", "", "| artifact | made by | seconds | summary |", "| --- | --- | ---: | --- |"]
     for row in artifact_rows(config):
         lines.append(f"| `{row['artifact']}` | {row['step']} | {row['seconds']} | {row['summary']} |")

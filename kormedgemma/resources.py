@@ -23,6 +23,7 @@ import os
 import resource
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +43,8 @@ def reset_peak_gpu_memory(device: Any = None) -> None:
 def kernel_peaks() -> dict[str, Any]:
     """This process's peak RSS and, if it used CUDA, its allocator's peak allocated/reserved bytes."""
     peaks: dict[str, Any] = {"kernel_peak_rss_gb": round(_peak_rss() / GB, 2)}
+    if _cells.cells:
+        peaks["cells"] = list(_cells.cells)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peaks["peak_gpu_allocated_gb"] = round(max(_high_water["allocated"], torch.cuda.max_memory_allocated()) / GB, 2)
@@ -50,14 +53,104 @@ def kernel_peaks() -> dict[str, Any]:
 
 
 def _peak_rss() -> int:
-    """This process's own high-water mark (VmHWM); ru_maxrss would carry the parent's across fork."""
+    """This process's own high-water mark (VmHWM, and what it was before `track_cells` reset it for
+    each cell); ru_maxrss would carry the parent's across fork."""
+    peak = _status_bytes("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(peak, _cells.folded)
+
+
+def _status_bytes(*fields: str) -> Optional[int]:
+    """The first of `fields` (VmHWM, RssAnon, ...) that /proc/self/status reports, in bytes."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return None
+    values = {line.split(":")[0]: line.split()[1] for line in lines if ":" in line and len(line.split()) > 1}
+    for field in fields:
+        if field in values:
+            return int(values[field]) * 1024
+    return None
+
+
+class _CellPeaks:
+    """Inside a notebook's kernel: each cell's own peak RSS, so a notebook whose figure is too high
+    says which cell to look at, and how much of it was allocated (anonymous: must fit in RAM)
+    rather than pages of files read through a memory map (page cache the kernel drops under
+    pressure).
+
+    Before each cell the kernel's high-water mark is folded into `folded` and reset (writing 5 to
+    /proc/self/clear_refs), so VmHWM after the cell is that cell's exact peak; a 0.2 s sampler
+    thread adds the largest anonymous and file-backed RSS seen during the cell."""
+
+    def __init__(self) -> None:
+        self.cells: list[dict[str, Any]] = []
+        self.folded = 0
+        self.exact = True
+        self._current: Optional[dict[str, Any]] = None
+        self._lock = threading.Lock()
+
+    def start(self, interval: float = 0.2) -> None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None:
+            raise RuntimeError("track_cells() runs inside a notebook kernel (IPython), not a plain interpreter")
+        shell.events.register("pre_run_cell", self._before)
+        shell.events.register("post_run_cell", self._after)
+        threading.Thread(target=self._sample_loop, args=(interval,), daemon=True, name="kormedgemma-cells").start()
+
+    def _before(self, info: Any) -> None:
+        self.folded = max(self.folded, _status_bytes("VmHWM") or 0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # not Linux, or not allowed: each cell's figure is then the peak so far
+            self.exact = False
+        with self._lock:
+            self._current = {"source": _headline(getattr(info, "raw_cell", "") or ""), "started": time.time(),
+                             "anon": 0, "file": 0}
+        self._sample()
+
+    def _after(self, result: Any) -> None:
+        self._sample()
+        peak = _status_bytes("VmHWM") or 0
+        self.folded = max(self.folded, peak)
+        with self._lock:
+            current, self._current = self._current, None
+        if current is None:
+            return
+        self.cells.append({"cell": len(self.cells) + 1, "source": current["source"],
+                           "seconds": round(time.time() - current["started"], 1),
+                           "peak_rss_gb": round(peak / GB, 2), "peak_anon_gb": round(current["anon"] / GB, 2),
+                           "peak_file_gb": round(current["file"] / GB, 2), "exact": self.exact})
+
+    def _sample(self) -> None:
+        anon, file = _status_bytes("RssAnon"), _status_bytes("RssFile")
+        with self._lock:
+            if self._current is not None:
+                self._current["anon"] = max(self._current["anon"], anon or 0)
+                self._current["file"] = max(self._current["file"], file or 0)
+
+    def _sample_loop(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self._sample()
+
+
+_cells = _CellPeaks()
+
+
+def track_cells() -> None:
+    """Record each following cell's peak memory for `kernel_peaks` (the runner's first cell calls it)."""
+    _cells.start()
+
+
+def _headline(source: str) -> str:
+    """The line that says what a cell does: its first that is not a comment or an import."""
+    lines = [line.strip() for line in source.splitlines() if line.strip()]
+    doing = [line for line in lines if not line.startswith(("#", "from ", "import "))]
+    return ((doing or lines or [""])[0])[:100]
 
 
 def write_kernel_peaks(path: str) -> None:
@@ -68,6 +161,10 @@ def peaks_cell(path: Path) -> str:
     """Source of the cell the runner appends to a notebook's executed copy."""
     return ("# Appended by the runner: this kernel's peak memory, for the run's resource table.\n"
             f"from kormedgemma.resources import write_kernel_peaks\nwrite_kernel_peaks({str(path)!r})")
+
+
+TRACK_CELL = ("# Added by the runner: each cell's peak memory, for the run's resource table.\n"
+              "from kormedgemma.resources import track_cells\ntrack_cells()")
 
 
 class _Gpu:

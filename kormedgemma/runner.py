@@ -23,7 +23,7 @@ from kormedgemma.config import ProjectConfig, load_config, repo_root, resolve_pa
 from kormedgemma.io import MissingArtifactError, write_json
 from kormedgemma.manifest import freshness
 from kormedgemma.pipeline import Step, select_steps, step_by_id
-from kormedgemma.resources import GB, TreeSampler, peaks_cell, tree_bytes
+from kormedgemma.resources import GB, TRACK_CELL, TreeSampler, peaks_cell, tree_bytes
 
 
 class NotebookFailed(RuntimeError):
@@ -154,6 +154,7 @@ def _execute(step: Step, parameters: dict[str, Any], run_dir: Path) -> None:
     executed = run_dir / "executed" / Path(step.notebook).name
     notebook = nbformat.read(source, as_version=4)
     (run_dir / "resources").mkdir(exist_ok=True)
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(TRACK_CELL))
     notebook.cells.append(nbformat.v4.new_code_cell(peaks_cell(run_dir / "resources" / f"{step.id}.json")))
     # What ran is kept beside the executed copy (the source plus the appended cell).
     ran = run_dir / "inputs" / Path(step.notebook).name

@@ -254,7 +254,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from kormedgemma.environment import cap_gpu_memory, prefer_expandable_segments
+    from kormedgemma.environment import cap_gpu_memory, limit_compile_workers, prefer_expandable_segments
 
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
@@ -276,6 +276,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = apply_stage(model, spec, first, count, hyper.lora)
     if hyper.compile_layers and device.type == "cuda":
+        limit_compile_workers()
         inner = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
         for layer in inner.model.language_model.layers:
             layer.compile()

@@ -1,4 +1,5 @@
 """Per-notebook resource figures: the sampler sees a child process's memory and writes."""
+import json
 import subprocess
 import sys
 import time
@@ -51,3 +52,37 @@ def test_kernel_peaks_report_this_process_without_touching_cuda():
     peaks = kernel_peaks()
     assert peaks["kernel_peak_rss_gb"] > 0.01
     assert "peak_gpu_allocated_gb" not in peaks  # no CUDA on this process
+
+
+# Three cells in a real IPython shell: the second allocates 400 MB and frees it, the third maps a
+# 200 MB file and reads every page (the mapping still open at the cell's end, where the cell's figures
+# are always sampled). Each cell's figure must be its own, not the notebook's so far.
+CELLS = """
+import json, mmap, sys
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+shell.run_cell("from kormedgemma.resources import track_cells\\ntrack_cells()")
+shell.run_cell("x = 1")
+shell.run_cell("block = bytearray(400 * 10**6)\\nfor i in range(0, len(block), 4096): block[i] = 1\\ndel block")
+shell.run_cell("import mmap, sys\\nf = open(sys.argv[1], 'rb')\\nm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\\n"
+               "total = sum(m[i] for i in range(0, len(m), 4096))")  # still mapped when the cell ends
+shell.run_cell("m.close(); f.close()")
+from kormedgemma.resources import kernel_peaks
+print(json.dumps(kernel_peaks()))
+"""
+
+
+def test_each_cell_reports_its_own_peak_and_whether_it_was_allocated_or_file_pages(tmp_path):
+    mapped = tmp_path / "weights.bin"
+    mapped.write_bytes(b"\1" * (200 * 10**6))
+    done = subprocess.run([sys.executable, "-c", CELLS, str(mapped)], capture_output=True, text=True, check=True)
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    cells = {cell["source"]: cell for cell in peaks["cells"]}
+    small, allocating, mapping = cells["x = 1"], cells["block = bytearray(400 * 10**6)"], cells["f = open(sys.argv[1], 'rb')"]
+    assert all(cell["exact"] for cell in peaks["cells"]), "clear_refs could not reset the high-water mark"
+    assert allocating["peak_rss_gb"] - small["peak_rss_gb"] > 0.38  # its 400 MB, not folded into later cells
+    assert mapping["peak_rss_gb"] - small["peak_rss_gb"] > 0.18
+    assert mapping["peak_rss_gb"] < allocating["peak_rss_gb"] - 0.15  # the 400 MB cell's peak was reset
+    assert mapping["peak_file_gb"] - small["peak_file_gb"] > 0.1  # seen as file pages, not allocations
+    assert mapping["peak_anon_gb"] - small["peak_anon_gb"] < 0.05  # and none of it allocated
+    assert peaks["kernel_peak_rss_gb"] >= allocating["peak_rss_gb"]  # the notebook's peak keeps the largest

@@ -110,6 +110,10 @@ def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
         assert 0 < used["peak_anon_rss_gb"] <= used["peak_rss_gb"], step_id
         assert any("ipykernel" in p["name"] for p in used["processes_at_peak"]), (step_id, used["processes_at_peak"])
         assert used["written_gb"] >= 0 and "artifacts_growth_gb" in used, step_id
+        # every code cell of the notebook has its own figure, the parameters cell among them
+        sources = [cell["source"] for cell in used["cells"]]
+        assert any(source.startswith("profile = ") for source in sources), (step_id, sources)
+        assert max(cell["peak_rss_gb"] for cell in used["cells"]) <= used["kernel_peak_rss_gb"], step_id
     # 0.00 builds the tiny base model (tokenizer + weights, ~20 MB); 0.01 only reads.
     assert by_id["0.00"]["artifacts_growth_gb"] >= 0.005 and by_id["0.01"]["artifacts_growth_gb"] == 0
     assert (run_dir_of(root) / "inputs" / "00_setup_environment.ipynb").is_file()  # what ran, appended cell included
@@ -117,6 +121,7 @@ def test_each_notebook_records_its_peak_memory_and_disk_use(first_run):
     state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
     assert all("peak_rss_gb" in row["resources"] for row in state)
     assert "| peak RSS GB | of it allocated GB |" in (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "| cell " in (run_dir / "report.md").read_text(encoding="utf-8")  # the heaviest cell, named
 
 
 @pytest.mark.notebooks
