@@ -109,14 +109,14 @@ def artifact_rows(config: ProjectConfig) -> Iterable[dict[str, Any]]:
 
 
 def heaviest_cell(resources: dict[str, Any]) -> str:
-    """'cell 6 `gap = qlora_merge_gap(cfg)`: 21.5 GB (anon 4.1, file 17.2)', or '—' without per-cell figures."""
+    """'cell 7 `gap = qlora_merge_gap(cfg)`: 21.5 GB (anon 2.0, file 10.6, shmem 8.9)', or '—' without per-cell figures."""
     cells = resources.get("cells") or []
     if not cells:
         return "—"
     top = max(cells, key=lambda cell: cell["peak_rss_gb"])
     source = top["source"].replace("|", "\\|").replace("`", "'")
     return (f"cell {top['cell']} `{source}`: {top['peak_rss_gb']:.1f} GB "
-            f"(anon {top['peak_anon_gb']:.1f}, file {top['peak_file_gb']:.1f})")
+            f"(anon {top['peak_anon_gb']:.1f}, file {top['peak_file_gb']:.1f}, shmem {top.get('peak_shmem_gb', 0):.1f})")
 
 
 def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[Any]) -> Path:
@@ -137,7 +137,7 @@ def write_run_report(config: ProjectConfig, run_dir: Path, outcomes: Iterable[An
     lines += ["", "Peak RSS is the notebook's whole process tree; *of it allocated* is anonymous memory, what must "
               "fit in RAM (the rest is pages of files read through memory maps, which the kernel can drop). "
               "*Heaviest cell* is the kernel's cell with the highest peak RSS: that peak, and the most of it "
-              "allocated and file-backed seen during the cell.", ""]
+              "allocated, file-backed and in shared memory seen during the cell.", ""]
     lines += ["## Artifacts", "", "| artifact | made by | seconds | summary |", "| --- | --- | ---: | --- |"]
     for row in artifact_rows(config):
         lines.append(f"| `{row['artifact']}` | {row['step']} | {row['seconds']} | {row['summary']} |")

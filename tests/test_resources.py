@@ -67,6 +67,8 @@ shell.run_cell("block = bytearray(400 * 10**6)\\nfor i in range(0, len(block), 4
 shell.run_cell("import mmap, sys\\nf = open(sys.argv[1], 'rb')\\nm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\\n"
                "total = sum(m[i] for i in range(0, len(m), 4096))")  # still mapped when the cell ends
 shell.run_cell("m.close(); f.close()")
+# shared memory (what pinned or shared buffers show as): neither allocated nor file pages
+shell.run_cell("shared = mmap.mmap(-1, 200 * 10**6)\\nfor i in range(0, len(shared), 4096): shared[i] = 1")
 from kormedgemma.resources import kernel_peaks
 print(json.dumps(kernel_peaks()))
 """
@@ -85,4 +87,6 @@ def test_each_cell_reports_its_own_peak_and_whether_it_was_allocated_or_file_pag
     assert mapping["peak_rss_gb"] < allocating["peak_rss_gb"] - 0.15  # the 400 MB cell's peak was reset
     assert mapping["peak_file_gb"] - small["peak_file_gb"] > 0.1  # seen as file pages, not allocations
     assert mapping["peak_anon_gb"] - small["peak_anon_gb"] < 0.05  # and none of it allocated
+    sharing = cells["shared = mmap.mmap(-1, 200 * 10**6)"]
+    assert sharing["peak_shmem_gb"] - small["peak_shmem_gb"] > 0.15 and sharing["peak_rss_gb"] - small["peak_rss_gb"] > 0.15
     assert peaks["kernel_peak_rss_gb"] >= allocating["peak_rss_gb"]  # the notebook's peak keeps the largest
