@@ -164,6 +164,9 @@ def collect(root: Path, out: Path) -> dict:
               f"wrote {used.get('written_gb', '-')} GB  +{used.get('artifacts_growth_gb', '-')} GB")
         if used.get("cells"):
             print(f"{'':>22}heaviest {heaviest_cell(used)}")
+            top = max(used["cells"], key=lambda cell: cell["peak_rss_gb"])
+            for mapping in top.get("largest_mappings", []):
+                print(f"{'':>24}at its end {mapping['rss_gb']:6.2f} GB {mapping['mapping']}")
         for process in used.get("processes_at_peak", [])[:4]:
             print(f"{'':>22}{process['rss_gb']:6.2f} GB (anon {process['anon_gb']}) {process['name']}")
     return result

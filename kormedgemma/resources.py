@@ -125,7 +125,8 @@ class _CellPeaks:
                            "seconds": round(time.time() - current["started"], 1),
                            "peak_rss_gb": round(peak / GB, 2), "peak_anon_gb": round(current["anon"] / GB, 2),
                            "peak_file_gb": round(current["file"] / GB, 2),
-                           "peak_shmem_gb": round(current["shmem"] / GB, 2), "exact": self.exact})
+                           "peak_shmem_gb": round(current["shmem"] / GB, 2), "exact": self.exact,
+                           "largest_mappings": largest_mappings()})
 
     def _sample(self) -> None:
         sizes = {"anon": _status_bytes("RssAnon"), "file": _status_bytes("RssFile"), "shmem": _status_bytes("RssShmem")}
@@ -141,6 +142,26 @@ class _CellPeaks:
 
 
 _cells = _CellPeaks()
+
+
+def largest_mappings(count: int = 4, smaps: str = "/proc/self/smaps") -> list[dict[str, Any]]:
+    """What this process's resident memory is, by mapping (a file, `[heap]`, a device, shared
+    memory), the largest first: names what a peak is made of when the totals cannot."""
+    sizes: dict[str, int] = {}
+    name = "?"
+    try:
+        with open(smaps, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                head = line.split(None, 1)[0]
+                if head == "Rss:":
+                    sizes[name] = sizes.get(name, 0) + int(line.split()[1]) * 1024
+                elif not head.endswith(":"):  # a mapping's header line: address perms offset dev inode [path]
+                    parts = line.split(None, 5)
+                    name = parts[5].strip() if len(parts) > 5 else "[anonymous]"
+    except OSError:
+        return []
+    return [{"mapping": key[:120], "rss_gb": round(size / GB, 2)}
+            for key, size in sorted(sizes.items(), key=lambda item: -item[1])[:count] if size >= 0.05 * GB]
 
 
 def track_cells() -> None:

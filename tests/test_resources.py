@@ -87,6 +87,7 @@ def test_each_cell_reports_its_own_peak_and_whether_it_was_allocated_or_file_pag
     assert mapping["peak_rss_gb"] < allocating["peak_rss_gb"] - 0.15  # the 400 MB cell's peak was reset
     assert mapping["peak_file_gb"] - small["peak_file_gb"] > 0.1  # seen as file pages, not allocations
     assert mapping["peak_anon_gb"] - small["peak_anon_gb"] < 0.05  # and none of it allocated
+    assert mapping["largest_mappings"][0]["mapping"] == str(mapped) and mapping["largest_mappings"][0]["rss_gb"] >= 0.19
     sharing = cells["shared = mmap.mmap(-1, 200 * 10**6)"]
     assert sharing["peak_shmem_gb"] - small["peak_shmem_gb"] > 0.15 and sharing["peak_rss_gb"] - small["peak_rss_gb"] > 0.15
     assert peaks["kernel_peak_rss_gb"] >= allocating["peak_rss_gb"]  # the notebook's peak keeps the largest
