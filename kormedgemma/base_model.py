@@ -124,6 +124,9 @@ def tiny_model_config(tokenizer: Any, shape: TinyModelConfig) -> Any:
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    if shape.text_only:
+        text.tie_word_embeddings = True
+        return text
     vision = SiglipVisionConfig(
         hidden_size=shape.vision_hidden_size, intermediate_size=2 * shape.vision_hidden_size,
         num_hidden_layers=shape.vision_layers, num_attention_heads=2,
@@ -154,24 +157,25 @@ def medgemma_4b_config() -> Any:
 def build_tiny_base(config: ProjectConfig, out_dir: Path) -> dict[str, Any]:
     """Write tokenizer + random-weight Gemma 3 model into `out_dir`; returns headline figures."""
     import torch
-    from transformers import Gemma3ForConditionalGeneration
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
     shape = config.base.tiny
     corpus = resolve_input(config, config.base.tiny_tokenizer_corpus)
     with tempfile.TemporaryDirectory() as tmp:
         sp_model = train_base_sentencepiece(corpus, Path(tmp) / "base", shape.sp_vocab_size)
-        tokenizer = hf_tokenizer_from_sentencepiece(sp_model)
+        tokenizer = hf_tokenizer_from_sentencepiece(sp_model, image_token=not shape.text_only)
         tokenizer.save_pretrained(out_dir)
         # Keep the SentencePiece model too, as the real Gemma 3 folder does: phase 1 merges into it.
         shutil.copy(sp_model, Path(out_dir) / "tokenizer.model")
     torch.manual_seed(shape.seed)
-    model = Gemma3ForConditionalGeneration(tiny_model_config(tokenizer, shape))
+    model = (Gemma3ForCausalLM if shape.text_only else Gemma3ForConditionalGeneration)(tiny_model_config(tokenizer, shape))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = [tokenizer.eos_token_id,
                                             tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     model.save_pretrained(out_dir)
     embeddings = model.get_input_embeddings()
     return {
+        "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer_size": len(tokenizer),
         "embedding_rows": embeddings.weight.shape[0],
@@ -181,20 +185,58 @@ def build_tiny_base(config: ProjectConfig, out_dir: Path) -> dict[str, Any]:
     }
 
 
+def model_class(folder_or_id: str | Path) -> Any:
+    """The transformers class a Gemma 3 folder loads as: MedGemma-4B and the tiny default are
+    image-text-to-text models (`Gemma3ForConditionalGeneration`), Gemma 3 270M/1B and
+    MedGemma-27B-text plain causal LMs (`Gemma3ForCausalLM`); any other causal LM loads as one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    config = AutoConfig.from_pretrained(folder_or_id)
+    return AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
+
+
+def decoder_layers(model: Any) -> Any:
+    """The language model's decoder layers, text-only (`model.layers`) or multimodal
+    (`model.language_model.layers`), under a PEFT wrapper or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = inner.model
+    return body.language_model.layers if hasattr(body, "language_model") else body.layers
+
+
+BASE_FOLDER = "models/base"  # what step 0.00 writes where it builds the base (the `base_model` artifact)
+
+
+def builds_base(config: ProjectConfig) -> bool:
+    """True where step 0.00 writes the base model folder itself: the tiny default, or a GGUF file
+    (`base.model: …gguf` or its package's name) materialised once as an ordinary folder."""
+    from kormedgemma.gguf_base import is_gguf_ref
+
+    return config.base.build_tiny or is_gguf_ref(config.base.model)
+
+
+def base_model_name(config: ProjectConfig) -> str:
+    """`base.model` as every phase after 0.00 reads it: the folder 0.00 built, or the Hub id / folder."""
+    return BASE_FOLDER if builds_base(config) else config.base.model
+
+
 def load_tokenizer(config: ProjectConfig, ref: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    target = model_ref(config, ref or config.base.tokenizer or config.base.model, "base.tokenizer")
+    target = model_ref(config, ref or config.base.tokenizer or base_model_name(config), "base.tokenizer")
     return _from_pretrained(AutoTokenizer, target, config)
 
 
 def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
     import torch
-    from transformers import AutoModelForImageTextToText
 
-    target = model_ref(config, ref or config.base.model, "base.model")
-    return _from_pretrained(AutoModelForImageTextToText, target, config,
-                            dtype=getattr(torch, config.base.torch_dtype))
+    from kormedgemma.hub import hub_access
+
+    target = model_ref(config, ref or base_model_name(config), "base.model")
+    with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
+                            "base.model (and base.tokenizer) to the local folder."):
+        cls = model_class(target)
+    return _from_pretrained(cls, target, config, dtype=getattr(torch, config.base.torch_dtype))
 
 
 def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any) -> Any:
@@ -209,7 +251,7 @@ def base_tokenizer_folder(config: ProjectConfig) -> Path:
     """A local folder holding the base tokenizer's files (downloaded from the Hub if needed)."""
     from kormedgemma.hub import hub_access
 
-    ref = model_ref(config, config.base.tokenizer or config.base.model, "base.tokenizer")
+    ref = model_ref(config, config.base.tokenizer or base_model_name(config), "base.tokenizer")
     if Path(ref).is_dir():
         return Path(ref)
     with hub_access(f"tokenizer of {ref}", "Log in (`hf auth login`) on a machine with network, or set "
@@ -249,14 +291,27 @@ def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:
 
 
 def build_base_artifact(config: ProjectConfig) -> Path:
-    """Phase 0.00 on `tiny`: build models/base/ atomically, with its manifest."""
+    """Phase 0.00 where the profile builds its base: models/base/ atomically, with its manifest —
+    the tiny random-weight model, or a GGUF's weights and tokenizer as an ordinary folder."""
     from kormedgemma.artifacts import artifact_path
+    from kormedgemma.config import resolve_path
+    from kormedgemma.gguf_base import is_gguf_ref, materialise_gguf, resolve_gguf
     from kormedgemma.manifest import write_artifact
 
-    if not config.base.build_tiny:
+    if not builds_base(config):
         raise ValueError(f"profile {config.profile!r} uses {config.base.model}; only profiles with "
-                         "base.build_tiny=true build a local base model")
+                         "base.build_tiny=true or a GGUF base.model build a local base model")
     final = artifact_path(config, "base_model")
+    if is_gguf_ref(config.base.model):
+        # a package's GGUF is assembled (sha256-checked) beside the artifact, read as its input
+        gguf = resolve_gguf(str(resolve_path(config, config.base.model)) if config.base.model.endswith(".gguf")
+                            else config.base.model, resolve_path(config, "models/gguf"))
+        side_file = resolve_input(config, config.base.special_tokens) if config.base.special_tokens else None
+        inputs = {"gguf": gguf, **({"special_tokens": side_file} if side_file else {})}
+        with write_artifact(final, "0.00", config, ["base.model", "base.torch_dtype", "base.special_tokens"],
+                            inputs) as out:
+            out.metrics.update(materialise_gguf(gguf, out.path, config.base.torch_dtype, side_file))
+        return final
     corpus = resolve_input(config, config.base.tiny_tokenizer_corpus)
     with write_artifact(final, "0.00", config, ["base.tiny", "base.tiny_tokenizer_corpus"],
                         {"tokenizer_corpus": corpus}) as out:
@@ -267,13 +322,11 @@ def build_base_artifact(config: ProjectConfig) -> Path:
 def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a local folder or a Hub id, in eval mode on `device`.
 
-    Gemma 3 checkpoints (MedGemma, every model this pipeline writes) load as image-text-to-text
-    models; any other causal LM loads as one, so `evaluate` can score a baseline too. Every phase that
-    reads a finished model folder (4, 5, 6) loads it here.
+    Each loads as its own class (`model_class`), so `evaluate` can score any causal LM as a
+    baseline too. Every phase that reads a finished model folder (4, 5, 6) loads it here.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    from transformers import AutoTokenizer
 
     from kormedgemma.environment import cap_gpu_memory
     from kormedgemma.hub import hub_access, is_hub_id
@@ -288,9 +341,8 @@ def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     with hub_access(f"model {ref}", "Pass a local model folder, or log in (`hf auth login`) on a machine with network."):
-        config = AutoConfig.from_pretrained(target)
         tokenizer = AutoTokenizer.from_pretrained(target)
-        cls = AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
+        cls = model_class(target)
         # straight onto the device: loading on the CPU and moving would hold the whole model in RAM
         model = cls.from_pretrained(target, dtype=getattr(torch, dtype), device_map={"": device})
     model.eval()

@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     standins.add_argument("--device", default=None, help="where the random weights are drawn (default: cuda if present)")
     standins.add_argument("--tokenizer-only", action="store_true")
 
+    pubmedqa = commands.add_parser(
+        "pubmedqa-local", help="PubMedQA's labelled set as local English text and the English benchmark",
+        description="Write OUT/english/pubmedqa_abstracts.jsonl (the 500 non-test abstracts: English replay and "
+                    "held-out text) and OUT/english_mcqa/pubmedqa.jsonl (the 500 official test questions) from "
+                    "the authors' ori_pqal.json and test_ground_truth.json (benchmarks/gemma3_270m_local.yaml).")
+    pubmedqa.add_argument("--src", default="../shared/data/pubmedqa", metavar="DIR")
+    pubmedqa.add_argument("--out", required=True, metavar="DIR")
+
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible server for a model folder (vLLM on GPU, transformers on CPU)",
         description="Serve /v1/chat/completions and /v1/models. --backend vllm starts vLLM's own server "
@@ -173,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _parity(args)
         if args.command == "build-standins":
             return _build_standins(args)
+        if args.command == "pubmedqa-local":
+            return _pubmedqa_local(args)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -301,6 +311,16 @@ def _parity(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         reuse_harness=args.reuse_harness)
     print(f"wrote {args.out} ({len(result['runs'])} runs)")
+    return 0
+
+
+def _pubmedqa_local(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kormedgemma.pubmedqa import write_local_pubmedqa
+
+    print(json.dumps(write_local_pubmedqa(Path(args.src), Path(args.out))))
     return 0
 
 

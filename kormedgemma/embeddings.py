@@ -382,12 +382,12 @@ def resize_artifact(config: ProjectConfig) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from kormedgemma.artifacts import artifact_path, require
-    from kormedgemma.base_model import check_tokenizer_matches_model, load_model, load_tokenizer
+    from kormedgemma.base_model import builds_base, check_tokenizer_matches_model, load_model, load_tokenizer
     from kormedgemma.manifest import write_artifact
 
     merged_dir = require(config, "merged_tokenizer")
     inputs = {"merged_tokenizer": merged_dir}
-    if config.base.build_tiny:
+    if builds_base(config):
         inputs["base_model"] = require(config, "base_model")
     base_tokenizer = load_tokenizer(config)
     merged = AutoTokenizer.from_pretrained(merged_dir)
@@ -413,10 +413,10 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     """2.02: models/initialized/: every new row initialised; report of coverage and neighbours."""
     import json
 
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kormedgemma.artifacts import artifact_path, require
-    from kormedgemma.base_model import check_tokenizer_matches_model, load_tokenizer
+    from kormedgemma.base_model import check_tokenizer_matches_model, load_tokenizer, model_class
     from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
     from kormedgemma.manifest import write_artifact
     from kormedgemma.corpus.readers import sample_split
@@ -426,7 +426,7 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     inputs = {"resized_model": resized}
     base_tokenizer = load_tokenizer(config)
     merged = AutoTokenizer.from_pretrained(resized)
-    model = AutoModelForImageTextToText.from_pretrained(resized, dtype=getattr(torch, config.base.torch_dtype))
+    model = model_class(resized).from_pretrained(resized, dtype=getattr(torch, config.base.torch_dtype))
     check_tokenizer_matches_model(merged, model)
     wechsel_inputs = None
     if spec.method in ("wechsel", "hybrid"):

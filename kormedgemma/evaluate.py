@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from kormedgemma.base_model import load_for_eval
+from kormedgemma.base_model import base_model_name, builds_base, load_for_eval
 from kormedgemma.decoding import greedy_generate, varying_shape_attention
 from kormedgemma.harness import (LETTERS, STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, extract_choice,
                                  harness_choice, letter)
@@ -272,7 +272,7 @@ def korean_models(config: Any) -> dict[str, str]:
     from kormedgemma.artifacts import require
     from kormedgemma.hub import model_ref
 
-    return {"base": model_ref(config, config.base.model, "base.model"),
+    return {"base": model_ref(config, base_model_name(config), "base.model"),
             "stage7": str(require(config, "merged_model")), "instruct": str(require(config, "instruct_model"))}
 
 
@@ -291,7 +291,7 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
     spec = config.evaluation
     inputs = {key: require(config, key) for key in ("merged_model", "instruct_model", "kormedmcqa", "korean",
                                                     "token_store")}
-    if config.base.build_tiny:
+    if builds_base(config):
         inputs["base_model"] = require(config, "base_model")
     data = read_mcqa_folder(inputs["kormedmcqa"], subsets=config.data.kormedmcqa.subsets,
                             max_questions=spec.max_questions)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from config.training_config import ConfigError
+from kormedgemma.base_model import builds_base
 from kormedgemma.config import ProjectConfig
 from kormedgemma.stages import STAGES
 
@@ -25,15 +26,15 @@ class Step:
     tiny_only_inputs: tuple[str, ...] = field(default=())
 
     def outputs_for(self, config: ProjectConfig) -> tuple[str, ...]:
-        return self.outputs + (self.tiny_only_outputs if config.base.build_tiny else ())
+        return self.outputs + (self.tiny_only_outputs if builds_base(config) else ())
 
     def inputs_for(self, config: ProjectConfig) -> tuple[str, ...]:
-        return self.inputs + (self.tiny_only_inputs if config.base.build_tiny else ())
+        return self.inputs + (self.tiny_only_inputs if builds_base(config) else ())
 
 
 STEPS: tuple[Step, ...] = (
     Step("0.00", "phase0_data_preparation/00_setup_environment.ipynb",
-         "environment check; builds the tiny base model", tiny_only_outputs=("base_model",)),
+         "environment check; builds the base model where the profile does", tiny_only_outputs=("base_model",)),
     Step("0.01", "phase0_data_preparation/01_research_datasets.ipynb", "data sources and licences"),
     Step("0.02", "phase0_data_preparation/02_collect_korean_medical.ipynb",
          "collect Korean, English and KorMedMCQA", outputs=("raw_korean", "raw_english", "raw_kormedmcqa")),

@@ -78,7 +78,9 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
         suffix += 1
     (run_dir / "executed").mkdir(parents=True)
     (run_dir / "logs").mkdir()
-    parameters = {"profile": profile, "overrides": dict(overrides or {}), "config_file": config_file}
+    # absolute: each notebook runs in its own folder, where a path relative to here would not resolve
+    parameters = {"profile": profile, "overrides": dict(overrides or {}),
+                  "config_file": str(Path(config_file).resolve()) if config_file else None}
     write_json(run_dir / "run.json", {"profile": profile, "from": start, "to": stop, "force": force,
                                       "parameters": parameters, "steps": [s.id for s in steps]})
     echo(f"run {run_dir.name}: {len(steps)} notebook(s), profile {profile}, logs in {run_dir}")

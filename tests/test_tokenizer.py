@@ -150,6 +150,25 @@ def test_merge_refuses_a_piece_the_base_already_has(tiny_phase0, tmp_path):
         merge_tokenizers(artifact_path(config, "base_model"), [NewPiece("▁the", 5, "selected")], tmp_path / "m")
 
 
+def test_a_new_piece_built_from_a_later_new_piece_segments_as_in_sentencepiece(tiny_phase0, tmp_path):
+    """`▁이루어진다` listed before its half `▁이루어진`: the fast tokenizer still gets the merge."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    config, _ = tiny_phase0
+    base = artifact_path(config, "base_model")
+    vocab = AutoTokenizer.from_pretrained(base).get_vocab()
+    head, tail = next((h, t) for h in sorted(vocab) for t in sorted(vocab)
+                      if h.startswith("▁") and len(h) > 2 and t.isalpha() and len(t) > 1
+                      and h + t not in vocab and h + t + t not in vocab and t + t not in vocab)
+    longer, shorter = head + tail + tail, head + tail
+    merge_tokenizers(base, [NewPiece(longer, 9, "selected"), NewPiece(shorter, 5, "parent")], tmp_path / "m")
+    fast = AutoTokenizer.from_pretrained(tmp_path / "m")
+    slow = spm.SentencePieceProcessor(model_file=str(tmp_path / "m" / "tokenizer.model"))
+    text = longer.replace("▁", " ")  # " word": no dummy prefix, the space is the piece's ▁
+    assert slow.encode(text) == fast.encode(text, add_special_tokens=False) == [fast.convert_tokens_to_ids(longer)]
+
+
 def test_merge_refuses_mismatched_base_files(tiny_phase0, tmp_path):
     config, _ = tiny_phase0
     base = artifact_path(config, "base_model")
