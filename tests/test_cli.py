@@ -13,7 +13,7 @@ def test_list_prints_every_notebook(capsys):
 def test_bad_profile_exits_2_with_one_line(capsys):
     assert main(["run", "--profile", "a6000"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown profile 'a6000'; known profiles: a5000, tiny"
+    assert err == "error: unknown profile 'a6000'; known profiles: a5000, gemma3_270m, tiny"
 
 
 def test_bad_override_names_the_key(capsys):

@@ -7,7 +7,7 @@ from kormedgemma.config import apply_overrides, config_hash, load_config, resolv
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown profile 'a6000'; known profiles: a5000, tiny"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'a6000'; known profiles: a5000, gemma3_270m, tiny"):
         load_config("a6000")
 
 

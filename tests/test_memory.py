@@ -72,7 +72,13 @@ print(json.dumps({"before": before, "peak": rss("VmHWM:")}))
 def _run(script: str, *args: str) -> dict:
     done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
                           timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                                            "PYTHONPATH": ":".join(sys.path)})
+                                            "PYTHONPATH": ":".join(sys.path),
+                                            # a fixed mmap threshold: glibc raises its own after the first
+                                            # large free, and then freed tensors linger in its arenas or
+                                            # not by which thread freed them (48 to 128 MB in one run in
+                                            # three); fixed, a freed tensor leaves RSS at once and the
+                                            # figure is what the code holds
+                                            "MALLOC_MMAP_THRESHOLD_": "131072"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
