@@ -211,6 +211,11 @@ class DataConfig:
 # --------------------------------------------------------------------------- phase 1: tokenizer
 @dataclass
 class TokenizerConfig:
+    # false: the simple alternative to the method, continued pretraining without new tokens. Phase 1
+    # still trains and counts (its figures say what expansion would save) but merges no piece;
+    # phase 2 passes the base through (tied, not resized); stages 1-5, which train new rows, are
+    # skipped, and stages 6-7 train as configured (give stage 6 their GPU time for an equal budget).
+    expand: bool = True
     vocab_size: int = 40000
     model_type: Literal["bpe", "unigram"] = "bpe"
     # Hangul has ~11K syllables; 0.9995 keeps rare ones as bytes instead of <unk>-ing them.

@@ -23,6 +23,13 @@ def plot_stage(metrics: dict[str, Any], ax: Any) -> None:
     ax.legend(fontsize=7)
 
 
+def evals_table(metrics: dict[str, Any]) -> Any:
+    """A stage's valid losses by step (empty for a stage that was skipped)."""
+    import pandas as pd
+
+    return pd.DataFrame(metrics["evals"], columns=None if metrics["evals"] else ["step"]).set_index("step")
+
+
 def save_stage_plot(metrics: dict[str, Any], path: Path) -> None:
     from kormedgemma.plots import new_figure  # no pyplot: leaves a notebook's backend alone
 

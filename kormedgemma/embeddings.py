@@ -293,6 +293,8 @@ def initialize_new_rows(model: Any, base_tokenizer: Any, merged_tokenizer: Any, 
     """Write the rows of every new token id in place; base rows are never touched."""
     first_new, last = len(base_tokenizer), len(merged_tokenizer)
     new_ids = list(range(first_new, last))
+    if not new_ids:  # tokenizer.expand: false: the base passes through
+        return InitReport(spec.method, [], {}, [], None)
     inputs = model.get_input_embeddings().weight
     outputs = model.get_output_embeddings().weight
     if inputs.shape[0] < last:
@@ -394,9 +396,13 @@ def resize_artifact(config: ProjectConfig) -> dict[str, Any]:
     model = load_model(config)
     check_tokenizer_matches_model(base_tokenizer, model)
     base_rows = rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)])
-    with write_artifact(artifact_path(config, "resized_model"), "2.01", config, ["embeddings.pad_to_multiple_of"],
-                        inputs) as out:
-        figures = resize_for_tokenizer(model, len(merged), config.embeddings.pad_to_multiple_of)
+    keys = ["embeddings.pad_to_multiple_of", "tokenizer.expand"]
+    with write_artifact(artifact_path(config, "resized_model"), "2.01", config, keys, inputs) as out:
+        if config.tokenizer.expand:
+            figures = resize_for_tokenizer(model, len(merged), config.embeddings.pad_to_multiple_of)
+        else:  # the base as it is: no new rows, embeddings still tied (plain continued pretraining)
+            rows = model.get_input_embeddings().weight.shape[0]
+            figures = {"rows_before": rows, "rows_after": rows, "tokens": len(merged), "was_tied": int(not is_untied(model))}
         if rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)]) != base_rows:
             raise AssertionError("resizing changed base input rows")
         if rows_digest(model.get_output_embeddings().weight[: len(base_tokenizer)]) != base_rows:
@@ -429,7 +435,7 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     model = model_class(resized).from_pretrained(resized, dtype=getattr(torch, config.base.torch_dtype))
     check_tokenizer_matches_model(merged, model)
     wechsel_inputs = None
-    if spec.method in ("wechsel", "hybrid"):
+    if spec.method in ("wechsel", "hybrid") and len(merged) > len(base_tokenizer):  # no new rows: no vectors
         korean, english, dictionary_dir = (require(config, k) for k in ("korean", "english", "dictionary"))
         inputs.update({"korean": korean, "english": english, "dictionary": dictionary_dir})
         pairs = [(ko, en) for ko, en, _ in load_dictionary(dictionary_dir / DICTIONARY_FILE)]

@@ -82,7 +82,10 @@ def apply_stage(model: Any, spec: StageSpec, first_new_id: int, new_count: int,
     elif spec.output_rows == "all":
         inner.get_output_embeddings().weight.requires_grad_(True)
     inputs, outputs = inner.get_input_embeddings(), inner.get_output_embeddings()
-    if outputs.weight.data_ptr() == inputs.weight.data_ptr():
+    # A tied matrix is one tensor: a stage that trains all of both sides trains it once (the
+    # baseline without expansion); any other stage would move the side it leaves frozen.
+    if outputs.weight.data_ptr() == inputs.weight.data_ptr() and not (spec.input_rows == spec.output_rows == "all"
+                                                                      or spec.input_rows == spec.output_rows is None):
         raise ValueError("input embeddings and lm_head share one tensor: run phase 2 (it unties them) — "
                          "training a tied matrix would move both in every stage")
     return model

@@ -483,7 +483,7 @@ def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
     korean, english = require(config, "korean"), require(config, "english")
     new_tokens = require(config, "new_tokens")
     base_folder = base_tokenizer_folder(config)
-    pieces = load_new_pieces(new_tokens)
+    pieces = load_new_pieces(new_tokens) if config.tokenizer.expand else []
     _, korean_valid = sample_split(korean, "valid", config.tokenizer.check_texts)
     _, english_valid = sample_split(english, "valid", config.tokenizer.check_texts)
     final = artifact_path(config, "merged_tokenizer")

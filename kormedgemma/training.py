@@ -53,6 +53,8 @@ def new_token_rows(config: ProjectConfig) -> tuple[int, int]:
 
     report = json.loads((require(config, "initialized_model") / "init_report.json").read_text(encoding="utf-8"))
     ids = report["new_ids"]
+    if not ids and not config.tokenizer.expand:
+        return 0, 0  # no new tokens: the stages that train new rows are skipped
     if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
         raise ValueError("init_report.json lists no contiguous block of new token ids: re-run phase 2")
     return ids[0], len(ids)
@@ -170,8 +172,9 @@ def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tupl
     tensors, meta = {}, {"stage": str(spec.number)}
     for key, rows, module in (("input_embeddings", spec.input_rows, inner.get_input_embeddings()),
                               ("output_embeddings", spec.output_rows, inner.get_output_embeddings())):
-        if rows is None:
-            continue
+        if rows is None or (key == "output_embeddings" and "input_embeddings" in tensors
+                            and module.weight.data_ptr() == inner.get_input_embeddings().weight.data_ptr()):
+            continue  # a tied lm_head is the input matrix, written once
         start, stop = (first, first + count) if rows == "new" else (0, module.weight.shape[0])
         tensors[key] = module.weight.detach()[start:stop]
         meta[f"{key}.first_row"] = str(start)
@@ -258,6 +261,8 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
 
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
+    if skipped_without_expansion(config, spec):
+        return _write_skipped_stage(config, number, inputs)
     prefer_expandable_segments()  # before anything here touches CUDA
     accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm,
                                    config.base.torch_dtype)
@@ -349,6 +354,31 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     unwrapped = accelerator.unwrap_model(module).model
     _write_stage(config, number, unwrapped, spec, first, count, tokenizer, inputs, metrics, accelerator)
     seal(accelerator, folder)
+    return metrics
+
+
+def skipped_without_expansion(config: ProjectConfig, spec: StageSpec) -> bool:
+    """Stages 1-5 adapt embedding rows to new tokens (new rows, then the lm_head around them);
+    without expansion (`tokenizer.expand: false`) there are none, and the baseline spends that
+    GPU time in stage 6 instead."""
+    return not config.tokenizer.expand and spec.number <= 5
+
+
+def _write_skipped_stage(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> dict[str, Any]:
+    """A stage folder that trained nothing, sealed like any other so later stages and resumes read it."""
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.manifest import write_artifact
+
+    note = "skipped: tokenizer.expand is false (no new tokens; plain continued pretraining)"
+    metrics = {"stage": number, "name": STAGES[number].name, "skipped": note, "steps": 0, "tokens": 0,
+               "trainable_parameters": 0, "first_loss": None, "last_loss": None, "tokens_per_second": None,
+               "train_seconds": 0.0, "resumed_from": None, "processes": 1, "notices": [note], "history": [],
+               "evals": []}
+    keys = [f"staged.stage{number}", "staged.seed", "tokenizer.expand"]
+    with write_artifact(artifact_path(config, f"stage{number}"), f"3.0{number}", config, keys, inputs) as out:
+        (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
+        out.metrics.update({"skipped": note, "steps": 0})
+    print(note)
     return metrics
 
 

@@ -1,0 +1,92 @@
+"""`tokenizer.expand: false`: the simple alternative to the method (continued pretraining without new
+tokens) through the same phases, so the two can be compared side by side."""
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """Phases 0-3 of tiny without expansion, through the library."""
+    from kormedgemma.base_model import build_base_artifact
+    from kormedgemma.config import load_config
+    from kormedgemma.corpus.token_store import token_store_artifact
+    from kormedgemma.dictionary import build_dictionary_artifact
+    from kormedgemma.embeddings import initialize_artifact, resize_artifact
+    from kormedgemma.preprocess import preprocess_all
+    from kormedgemma.sources import collect_all
+    from kormedgemma.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
+    from kormedgemma.training import merge_stages, train_stage
+
+    root = tmp_path_factory.mktemp("no_expansion")
+    config = load_config("tiny", overrides={"paths.root": str(root), "tokenizer.expand": False})
+    build_base_artifact(config)
+    collect_all(config)
+    build_dictionary_artifact(config)
+    preprocess_all(config, progress=False)
+    train_tokenizer_artifact(config)
+    filtered = filter_tokens_artifact(config)
+    merged = merge_artifact(config)
+    token_store_artifact(config, progress=False)
+    resized = resize_artifact(config)
+    initialized = initialize_artifact(config)
+    metrics = {n: train_stage(config, n, progress_bar=False) for n in range(1, 8)}
+    return config, {"filtered": filtered, "merged": merged, "resized": resized, "initialized": initialized,
+                    "stages": metrics, "final": merge_stages(config)}
+
+
+def test_phase_1_counts_what_expansion_would_save_but_merges_nothing(baseline):
+    _, figures = baseline
+    assert figures["filtered"]["selected"] > 0  # the candidates are still counted, for the report
+    assert figures["merged"]["new_pieces"] == 0 and figures["merged"]["korean_reduction"] == 0
+    assert figures["merged"]["vocab_size"] == figures["merged"]["base_size"]
+
+
+def test_phase_2_passes_the_base_through_tied_and_unresized(baseline):
+    from transformers import AutoModelForImageTextToText
+
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.base_model import load_model
+
+    config, figures = baseline
+    assert figures["resized"]["rows_after"] == figures["resized"]["rows_before"] and not figures["resized"]["untied"]
+    assert figures["initialized"]["new_tokens"] == 0
+    base = load_model(config)
+    initialized = AutoModelForImageTextToText.from_pretrained(artifact_path(config, "initialized_model"))
+    assert initialized.get_output_embeddings().weight is initialized.get_input_embeddings().weight
+    assert torch.equal(initialized.get_input_embeddings().weight, base.get_input_embeddings().weight)
+
+
+def test_stages_1_to_5_are_skipped_and_6_trains_the_tied_matrix_once(baseline):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from kormedgemma.artifacts import artifact_path, require
+    from kormedgemma.base_model import load_model
+
+    config, figures = baseline
+    stages = figures["stages"]
+    assert [stages[n]["steps"] for n in range(1, 6)] == [0] * 5 and all("skipped" in stages[n] for n in range(1, 6))
+    assert not (require(config, "stage1") / "trained.safetensors").exists()
+    assert stages[6]["steps"] == config.staged.stage6.max_steps and stages[6]["last_loss"] < stages[6]["first_loss"]
+    with safe_open(str(require(config, "stage6") / "trained.safetensors"), framework="pt") as handle:
+        assert list(handle.keys()) == ["input_embeddings"]  # the tied lm_head is the same matrix
+    final = AutoModelForImageTextToText.from_pretrained(artifact_path(config, "merged_model"))
+    base = load_model(config)
+    assert final.get_output_embeddings().weight is final.get_input_embeddings().weight
+    moved = (final.get_input_embeddings().weight - base.get_input_embeddings().weight).abs().amax(dim=1)
+    assert (moved > 0).float().mean() > 0.5  # stage 6 moved the embedding rows (the text's tokens at least)
+    report = json.loads((require(config, "stage1") / "metrics.json").read_text(encoding="utf-8"))
+    assert report["skipped"].startswith("skipped: tokenizer.expand is false")
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_the_whole_tiny_pipeline_runs_without_expansion(tmp_path):
+    from kormedgemma.pipeline import STEPS
+    from kormedgemma.runner import run_pipeline
+
+    outcomes = run_pipeline("tiny", overrides={"paths.root": str(tmp_path), "tokenizer.expand": False},
+                            echo=lambda *_: None)
+    assert [(o.id, o.status) for o in outcomes] == [(s.id, "ran") for s in STEPS]
