@@ -108,14 +108,17 @@ def prefer_expandable_segments() -> bool:
 
 
 # Inductor compiles in a pool of worker processes, one per core up to 32; each imports torch. In the
-# a5000 rehearsal (16 cores) the pool held ~7.5 GB beside 3.06's and 3.07's kernels; four workers
-# compile Gemma 3's decoder layers (one graph, cached after the first) all the same.
-COMPILE_WORKERS = 4
+# a5000 rehearsal (16 cores) the pool held ~7.5 GB beside 3.06's and 3.07's kernels (four: 1.65 GB),
+# and with a pool, one step of stage 6's torchao 8-bit AdamW over the two embedding matrices left
+# 8.6 GB of shared memory in the training process for good; compiled in-process, 0.01 GB
+# (benchmarks/results/stage6_shmem_probe_h200.json). So training compiles in-process: Gemma 3's
+# decoder layers are one graph, compiled once and cached, and the optimizer's step once.
+COMPILE_WORKERS = 1
 
 
 def limit_compile_workers(limit: int = COMPILE_WORKERS) -> int:
-    """Before `torch.compile` first runs: at most `limit` inductor compile workers, unless the user
-    set TORCHINDUCTOR_COMPILE_THREADS. Returns the number in force."""
+    """Before `torch.compile` first runs: at most `limit` inductor compile workers (1: compile
+    in-process, no pool), unless the user set TORCHINDUCTOR_COMPILE_THREADS. Returns the number in force."""
     import torch._inductor.config as inductor
 
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:

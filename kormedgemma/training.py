@@ -264,6 +264,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     if skipped_without_expansion(config, spec):
         return _write_skipped_stage(config, number, inputs)
     prefer_expandable_segments()  # before anything here touches CUDA
+    limit_compile_workers()  # before anything compiles: the layers, torchao's optimizer step
     accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm,
                                    config.base.torch_dtype)
     device = accelerator.device
@@ -281,7 +282,6 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = apply_stage(model, spec, first, count, hyper.lora)
     if hyper.compile_layers and device.type == "cuda":
-        limit_compile_workers()
         for layer in decoder_layers(trained):
             layer.compile()
     data = stage_data(config, tokenizer, hyper, seed)

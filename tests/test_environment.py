@@ -1,5 +1,8 @@
-"""Training processes start CUDA with expandable segments unless the user chose an allocator."""
+"""Training processes start CUDA with expandable segments unless the user chose an allocator, and
+compile in-process unless the user chose a pool."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -76,3 +79,18 @@ def test_expandable_segments_reach_an_already_imported_torch(monkeypatch):
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:128")
     assert prefer_expandable_segments() is False and calls == [ALLOCATOR_DEFAULT]
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_training_compiles_in_process_unless_the_user_chose_a_pool(monkeypatch):
+    """A compile-worker pool left 8.6 GB of shared memory in stage 6's process (torchao's 8-bit AdamW)."""
+    import torch._inductor.config as inductor
+
+    from kormedgemma.environment import limit_compile_workers
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor, "compile_threads", 16)
+    assert limit_compile_workers() == 1 and inductor.compile_threads == 1
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "1"  # compile workers of child processes too
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+    monkeypatch.setattr(inductor, "compile_threads", 8)
+    assert limit_compile_workers() == 8  # the user's setting wins
