@@ -265,6 +265,11 @@ class EmbeddingConfig:
     wechsel_temperature: float = 0.1
     # Share of the WECHSEL row in the hybrid blend (EEVE gets the rest).
     hybrid_wechsel_weight: float = 0.5
+    # The new tokens' lm_head rows: "method" as the method makes them (EEVE: the first subword's row,
+    # WECHSEL: its neighbours', mean: a N(mean, cov) draw, random); "subword_mean": the mean of the
+    # token's base subwords' rows; "base_mean": the mean of every base row (a new token starts with
+    # an average logit: it takes little probability from text that does not need it).
+    output_rows: Literal["method", "subword_mean", "base_mean"] = "method"
     word_vectors: WordVectorConfig = field(default_factory=WordVectorConfig)
     seed: int = 0
 

@@ -341,7 +341,24 @@ def initialize_new_rows(model: Any, base_tokenizer: Any, merged_tokenizer: Any, 
             for route in routes.values():
                 coverage[route] = coverage.get(route, 0) + 1
             neighbours = _neighbour_table(base_tokenizer, merged_tokenizer, new_ids, splits, wechsel)
+        if spec.output_rows != "method":
+            outputs[first_new:last] = output_rows(spec.output_rows, base_tokenizer, merged_tokenizer, new_ids,
+                                                  base_output).to(outputs.dtype)
     return InitReport(spec.method, new_ids, coverage, neighbours, alignment_info)
+
+
+def output_rows(kind: str, base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequence[int],
+                base_output: torch.Tensor) -> torch.Tensor:
+    """The new tokens' lm_head rows by `embeddings.output_rows` ("subword_mean" or "base_mean")."""
+    if kind == "base_mean":
+        return base_output.float().mean(dim=0).expand(len(new_ids), -1).clone()
+    if kind != "subword_mean":
+        raise ValueError(f"unknown output_rows {kind!r}: method, subword_mean or base_mean")
+    rows = torch.empty(len(new_ids), base_output.shape[1], dtype=torch.float32)
+    for row, token_id in enumerate(new_ids):
+        pieces = base_tokenizer.encode(token_text(merged_tokenizer, token_id), add_special_tokens=False)
+        rows[row] = base_output[pieces].float().mean(dim=0)
+    return rows
 
 
 def _mean_resize_rows(base: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

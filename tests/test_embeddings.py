@@ -73,6 +73,27 @@ def test_eeve_rows_equal_the_formula(models):
         assert torch.equal(new_out[token_id], base_in[pieces[0]])
 
 
+def test_output_rows_can_be_the_subword_mean_or_the_base_mean_input_rows_unchanged(models):
+    _, base, _, base_tok, merged_tok = models
+    eeve = copy.deepcopy(base)
+    resize_for_tokenizer(eeve, len(merged_tok), 64)
+    initialize_new_rows(eeve, base_tok, merged_tok, EmbeddingConfig(method="eeve"))
+    base_in, _ = _rows(base)
+    base_rows = base_in[:len(base_tok)]  # tied in the base: its output rows are these
+    for kind in ("subword_mean", "base_mean"):
+        model = copy.deepcopy(base)
+        resize_for_tokenizer(model, len(merged_tok), 64)
+        initialize_new_rows(model, base_tok, merged_tok, EmbeddingConfig(method="eeve", output_rows=kind))
+        new_in, new_out = _rows(model)
+        assert torch.equal(new_in[:len(merged_tok)], _rows(eeve)[0][:len(merged_tok)])  # only lm_head rows differ
+        for token_id in range(len(base_tok), len(merged_tok), 37):
+            text = merged_tok.convert_tokens_to_string([merged_tok.convert_ids_to_tokens(token_id)])
+            pieces = base_tok.encode(text, add_special_tokens=False)
+            expected = base_rows[pieces].mean(dim=0) if kind == "subword_mean" else base_rows.mean(dim=0)
+            assert torch.allclose(new_out[token_id], expected, atol=1e-6, rtol=0), (kind, token_id)
+        assert torch.equal(new_out[:len(base_tok)], base_rows)
+
+
 def test_init_report_lists_every_new_token_and_its_route(models):
     config, _, _, base_tok, merged_tok = models
     report = json.loads((artifact_path(config, "initialized_model") / "init_report.json").read_text())
