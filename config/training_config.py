@@ -259,7 +259,9 @@ class WordVectorConfig:
 
 @dataclass
 class EmbeddingConfig:
-    method: Literal["hybrid", "eeve", "wechsel", "mean", "random"] = "hybrid"
+    # mean: a draw from N(mean, covariance) of the base rows (transformers' mean_resizing; Mundra et
+    # al. 2024); plain_mean: every new row the base rows' mean
+    method: Literal["hybrid", "eeve", "wechsel", "mean", "plain_mean", "random"] = "hybrid"
     pad_to_multiple_of: int = 64
     wechsel_k: int = 10
     wechsel_temperature: float = 0.1

@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     standins.add_argument("--device", default=None, help="where the random weights are drawn (default: cuda if present)")
     standins.add_argument("--tokenizer-only", action="store_true")
 
+    ablation = commands.add_parser(
+        "init-ablation", help="bits per character at step 0 for every new-token initialisation (JSON + plot)",
+        description="Over the init methods and the lm_head-row choices, write the new rows into the resized "
+                    "model (2.01's models/resized/) and measure held-out Korean and English bits per character, "
+                    "beside the base model: OUT/init_ablation.json and OUT/init_ablation.png.")
+    ablation.add_argument("--profile", default="tiny")
+    ablation.add_argument("--config", dest="config_file", help="YAML file of overrides")
+    ablation.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ablation.add_argument("--methods", nargs="+", default=None, help="default: all")
+    ablation.add_argument("--outputs", nargs="+", default=None, help="lm_head rows; default: all")
+    ablation.add_argument("--max-texts", type=int, default=None, help="held-out texts per language")
+    ablation.add_argument("--seq-len", type=int, default=None)
+    ablation.add_argument("--out", required=True, metavar="DIR")
+
     pubmedqa = commands.add_parser(
         "pubmedqa-local", help="PubMedQA's labelled set as local English text and the English benchmark",
         description="Write OUT/english/pubmedqa_abstracts.jsonl (the 500 non-test abstracts: English replay and "
@@ -181,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _parity(args)
         if args.command == "build-standins":
             return _build_standins(args)
+        if args.command == "init-ablation":
+            return _init_ablation(args)
         if args.command == "pubmedqa-local":
             return _pubmedqa_local(args)
     except KeyboardInterrupt:
@@ -311,6 +327,27 @@ def _parity(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         reuse_harness=args.reuse_harness)
     print(f"wrote {args.out} ({len(result['runs'])} runs)")
+    return 0
+
+
+def _init_ablation(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from kormedgemma.ablation import METHODS, OUTPUT_ROWS, init_ablation, plot_ablation
+    from kormedgemma.config import load_config
+    from kormedgemma.io import write_json
+
+    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    result = init_ablation(config, args.methods or METHODS, args.outputs or OUTPUT_ROWS, args.max_texts, args.seq_len,
+                           progress=sys.stderr.isatty())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "init_ablation.json", {**result, "profile": config.profile,
+                                            "command": "python -m kormedgemma " + " ".join(sys.argv[1:])})
+    plot_ablation(result, out / "init_ablation.png")
+    for row in result["rows"]:
+        print(json.dumps(row, ensure_ascii=False))
     return 0
 
 

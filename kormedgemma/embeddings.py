@@ -312,6 +312,10 @@ def initialize_new_rows(model: Any, base_tokenizer: Any, merged_tokenizer: Any, 
             for matrix in (inputs, outputs):
                 matrix[first_new:last] = torch.randn(len(new_ids), matrix.shape[1], generator=generator).to(matrix.dtype) * std
             coverage["random"] = len(new_ids)
+        elif spec.method == "plain_mean":
+            for matrix, base in ((inputs, base_input), (outputs, base_output)):
+                matrix[first_new:last] = base.float().mean(dim=0).to(matrix.dtype)
+            coverage["plain_mean"] = len(new_ids)
         elif spec.method == "mean":
             # transformers' mean-resizing: a draw from N(mean, cov) of the base rows, per matrix.
             for matrix, base in ((inputs, base_input), (outputs, base_output)):
@@ -432,6 +436,32 @@ def resize_artifact(config: ProjectConfig) -> dict[str, Any]:
     return result
 
 
+def wechsel_inputs_for(config: ProjectConfig) -> tuple[dict[str, Any], dict[str, Path]]:
+    """What WECHSEL needs (word vectors on both sides, their alignment, the dictionary) and the
+    artifacts it read: fastText vectors from `embeddings.word_vectors`, or trained on the project's
+    own corpora, with the dictionary terms as extra sentences so every anchor word has a vector."""
+    from kormedgemma.artifacts import require
+    from kormedgemma.corpus.readers import sample_split
+    from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
+
+    spec = config.embeddings
+    korean, english, dictionary_dir = (require(config, k) for k in ("korean", "english", "dictionary"))
+    pairs = [(ko, en) for ko, en, _ in load_dictionary(dictionary_dir / DICTIONARY_FILE)]
+    vectors = spec.word_vectors
+    if vectors.korean and vectors.english:
+        korean_vectors, english_vectors = load_word_vectors(vectors.korean, config), load_word_vectors(vectors.english, config)
+    else:
+        korean_vectors = train_word_vectors(sample_split(korean, "train", vectors.max_texts, spec.seed)[1]
+                                            + [ko for ko, _ in pairs], vectors.dim, vectors.epochs, spec.seed)
+        english_vectors = train_word_vectors(sample_split(english, "train", vectors.max_texts, spec.seed)[1]
+                                             + [en for _, en in pairs], vectors.dim, vectors.epochs, spec.seed)
+    korean_vectors, english_vectors = CenteredVectors(korean_vectors), CenteredVectors(english_vectors)
+    return ({"korean_vectors": korean_vectors, "english_vectors": english_vectors,
+             "alignment": align(korean_vectors, english_vectors, pairs),
+             "dictionary": {unicodedata.normalize("NFC", ko): en for ko, en in pairs}},
+            {"korean": korean, "english": english, "dictionary": dictionary_dir})
+
+
 def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     """2.02: models/initialized/: every new row initialised; report of coverage and neighbours."""
     import json
@@ -440,9 +470,7 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
 
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.base_model import check_tokenizer_matches_model, load_tokenizer, model_class
-    from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
     from kormedgemma.manifest import write_artifact
-    from kormedgemma.corpus.readers import sample_split
 
     spec = config.embeddings
     resized = require(config, "resized_model")
@@ -453,23 +481,8 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     check_tokenizer_matches_model(merged, model)
     wechsel_inputs = None
     if spec.method in ("wechsel", "hybrid") and len(merged) > len(base_tokenizer):  # no new rows: no vectors
-        korean, english, dictionary_dir = (require(config, k) for k in ("korean", "english", "dictionary"))
-        inputs.update({"korean": korean, "english": english, "dictionary": dictionary_dir})
-        pairs = [(ko, en) for ko, en, _ in load_dictionary(dictionary_dir / DICTIONARY_FILE)]
-        vectors = spec.word_vectors
-        if vectors.korean and vectors.english:
-            korean_vectors, english_vectors = load_word_vectors(vectors.korean, config), load_word_vectors(vectors.english, config)
-        else:
-            # Trained on the project's own corpora, with the dictionary terms as extra sentences so
-            # that every anchor word has a vector on both sides.
-            korean_vectors = train_word_vectors(sample_split(korean, "train", vectors.max_texts, spec.seed)[1]
-                                                + [ko for ko, _ in pairs], vectors.dim, vectors.epochs, spec.seed)
-            english_vectors = train_word_vectors(sample_split(english, "train", vectors.max_texts, spec.seed)[1]
-                                                 + [en for _, en in pairs], vectors.dim, vectors.epochs, spec.seed)
-        korean_vectors, english_vectors = CenteredVectors(korean_vectors), CenteredVectors(english_vectors)
-        wechsel_inputs = {"korean_vectors": korean_vectors, "english_vectors": english_vectors,
-                          "alignment": align(korean_vectors, english_vectors, pairs),
-                          "dictionary": {unicodedata.normalize("NFC", ko): en for ko, en in pairs}}
+        wechsel_inputs, read = wechsel_inputs_for(config)
+        inputs.update(read)
     reference_input = rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)])
     reference_output = rows_digest(model.get_output_embeddings().weight[: len(base_tokenizer)])
     with write_artifact(artifact_path(config, "initialized_model"), "2.02", config, ["embeddings"], inputs) as out:
