@@ -14,6 +14,7 @@ def baseline(tmp_path_factory):
     from kormedgemma.corpus.token_store import token_store_artifact
     from kormedgemma.dictionary import build_dictionary_artifact
     from kormedgemma.embeddings import initialize_artifact, resize_artifact
+    from kormedgemma.instruct import train_instruct
     from kormedgemma.preprocess import preprocess_all
     from kormedgemma.sources import collect_all
     from kormedgemma.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
@@ -32,8 +33,10 @@ def baseline(tmp_path_factory):
     resized = resize_artifact(config)
     initialized = initialize_artifact(config)
     metrics = {n: train_stage(config, n, progress_bar=False) for n in range(1, 8)}
+    final = merge_stages(config)
+    train_instruct(config, progress_bar=False)
     return config, {"filtered": filtered, "merged": merged, "resized": resized, "initialized": initialized,
-                    "stages": metrics, "final": merge_stages(config)}
+                    "stages": metrics, "final": final}
 
 
 def test_phase_1_counts_what_expansion_would_save_but_merges_nothing(baseline):
@@ -79,6 +82,30 @@ def test_stages_1_to_5_are_skipped_and_6_trains_the_tied_matrix_once(baseline):
     assert (moved > 0).float().mean() > 0.5  # stage 6 moved the embedding rows (the text's tokens at least)
     report = json.loads((require(config, "stage1") / "metrics.json").read_text(encoding="utf-8"))
     assert report["skipped"].startswith("skipped: tokenizer.expand is false")
+
+
+def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(baseline, tiny_phase4, tmp_path):
+    from kormedgemma.compare import compare, plot_comparison, report_lines
+
+    method_config, _, _ = tiny_phase4
+    baseline_config, _ = baseline
+    result = compare(method_config, baseline_config, max_texts=4, seq_len=64, progress=False)
+    method, plain = result["method"]["trajectory"], result["baseline"]["trajectory"]
+    assert [r["model"] for r in method] == [r["model"] for r in plain] == [
+        "base", "initialised", *(f"stage {k}" for k in range(1, 8)), "instruct"]
+    for key in ("korean_bits_per_char", "english_bits_per_char"):
+        assert method[0][key] == plain[0][key]  # one base, one held-out text
+        assert plain[1][key] == plain[0][key]  # without expansion the initialised model is the base
+        assert all(plain[k][key] == plain[1][key] for k in range(2, 7))  # stages 1-5 skipped
+        assert plain[7][key] != plain[6][key]  # stage 6 trained
+    assert method[1]["english_bits_per_char"] >= method[0]["english_bits_per_char"] - 1e-6  # new rows only take mass
+    assert result["korean_stage7_gap"] == round(method[8]["korean_bits_per_char"] - plain[8]["korean_bits_per_char"], 5)
+    assert result["method"]["new_tokens"] > 0 and result["baseline"]["new_tokens"] == 0
+    assert result["baseline"]["stage_steps"][:5] == [0] * 5
+    lines = report_lines(result)
+    assert any(line.startswith("| stage 3 (skipped) |") for line in lines)
+    plot_comparison(result, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.notebooks

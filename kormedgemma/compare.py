@@ -1,0 +1,144 @@
+"""The comparison a researcher asks first: the method (vocabulary expansion, EEVE's stages) against
+the simple alternative (continued pretraining without new tokens, `tokenizer.expand: false`), each a
+finished run under its own `paths.root`, side by side.
+
+`trajectory` measures one run's models in bits per character on the same held-out Korean and
+English text — the base, the initialised model, each stage, the instruction-tuned model — because
+per-token losses cannot compare tokenizers; `compare` puts two runs' trajectories beside their
+KorMedMCQA and English results (phase 5), Korean tokens per character and training GPU time.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from config.training_config import ProjectConfig
+
+LANGUAGES = ("korean", "english")
+
+
+def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: Optional[int] = None,
+               progress: bool = True) -> list[dict[str, Any]]:
+    """Held-out bits per character of the base, the initialised model, stages 1-7 and the
+    instruction-tuned model of one run (a stage that was skipped repeats the model before it)."""
+    import torch
+
+    from kormedgemma.artifacts import require
+    from kormedgemma.base_model import base_model_name, load_for_eval
+    from kormedgemma.environment import free_memory
+    from kormedgemma.hub import model_ref
+    from kormedgemma.perplexity import perplexity, read_heldout
+    from kormedgemma.training import load_stage_model, read_metrics
+
+    spec = config.evaluation
+    max_texts, seq_len = max_texts or spec.perplexity_max_texts, seq_len or spec.perplexity_seq_len
+    store = require(config, "token_store")
+    heldout = {language: read_heldout(require(config, language), max_texts, store, language) for language in LANGUAGES}
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else None
+
+    def measure(label: str, model: Any, tokenizer: Any) -> dict[str, Any]:
+        started = time.time()
+        row: dict[str, Any] = {"model": label}
+        for language, texts in heldout.items():
+            row[f"{language}_bits_per_char"] = perplexity(model, tokenizer, texts, seq_len, spec.batch_size, progress,
+                                                          desc=f"{label} {language}")["bits_per_char"]
+        row["seconds"] = round(time.time() - started, 1)
+        return row
+
+    rows = [measure("base", *load_for_eval(model_ref(config, base_model_name(config), "base.model")))]
+    free_memory()
+    for stage in range(0, 8):
+        skipped = stage > 0 and "skipped" in read_metrics(config, stage)
+        if skipped:
+            rows.append({**rows[-1], "model": f"stage {stage}", "skipped": True, "seconds": 0.0})
+            continue
+        model, tokenizer = load_stage_model(config, stage, device=device)
+        model.eval()
+        rows.append(measure("initialised" if stage == 0 else f"stage {stage}", model, tokenizer))
+        del model
+        free_memory()
+    rows.append(measure("instruct", *load_for_eval(require(config, "instruct_model"))))
+    free_memory()
+    return rows
+
+
+def run_summary(config: ProjectConfig) -> dict[str, Any]:
+    """What phases 1-5 of one run recorded: tokens per character, training GPU time, phase 5 results."""
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.manifest import read_manifest
+    from kormedgemma.training import read_metrics
+
+    merged = read_manifest(artifact_path(config, "merged_tokenizer")) or {}
+    stages = [read_metrics(config, k) for k in range(1, 8)]
+    instruct = read_manifest(artifact_path(config, "instruct_model")) or {}
+    summary: dict[str, Any] = {
+        "expand": config.tokenizer.expand,
+        "new_tokens": merged.get("metrics", {}).get("new_pieces"),
+        "korean_tokens_per_char": merged.get("metrics", {}).get("korean_tokens_per_char_after"),
+        "stage_train_seconds": [round(m.get("train_seconds", 0.0), 1) for m in stages],
+        "stage_steps": [m.get("steps", 0) for m in stages],
+        "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in stages), 1),
+        "instruct_seconds": instruct.get("seconds"),
+    }
+    for name in ("korean", "english"):
+        results = artifact_path(config, f"eval_{name}") / "results.json"
+        if results.is_file():
+            summary[f"eval_{name}"] = json.loads(results.read_text(encoding="utf-8"))
+    return summary
+
+
+def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int] = None,
+            seq_len: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+    """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline)."""
+    runs = {"method": method, "baseline": baseline}
+    result: dict[str, Any] = {label: {"root": str(config.paths.root), **run_summary(config),
+                                      "trajectory": trajectory(config, max_texts, seq_len, progress)}
+                              for label, config in runs.items()}
+    for language in LANGUAGES:
+        key = f"{language}_bits_per_char"
+        ends = {label: next(r[key] for r in reversed(result[label]["trajectory"]) if r["model"] == "stage 7")
+                for label in runs}
+        result[f"{language}_stage7_gap"] = round(ends["method"] - ends["baseline"], 5)
+    return result
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """A Markdown page: the trajectories side by side, then what each run cost and saved."""
+    method, baseline = result["method"], result["baseline"]
+    lines = ["# The method against plain continued pretraining", "",
+             "Held-out bits per character (lower is better), the same texts for both runs.", "",
+             "| model | method: Korean | baseline: Korean | method: English | baseline: English |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for left, right in zip(method["trajectory"], baseline["trajectory"]):
+        skipped = " (skipped)" if right.get("skipped") else ""
+        lines.append(f"| {left['model']}{skipped} | {left['korean_bits_per_char']:.4f} | {right['korean_bits_per_char']:.4f} | "
+                     f"{left['english_bits_per_char']:.4f} | {right['english_bits_per_char']:.4f} |")
+    lines += ["", "| | method | baseline |", "| --- | ---: | ---: |",
+              f"| new tokens | {method['new_tokens']} | {baseline['new_tokens']} |",
+              f"| Korean tokens per character | {method['korean_tokens_per_char']} | {baseline['korean_tokens_per_char']} |",
+              f"| stage training seconds (stages 1-7) | {method['train_seconds']} | {baseline['train_seconds']} |",
+              "", f"After stage 7 the method is {result['korean_stage7_gap']:+.4f} bits/char in Korean and "
+              f"{result['english_stage7_gap']:+.4f} in English against the baseline (negative: the method is better)."]
+    return lines
+
+
+def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:
+    """Korean and English bits per character along each run, the method and the baseline."""
+    from kormedgemma.plots import new_figure
+
+    figure = new_figure((9, 3.6))
+    axes = figure.subplots(1, 2)
+    for ax, language in zip(axes, LANGUAGES):
+        for label, style in (("method", "-o"), ("baseline", "--s")):
+            rows = result[label]["trajectory"]
+            ax.plot(range(len(rows)), [r[f"{language}_bits_per_char"] for r in rows], style, ms=4, label=label)
+        names = [r["model"] for r in result["method"]["trajectory"]]
+        ax.set_xticks(range(len(names)), [n.replace("stage ", "s") for n in names], rotation=45, fontsize=7)
+        ax.set_title(f"{language}: held-out bits per character", fontsize=9)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
