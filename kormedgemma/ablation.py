@@ -27,11 +27,10 @@ def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outpu
                   progress: bool = True) -> dict[str, Any]:
     """Bits per character at step 0 for every (method, output rows) pair, and the base model's."""
     from kormedgemma.artifacts import require
-    from kormedgemma.base_model import base_model_name, load_for_eval, load_tokenizer
+    from kormedgemma.base_model import base_model_ref, load_for_eval, load_tokenizer
     from kormedgemma.embeddings import initialize_new_rows, wechsel_inputs_for
     from kormedgemma.environment import free_memory
-    from kormedgemma.hub import model_ref
-    from kormedgemma.perplexity import perplexity, read_heldout
+    from kormedgemma.perplexity import heldout_bits_per_char, read_heldout
 
     unknown = sorted(set(methods) - set(METHODS)) + sorted(set(outputs) - set(OUTPUT_ROWS))
     if unknown:
@@ -45,12 +44,10 @@ def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outpu
                for language in ("korean", "english")}
 
     def measure(model: Any, tokenizer: Any, label: str) -> dict[str, Any]:
-        return {f"{language}_bits_per_char": perplexity(model, tokenizer, texts, seq_len, evaluation.batch_size,
-                                                         progress, desc=f"{label} {language}")["bits_per_char"]
-                for language, texts in heldout.items()}
+        return heldout_bits_per_char(model, tokenizer, heldout, seq_len, evaluation.batch_size, progress, label)
 
     started = time.time()
-    base, base_tokenizer = load_for_eval(model_ref(config, base_model_name(config), "base.model"))
+    base, base_tokenizer = load_for_eval(base_model_ref(config))
     rows = [{"method": "base model", "output_rows": "—", **measure(base, base_tokenizer, "base")}]
     del base
     free_memory()

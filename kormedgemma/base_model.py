@@ -220,6 +220,11 @@ def base_model_name(config: ProjectConfig) -> str:
     return BASE_FOLDER if builds_base(config) else config.base.model
 
 
+def base_model_ref(config: ProjectConfig) -> str:
+    """The base model to load: a local folder if there is one, else the Hub id (evaluation's baseline)."""
+    return model_ref(config, base_model_name(config), "base.model")
+
+
 def load_tokenizer(config: ProjectConfig, ref: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -232,7 +237,7 @@ def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
 
     from kormedgemma.hub import hub_access
 
-    target = model_ref(config, ref or base_model_name(config), "base.model")
+    target = model_ref(config, ref, "base.model") if ref else base_model_ref(config)
     with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
                             "base.model (and base.tokenizer) to the local folder."):
         cls = model_class(target)

@@ -26,11 +26,10 @@ def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: 
     import torch
 
     from kormedgemma.artifacts import require
-    from kormedgemma.base_model import base_model_name, load_for_eval
+    from kormedgemma.base_model import base_model_ref, load_for_eval
     from kormedgemma.environment import free_memory
-    from kormedgemma.hub import model_ref
-    from kormedgemma.perplexity import perplexity, read_heldout
-    from kormedgemma.training import load_stage_model, read_metrics
+    from kormedgemma.perplexity import heldout_bits_per_char, read_heldout
+    from kormedgemma.training import apply_trained, load_stage_model, read_metrics
 
     spec = config.evaluation
     max_texts, seq_len = max_texts or spec.perplexity_max_texts, seq_len or spec.perplexity_seq_len
@@ -40,25 +39,23 @@ def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: 
 
     def measure(label: str, model: Any, tokenizer: Any) -> dict[str, Any]:
         started = time.time()
-        row: dict[str, Any] = {"model": label}
-        for language, texts in heldout.items():
-            row[f"{language}_bits_per_char"] = perplexity(model, tokenizer, texts, seq_len, spec.batch_size, progress,
-                                                          desc=f"{label} {language}")["bits_per_char"]
-        row["seconds"] = round(time.time() - started, 1)
-        return row
+        figures = heldout_bits_per_char(model, tokenizer, heldout, seq_len, spec.batch_size, progress, label)
+        return {"model": label, **figures, "seconds": round(time.time() - started, 1)}
 
-    rows = [measure("base", *load_for_eval(model_ref(config, base_model_name(config), "base.model")))]
+    rows = [measure("base", *load_for_eval(base_model_ref(config)))]
     free_memory()
-    for stage in range(0, 8):
-        skipped = stage > 0 and "skipped" in read_metrics(config, stage)
-        if skipped:
+    # the initialised model once, then each stage's tensors applied on top, as load_stage_model does
+    # for one stage: one model load for the whole trajectory, not eight
+    model, tokenizer = load_stage_model(config, 0, device=device)
+    rows.append(measure("initialised", model.eval(), tokenizer))
+    for stage in range(1, 8):
+        if "skipped" in read_metrics(config, stage):
             rows.append({**rows[-1], "model": f"stage {stage}", "skipped": True, "seconds": 0.0})
             continue
-        model, tokenizer = load_stage_model(config, stage, device=device)
-        model.eval()
-        rows.append(measure("initialised" if stage == 0 else f"stage {stage}", model, tokenizer))
-        del model
-        free_memory()
+        model = apply_trained(model, require(config, f"stage{stage}")).eval()
+        rows.append(measure(f"stage {stage}", model, tokenizer))
+    del model
+    free_memory()
     rows.append(measure("instruct", *load_for_eval(require(config, "instruct_model"))))
     free_memory()
     return rows

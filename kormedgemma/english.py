@@ -143,8 +143,7 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     """5.02: English benchmarks and English bits per character, base vs instruction-tuned model."""
     from kormedgemma.artifacts import artifact_path, require
     from kormedgemma.environment import free_memory
-    from kormedgemma.base_model import base_model_name, builds_base, load_for_eval
-    from kormedgemma.hub import model_ref
+    from kormedgemma.base_model import base_model_ref, builds_base, load_for_eval
     from kormedgemma.io import write_json
     from kormedgemma.manifest import write_artifact
     from kormedgemma.perplexity import perplexity, read_heldout
@@ -153,7 +152,7 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     inputs = {key: require(config, key) for key in ("instruct_model", "english", "token_store")}
     if builds_base(config):
         inputs["base_model"] = require(config, "base_model")
-    models = {"base": model_ref(config, base_model_name(config), "base.model"), "adapted": str(inputs["instruct_model"])}
+    models = {"base": base_model_ref(config), "adapted": str(inputs["instruct_model"])}
     benchmarks = {name: load_benchmark(config, name) for name in spec.english_benchmarks}
     heldout = read_heldout(inputs["english"], spec.perplexity_max_texts, inputs["token_store"], "english")
     results: dict[str, dict[str, Any]] = {name: {} for name in benchmarks}

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from kormedgemma.base_model import base_model_name, builds_base, load_for_eval
+from kormedgemma.base_model import base_model_ref, builds_base, load_for_eval
 from kormedgemma.decoding import greedy_generate, varying_shape_attention
 from kormedgemma.harness import (LETTERS, STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, extract_choice,
                                  harness_choice, letter)
@@ -270,9 +270,8 @@ def evaluate_with(model: Any, tokenizer: Any, data: McqaSet, spec: Any, shots: i
 def korean_models(config: Any) -> dict[str, str]:
     """The three models notebook 5.01 compares: base MedGemma, after stage 7, instruction-tuned."""
     from kormedgemma.artifacts import require
-    from kormedgemma.hub import model_ref
 
-    return {"base": model_ref(config, base_model_name(config), "base.model"),
+    return {"base": base_model_ref(config),
             "stage7": str(require(config, "merged_model")), "instruct": str(require(config, "instruct_model"))}
 
 

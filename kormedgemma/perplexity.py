@@ -129,3 +129,11 @@ def perplexity(model: Any, tokenizer: Any, heldout: Heldout, seq_len: int = 1024
             "windows": len(windows), "stride": stride or max(1, seq_len // 2),
             "nll_per_token": round(nats / tokens, 5), "perplexity": round(math.exp(nats / tokens), 3),
             "bits_per_char": round(nats / math.log(2) / chars, 5)}
+
+
+def heldout_bits_per_char(model: Any, tokenizer: Any, heldout: dict[str, Heldout], seq_len: int, batch_size: int,
+                          progress: bool = True, label: str = "") -> dict[str, float]:
+    """`<language>_bits_per_char` of one model on each held-out set (the ablation's and the comparison's row)."""
+    return {f"{name}_bits_per_char": perplexity(model, tokenizer, texts, seq_len, batch_size, progress,
+                                                 desc=f"{label} {name}".strip())["bits_per_char"]
+            for name, texts in heldout.items()}

@@ -55,23 +55,21 @@ def kernel_peaks() -> dict[str, Any]:
 def _peak_rss() -> int:
     """This process's own high-water mark (VmHWM, and what it was before `track_cells` reset it for
     each cell); ru_maxrss would carry the parent's across fork."""
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes().get("VmHWM")
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return max(peak, _cells.folded)
 
 
-def _status_bytes(*fields: str) -> Optional[int]:
-    """The first of `fields` (VmHWM, RssAnon, ...) that /proc/self/status reports, in bytes."""
+def status_bytes(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory fields from /proc/<pid>/status (VmHWM, RssAnon, RssFile, RssShmem, ...) in
+    bytes, read once; empty where /proc does not say (not Linux, or the process is gone)."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/status").read_text(encoding="ascii", errors="replace").splitlines()
     except OSError:
-        return None
-    values = {line.split(":")[0]: line.split()[1] for line in lines if ":" in line and len(line.split()) > 1}
-    for field in fields:
-        if field in values:
-            return int(values[field]) * 1024
-    return None
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines
+            if line.startswith(("Vm", "Rss")) and line.rstrip().endswith("kB")}
 
 
 class _CellPeaks:
@@ -103,7 +101,7 @@ class _CellPeaks:
         threading.Thread(target=self._sample_loop, args=(interval,), daemon=True, name="kormedgemma-cells").start()
 
     def _before(self, info: Any) -> None:
-        self.folded = max(self.folded, _status_bytes("VmHWM") or 0)
+        self.folded = max(self.folded, status_bytes().get("VmHWM", 0))
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:  # not Linux, or not allowed: each cell's figure is then the peak so far
@@ -115,7 +113,7 @@ class _CellPeaks:
 
     def _after(self, result: Any) -> None:
         self._sample()
-        peak = _status_bytes("VmHWM") or 0
+        peak = status_bytes().get("VmHWM", 0)
         self.folded = max(self.folded, peak)
         with self._lock:
             current, self._current = self._current, None
@@ -129,11 +127,11 @@ class _CellPeaks:
                            "largest_mappings": largest_mappings()})
 
     def _sample(self) -> None:
-        sizes = {"anon": _status_bytes("RssAnon"), "file": _status_bytes("RssFile"), "shmem": _status_bytes("RssShmem")}
+        status = status_bytes()
         with self._lock:
             if self._current is not None:
-                for kind, size in sizes.items():
-                    self._current[kind] = max(self._current[kind], size or 0)
+                for kind, field in (("anon", "RssAnon"), ("file", "RssFile"), ("shmem", "RssShmem")):
+                    self._current[kind] = max(self._current[kind], status.get(field, 0))
 
     def _sample_loop(self, interval: float) -> None:
         while True:
@@ -260,7 +258,7 @@ class TreeSampler:
                 self.written[child.pid] = max(self.written.get(child.pid, 0), child.io_counters().write_bytes)
             except (psutil.Error, AttributeError):  # gone, or no io counters on this platform
                 continue
-            own = _anonymous_bytes(child.pid)
+            own = status_bytes(child.pid).get("RssAnon")
             rss += resident
             anon += own if own is not None else resident
             holders.append((resident, own, child))
@@ -283,18 +281,6 @@ class TreeSampler:
         if self.peak_gpu is not None:
             out["peak_gpu_process_gb"] = round(self.peak_gpu / GB, 2)
         return out
-
-
-def _anonymous_bytes(pid: int) -> Optional[int]:
-    """RssAnon of a process (Linux), or None where /proc does not say."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _name(process: Any) -> str:

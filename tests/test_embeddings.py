@@ -28,6 +28,12 @@ def _rows(model):
     return model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
 
 
+def _base_pieces(base_tok, merged_tok, token_id):
+    """The base tokenizer's pieces of a new token's text: what EEVE averages."""
+    text = merged_tok.convert_tokens_to_string([merged_tok.convert_ids_to_tokens(token_id)])
+    return base_tok.encode(text, add_special_tokens=False)
+
+
 def test_old_rows_are_bit_identical_in_and_out(models):
     _, base, initialized, base_tok, _ = models
     n = len(base_tok)
@@ -67,8 +73,7 @@ def test_eeve_rows_equal_the_formula(models):
     base_in, _ = _rows(base)
     new_in, new_out = _rows(model)
     for token_id in range(len(base_tok), len(merged_tok), 37):
-        text = merged_tok.convert_tokens_to_string([merged_tok.convert_ids_to_tokens(token_id)])
-        pieces = base_tok.encode(text, add_special_tokens=False)
+        pieces = _base_pieces(base_tok, merged_tok, token_id)
         assert torch.allclose(new_in[token_id], base_in[pieces].mean(dim=0), atol=0, rtol=0)
         assert torch.equal(new_out[token_id], base_in[pieces[0]])
 
@@ -87,8 +92,7 @@ def test_output_rows_can_be_the_subword_mean_or_the_base_mean_input_rows_unchang
         new_in, new_out = _rows(model)
         assert torch.equal(new_in[:len(merged_tok)], _rows(eeve)[0][:len(merged_tok)])  # only lm_head rows differ
         for token_id in range(len(base_tok), len(merged_tok), 37):
-            text = merged_tok.convert_tokens_to_string([merged_tok.convert_ids_to_tokens(token_id)])
-            pieces = base_tok.encode(text, add_special_tokens=False)
+            pieces = _base_pieces(base_tok, merged_tok, token_id)
             expected = base_rows[pieces].mean(dim=0) if kind == "subword_mean" else base_rows.mean(dim=0)
             assert torch.allclose(new_out[token_id], expected, atol=1e-6, rtol=0), (kind, token_id)
         assert torch.equal(new_out[:len(base_tok)], base_rows)
