@@ -87,10 +87,16 @@ def test_training_compiles_in_process_unless_the_user_chose_a_pool(monkeypatch):
 
     from kormedgemma.environment import limit_compile_workers
 
-    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(inductor, "compile_threads", 16)
-    assert limit_compile_workers() == 1 and inductor.compile_threads == 1
-    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "1"  # compile workers of child processes too
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
-    monkeypatch.setattr(inductor, "compile_threads", 8)
-    assert limit_compile_workers() == 8  # the user's setting wins
+    # set and restored by hand: monkeypatch's undo deletes the entry from torch's config module,
+    # which then fails every later compile ("compile_threads does not exist")
+    before = inductor.compile_threads
+    try:
+        monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+        inductor.compile_threads = 16
+        assert limit_compile_workers() == 1 and inductor.compile_threads == 1
+        assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "1"  # compile workers of child processes too
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "8")
+        inductor.compile_threads = 8
+        assert limit_compile_workers() == 8  # the user's setting wins
+    finally:
+        inductor.compile_threads = before
