@@ -69,7 +69,7 @@ def test_eeve_rows_equal_the_formula(models):
     _, base, _, base_tok, merged_tok = models
     model = copy.deepcopy(base)
     resize_for_tokenizer(model, len(merged_tok), 64)
-    initialize_new_rows(model, base_tok, merged_tok, EmbeddingConfig(method="eeve"))
+    initialize_new_rows(model, base_tok, merged_tok, EmbeddingConfig(method="eeve", output_rows="method"))
     base_in, _ = _rows(base)
     new_in, new_out = _rows(model)
     for token_id in range(len(base_tok), len(merged_tok), 37):
