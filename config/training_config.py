@@ -418,6 +418,10 @@ class EvaluationConfig:
     # answer extraction (what an instruction-tuned model expects). Notebook 5.01 also runs the
     # instruction-tuned model in chat mode.
     mode: Literal["generate", "loglikelihood", "chat"] = "generate"
+    # 5.01 also scores every model by the log-likelihood of the answer letter at these shot counts
+    # (empty: not at all): small or partly trained models seldom answer in the harness's format, and
+    # this accuracy still tells them apart.
+    loglikelihood_shots: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 8
     # lm-evaluation-harness's kormedmcqa `max_gen_toks`. Rows stop at its stop sequences (".",
     # "\n\n", ...) and leave the batch when they do, so the cap costs only the answers that use it.
@@ -441,6 +445,7 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.shots) >= 1 and all(s >= 0 for s in self.shots), "shots", "must be ≥ 0 (at least one)")
+        _require(all(s >= 0 for s in self.loglikelihood_shots), "loglikelihood_shots", "must be ≥ 0")
         _require(self.batch_size >= 1, "batch_size", "must be ≥ 1")
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
         _require(self.max_length is None or self.max_length > self.max_new_tokens, "max_length",

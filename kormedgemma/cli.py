@@ -147,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--seq-len", type=int, default=None)
     ablation.add_argument("--out", required=True, metavar="DIR")
 
+    comparison = commands.add_parser(
+        "compare", help="the method against plain continued pretraining, two finished runs side by side",
+        description="Measure both runs' base, initialised, stage 1-7 and instruction-tuned models in held-out "
+                    "Korean and English bits per character on the same texts, beside each run's phase 5 accuracies, "
+                    "Korean tokens/char and training GPU time: OUT/comparison.json, comparison.md, comparison.png. "
+                    "The method run is the profile under --method-root; the baseline is the same profile with "
+                    "tokenizer.expand=false under --baseline-root.")
+    comparison.add_argument("--profile", default="tiny")
+    comparison.add_argument("--config", dest="config_file", help="YAML file of overrides (both runs)")
+    comparison.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one config key for both runs")
+    comparison.add_argument("--method-root", required=True, metavar="DIR", help="paths.root of the expanded run")
+    comparison.add_argument("--baseline-root", required=True, metavar="DIR",
+                            help="paths.root of the tokenizer.expand=false run")
+    comparison.add_argument("--max-texts", type=int, default=None, help="held-out texts per language")
+    comparison.add_argument("--seq-len", type=int, default=None)
+    comparison.add_argument("--out", required=True, metavar="DIR")
+
     pubmedqa = commands.add_parser(
         "pubmedqa-local", help="PubMedQA's labelled set as local English text and the English benchmark",
         description="Write OUT/english/pubmedqa_abstracts.jsonl (the 500 non-test abstracts: English replay and "
@@ -197,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _build_standins(args)
         if args.command == "init-ablation":
             return _init_ablation(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "pubmedqa-local":
             return _pubmedqa_local(args)
     except KeyboardInterrupt:
@@ -348,6 +368,27 @@ def _init_ablation(args: argparse.Namespace) -> int:
     plot_ablation(result, out / "init_ablation.png")
     for row in result["rows"]:
         print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kormedgemma.compare import compare, report_lines, write_comparison
+    from kormedgemma.config import load_config
+
+    for name in ("max_texts", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
+    overrides = _parse_set(args.overrides)
+    method = load_config(args.profile, overrides={**overrides, "paths.root": args.method_root},
+                         config_file=args.config_file)
+    baseline = load_config(args.profile, overrides={**overrides, "paths.root": args.baseline_root,
+                                                    "tokenizer.expand": False}, config_file=args.config_file)
+    result = compare(method, baseline, args.max_texts, args.seq_len, progress=sys.stderr.isatty())
+    write_comparison(result, Path(args.out), "python -m kormedgemma " + " ".join(sys.argv[1:]))
+    print("\n".join(report_lines(result)))
+    print(f"\nwrote {args.out}/comparison.json, comparison.md, comparison.png")
     return 0
 
 

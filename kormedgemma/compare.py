@@ -90,6 +90,15 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
             seq_len: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
     """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline)."""
     runs = {"method": method, "baseline": baseline}
+    for label, config in runs.items():
+        expanded = _added_tokens(config)
+        if expanded is None:
+            raise FileNotFoundError(f"{label} run under {config.paths.root}: no merged tokenizer (1.03); run its "
+                                    "pipeline first (python -m kormedgemma run ...)")
+        if (expanded > 0) != (label == "method"):
+            raise ValueError(f"{label} run under {config.paths.root} added {expanded} tokens: the method run must "
+                             "expand the vocabulary and the baseline must not (tokenizer.expand: false); were the "
+                             "two roots swapped?")
     result: dict[str, Any] = {label: {"root": str(config.paths.root), **run_summary(config),
                                       "trajectory": trajectory(config, max_texts, seq_len, progress)}
                               for label, config in runs.items()}
@@ -99,6 +108,36 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
                 for label in runs}
         result[f"{language}_stage7_gap"] = round(ends["method"] - ends["baseline"], 5)
     return result
+
+
+def _added_tokens(config: ProjectConfig) -> Optional[int]:
+    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.manifest import read_manifest
+
+    merged = read_manifest(artifact_path(config, "merged_tokenizer"))
+    return None if merged is None else int(merged.get("metrics", {}).get("new_pieces") or 0)
+
+
+def phase5_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 5's accuracies of both runs, one row per KorMedMCQA run (model, mode, shots) and per
+    English benchmark; a figure one run lacks is None."""
+    def korean(run: dict[str, Any]) -> dict[str, Any]:
+        return {r["name"]: r["overall"]["accuracy"] for r in run.get("eval_korean", {}).get("runs", [])}
+
+    def english(run: dict[str, Any]) -> dict[str, Any]:
+        return {f"{r['benchmark']} ({model})": r[model] for r in run.get("eval_english", {}).get("retention", [])
+                for model in ("base", "adapted")}
+
+    rows = []
+    for benchmark, figures in (("KorMedMCQA", korean), ("English", english)):
+        method, baseline = figures(result["method"]), figures(result["baseline"])
+        rows += [{"benchmark": benchmark, "run": name, "method": method.get(name), "baseline": baseline.get(name)}
+                 for name in dict.fromkeys([*method, *baseline])]
+    return rows
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1%}"
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:
@@ -118,7 +157,23 @@ def report_lines(result: dict[str, Any]) -> list[str]:
               f"| stage training seconds (stages 1-7) | {method['train_seconds']} | {baseline['train_seconds']} |",
               "", f"After stage 7 the method is {result['korean_stage7_gap']:+.4f} bits/char in Korean and "
               f"{result['english_stage7_gap']:+.4f} in English against the baseline (negative: the method is better)."]
+    accuracies = phase5_rows(result)
+    if accuracies:
+        lines += ["", "Phase 5 accuracy (KorMedMCQA: model_mode_shots; English: the base model and the adapted one).",
+                  "", "| benchmark | run | method | baseline |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {r['benchmark']} | {r['run']} | {_pct(r['method'])} | {_pct(r['baseline'])} |" for r in accuracies]
     return lines
+
+
+def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] = None) -> Path:
+    """`out/` as one folder, replaced whole: comparison.json, comparison.md and comparison.png."""
+    from kormedgemma.io import atomic_dir, write_json, write_text
+
+    with atomic_dir(Path(out)) as folder:
+        write_json(folder / "comparison.json", {**result, **({"command": command} if command else {})})
+        write_text(folder / "comparison.md", "\n".join([*report_lines(result), "", "![comparison](comparison.png)", ""]))
+        plot_comparison(result, folder / "comparison.png")
+    return Path(out)
 
 
 def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:

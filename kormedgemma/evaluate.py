@@ -294,10 +294,12 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
         inputs["base_model"] = require(config, "base_model")
     data = read_mcqa_folder(inputs["kormedmcqa"], subsets=config.data.kormedmcqa.subsets,
                             max_questions=spec.max_questions)
-    for shots in spec.shots:
+    for shots in {*spec.shots, *spec.loglikelihood_shots}:
         check_shots(data, shots)
     heldout = read_heldout(inputs["korean"], spec.perplexity_max_texts, inputs["token_store"], "korean")
     plan = [(label, spec.mode, shots) for label in ("base", "stage7", "instruct") for shots in spec.shots]
+    plan += [(label, "loglikelihood", shots) for label in ("base", "stage7", "instruct")
+             for shots in spec.loglikelihood_shots if (label, "loglikelihood", shots) not in plan]
     if spec.mode != "chat":
         plan.append(("instruct", "chat", 0))
     models = korean_models(config)

@@ -127,8 +127,8 @@ def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
     out = ev.evaluate_korean(config, progress=False)
     summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
     names = [r["name"] for r in summary["runs"]]
-    assert names == ["base_generate_0shot", "base_generate_5shot", "stage7_generate_0shot", "stage7_generate_5shot",
-                     "instruct_generate_0shot", "instruct_generate_5shot", "instruct_chat_0shot"]
+    assert names == [f"{model}_{run}" for model in ("base", "stage7", "instruct")
+                     for run in ("generate_0shot", "generate_5shot", "loglikelihood_0shot")] + ["instruct_chat_0shot"]
     for run in summary["runs"]:
         predictions = list(read_jsonl(out / "runs" / run["name"] / "predictions.jsonl"))
         assert len(predictions) == 12

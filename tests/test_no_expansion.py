@@ -1,6 +1,8 @@
 """`tokenizer.expand: false`: the simple alternative to the method (continued pretraining without new
 tokens) through the same phases, so the two can be compared side by side."""
+import base64
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,12 +86,19 @@ def test_stages_1_to_5_are_skipped_and_6_trains_the_tied_matrix_once(baseline):
     assert report["skipped"].startswith("skipped: tokenizer.expand is false")
 
 
-def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(baseline, tiny_phase4, tmp_path):
-    from kormedgemma.compare import compare, plot_comparison, report_lines
+def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(baseline, tiny_phase4, tmp_path, capsys):
+    from kormedgemma.cli import main
+    from kormedgemma.compare import plot_comparison, report_lines
+    from plotdata import line_data
 
     method_config, _, _ = tiny_phase4
     baseline_config, _ = baseline
-    result = compare(method_config, baseline_config, max_texts=4, seq_len=64, progress=False)
+    out = tmp_path / "comparison"
+    assert main(["compare", "--profile", "tiny", "--method-root", str(method_config.paths.root),
+                 "--baseline-root", str(baseline_config.paths.root), "--max-texts", "4", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    assert "| stage 7 |" in capsys.readouterr().out
+    result = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     method, plain = result["method"]["trajectory"], result["baseline"]["trajectory"]
     assert [r["model"] for r in method] == [r["model"] for r in plain] == [
         "base", "initialised", *(f"stage {k}" for k in range(1, 8)), "instruct"]
@@ -102,10 +111,26 @@ def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(base
     assert result["korean_stage7_gap"] == round(method[8]["korean_bits_per_char"] - plain[8]["korean_bits_per_char"], 5)
     assert result["method"]["new_tokens"] > 0 and result["baseline"]["new_tokens"] == 0
     assert result["baseline"]["stage_steps"][:5] == [0] * 5
+    assert any(line.startswith("| stage 3 (skipped) |") for line in (out / "comparison.md").read_text().splitlines())
+    # the plot's lines are the trajectories, Korean on the left, English on the right
+    axes = plot_comparison(result).axes
+    for ax, key in zip(axes, ("korean_bits_per_char", "english_bits_per_char")):
+        assert line_data(ax) == {"method": [r[key] for r in method], "baseline": [r[key] for r in plain]}
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # swapped roots are refused before anything is measured, and the folder already written stays
+    assert main(["compare", "--method-root", str(baseline_config.paths.root), "--baseline-root",
+                 str(method_config.paths.root), "--out", str(out)]) == 2
+    assert "were the two roots swapped?" in capsys.readouterr().err
+    assert json.loads((out / "comparison.json").read_text(encoding="utf-8")) == result
+    # phase 5's accuracies, side by side, from each run's results
+    result["method"]["eval_korean"] = {"runs": [{"name": "instruct_loglikelihood_0shot", "overall": {"accuracy": 0.25}}]}
+    result["baseline"]["eval_korean"] = {"runs": [{"name": "instruct_loglikelihood_0shot", "overall": {"accuracy": 0.5}},
+                                                  {"name": "base_generate_0shot", "overall": {"accuracy": 0.125}}]}
+    result["method"]["eval_english"] = {"retention": [{"benchmark": "pubmedqa", "base": 0.5, "adapted": 0.375}]}
     lines = report_lines(result)
-    assert any(line.startswith("| stage 3 (skipped) |") for line in lines)
-    plot_comparison(result, tmp_path / "comparison.png")
-    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| KorMedMCQA | instruct_loglikelihood_0shot | 25.0% | 50.0% |" in lines
+    assert "| KorMedMCQA | base_generate_0shot | — | 12.5% |" in lines
+    assert "| English | pubmedqa (adapted) | 37.5% | — |" in lines
 
 
 @pytest.mark.notebooks
@@ -117,3 +142,26 @@ def test_the_whole_tiny_pipeline_runs_without_expansion(tmp_path):
     outcomes = run_pipeline("tiny", overrides={"paths.root": str(tmp_path), "tokenizer.expand": False},
                             echo=lambda *_: None)
     assert [(o.id, o.status) for o in outcomes] == [(s.id, "ran") for s in STEPS]
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_the_comparison_notebook_reads_both_runs_and_shows_its_plot(baseline, tiny_phase4, tmp_path):
+    import papermill
+
+    from plotdata import png_size
+
+    root = Path(__file__).resolve().parents[1]
+    method_config, _, _ = tiny_phase4
+    baseline_config, _ = baseline
+    executed = tmp_path / "executed.ipynb"
+    papermill.execute_notebook(
+        str(root / "phase5_evaluation/03_compare_with_baseline.ipynb"), str(executed), kernel_name="python3",
+        parameters={"method_root": str(method_config.paths.root), "baseline_root": str(baseline_config.paths.root),
+                    "max_texts": 2, "seq_len": 32, "out_dir": str(tmp_path / "cmp")}, progress_bar=False, cwd=str(root))
+    result = json.loads((tmp_path / "cmp" / "comparison.json").read_text(encoding="utf-8"))
+    assert result["method"]["new_tokens"] > 0 and result["baseline"]["new_tokens"] == 0
+    images = [output for cell in json.loads(executed.read_text(encoding="utf-8"))["cells"]
+              for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
+    assert len(images) == 1  # plot_comparison's figure, shown as a picture
+    assert png_size(base64.b64decode(images[0]["data"]["image/png"]))[0] >= 600
