@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--outputs", nargs="+", default=None, help="lm_head rows; default: all")
     ablation.add_argument("--max-texts", type=int, default=None, help="held-out texts per language")
     ablation.add_argument("--seq-len", type=int, default=None)
+    ablation.add_argument("--stages", type=int, default=0, metavar="N",
+                          help="also train every combination through stages 1..N (1-3; GPU at real size) with the "
+                               "profile's stage settings and measure after each: OUT/variants/, "
+                               "init_ablation_trained.png")
+    ablation.add_argument("--keep-models", action="store_true", help="keep each trained variant's model folders")
     ablation.add_argument("--out", required=True, metavar="DIR")
 
     comparison = commands.add_parser(
@@ -354,19 +359,33 @@ def _init_ablation(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kormedgemma.ablation import METHODS, OUTPUT_ROWS, init_ablation, plot_ablation
+    from kormedgemma.ablation import (METHODS, OUTPUT_ROWS, init_ablation, plot_ablation, plot_trained_ablation,
+                                      trained_ablation)
     from kormedgemma.config import load_config
     from kormedgemma.io import write_json
 
+    if not 0 <= args.stages <= 3:
+        raise ValueError(f"--stages {args.stages}: 0 (step 0 only) or 1-3 (EEVE's rows-only stages)")
     config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
-    result = init_ablation(config, args.methods or METHODS, args.outputs or OUTPUT_ROWS, args.max_texts, args.seq_len,
-                           progress=sys.stderr.isatty())
+    methods, outputs = args.methods or METHODS, args.outputs or OUTPUT_ROWS
+    progress = sys.stderr.isatty()
+    result = init_ablation(config, methods, outputs, args.max_texts, args.seq_len, progress=progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.stages:
+        result["trained"] = trained_ablation(config, methods, outputs, args.stages, out / "variants", args.max_texts,
+                                             args.seq_len, args.keep_models, progress)
+        base = result["rows"][0]
+        for row in result["trained"]:
+            for language in ("korean", "english"):
+                key = f"{language}_bits_per_char"
+                row[f"{language}_vs_base"] = round(row[key] / base[key] - 1, 4)
     write_json(out / "init_ablation.json", {**result, "profile": config.profile,
                                             "command": "python -m kormedgemma " + " ".join(sys.argv[1:])})
     plot_ablation(result, out / "init_ablation.png")
-    for row in result["rows"]:
+    if args.stages:
+        plot_trained_ablation(result, out / "init_ablation_trained.png")
+    for row in [*result["rows"], *result.get("trained", [])]:
         print(json.dumps(row, ensure_ascii=False))
     return 0
 

@@ -462,8 +462,11 @@ def wechsel_inputs_for(config: ProjectConfig) -> tuple[dict[str, Any], dict[str,
             {"korean": korean, "english": english, "dictionary": dictionary_dir})
 
 
-def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
-    """2.02: models/initialized/: every new row initialised; report of coverage and neighbours."""
+def initialize_artifact(config: ProjectConfig,
+                        wechsel: Optional[tuple[dict[str, Any], dict[str, Path]]] = None) -> dict[str, Any]:
+    """2.02: models/initialized/: every new row initialised; report of coverage and neighbours.
+    `wechsel`: `wechsel_inputs_for(config)` computed once by a caller that initialises many times
+    (the trained ablation), instead of training the word vectors again for each."""
     import json
 
     from transformers import AutoTokenizer
@@ -481,7 +484,7 @@ def initialize_artifact(config: ProjectConfig) -> dict[str, Any]:
     check_tokenizer_matches_model(merged, model)
     wechsel_inputs = None
     if spec.method in ("wechsel", "hybrid") and len(merged) > len(base_tokenizer):  # no new rows: no vectors
-        wechsel_inputs, read = wechsel_inputs_for(config)
+        wechsel_inputs, read = wechsel or wechsel_inputs_for(config)
         inputs.update(read)
     reference_input = rows_digest(model.get_input_embeddings().weight[: len(base_tokenizer)])
     reference_output = rows_digest(model.get_output_embeddings().weight[: len(base_tokenizer)])
