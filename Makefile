@@ -13,7 +13,7 @@ PARITY_DATA ?= data/processed/kormedmcqa
 PARITY_OUT ?= runs/harness_parity.json
 PARITY_ARGS ?=
 
-.PHONY: demo test test-slow test-all lab venv serve-env parity clean-artifacts
+.PHONY: demo test test-slow test-all lint lab venv serve-env parity clean-artifacts
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m kormedgemma run --profile $(PROFILE) $(RUN_ARGS)
 
-## The test suite's first tier (minutes): everything but the tests marked slow.
-test: venv
+## The test suite's first tier (minutes): the linter, then everything but the tests marked slow.
+test: venv lint
 	$(PY) -m pytest -q -m "not slow"
+
+## ruff (pyproject.toml's [tool.ruff]): pycodestyle, pyflakes, import order, over code, tests, notebooks.
+lint: venv
+	$(VENV)/bin/ruff check .
 
 ## The second tier: the whole tiny pipeline through papermill, multi-process (DDP, ZeRO-2) launches,
 ## kill-and-resume runs. CI runs it after `make test`.

@@ -33,8 +33,8 @@ def split() -> dict[str, float]:
 def main() -> int:
     import torch
 
-    from kormedgemma.io import stream_safetensors
-    from kormedgemma.resources import largest_mappings
+    from kormedgemma.core.io import stream_safetensors
+    from kormedgemma.core.resources import largest_mappings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=6.4)

@@ -87,7 +87,8 @@ def main() -> None:
     logs = args.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = args.root / "base"
-    result: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": args.gpus, "torch": torch.__version__,
+    result: dict = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": args.gpus,
+                    "torch": torch.__version__,
                     "environment": {k: os.environ.get(k) for k in NO_MULTICAST}, "stages": {}}
     import deepspeed
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from config.training_config import EmbeddingConfig
-from kormedgemma.base_model import medgemma_4b_config
-from kormedgemma.config import repo_root
-from kormedgemma.embeddings import Alignment, initialize_new_rows, is_untied, resize_for_tokenizer
+from kormedgemma.core.config import repo_root
+from kormedgemma.modeling.base_model import medgemma_4b_config
+from kormedgemma.vocab.embeddings import Alignment, initialize_new_rows, is_untied, resize_for_tokenizer
 
 BASE_TOKENS = 262_145  # 262,144 SentencePiece pieces + <image_soft_token>
 

@@ -2,7 +2,7 @@
 
 A random-weight Gemma3ForConditionalGeneration of MedGemma-4B's configuration (bf16, vision
 tower included), resized to 272,145 tokens, answers 5-shot KorMedMCQA prompts through the
-library's own evaluator (`kormedgemma.evaluate.evaluate_mcqa`): harness prompt, greedy
+library's own evaluator (`kormedgemma.evaluation.korean.evaluate_mcqa`): harness prompt, greedy
 generation with the harness's stop strings, batched with left padding, under a 24 GB cap as on
 an RTX A5000. The prompts are the tiny profile's processed KorMedMCQA rows (tokenized by the
 tiny merged tokenizer), each question lengthened with held-out Korean text until the 5-shot
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from kormedgemma.base_model import medgemma_4b_config
-from kormedgemma.decoding import MaskRowsPast, stop_token_ids
-from kormedgemma.embeddings import resize_for_tokenizer
-from kormedgemma.evaluate import evaluate_mcqa
-from kormedgemma.harness import STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, read_mcqa_folder
-from kormedgemma.corpus.readers import read_split
+from kormedgemma.data.kormedmcqa import STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, read_mcqa_folder
+from kormedgemma.data.readers import read_split
+from kormedgemma.evaluation.decoding import MaskRowsPast, stop_token_ids
+from kormedgemma.evaluation.korean import evaluate_mcqa
+from kormedgemma.modeling.base_model import medgemma_4b_config
+from kormedgemma.vocab.embeddings import resize_for_tokenizer
 
 ROWS = 262_145 + 10_000
 CAP_BYTES = 24 * 10**9

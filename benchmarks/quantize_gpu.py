@@ -2,7 +2,7 @@
 
 A random-weight Gemma3ForConditionalGeneration of MedGemma-4B's configuration (vision tower
 included), resized to 272,192 rows as after vocabulary expansion, is saved in bf16 and quantised
-by the library's own `kormedgemma.quantize.quantize_llmcompressor` with the a5000 profile's
+by the library's own `kormedgemma.deploy.quantize.quantize_llmcompressor` with the a5000 profile's
 deploy settings (W4A16, group 128, 256 calibration blocks of 512 tokens) under a 24 GB cap as on
 an RTX A5000. Calibration text is the tiny profile's processed Korean corpus, tokenized by the tiny
 merged tokenizer (its ids cover only the first 1,600 rows; timing and memory do not depend on
@@ -29,11 +29,19 @@ import torch
 from transformers import AutoTokenizer
 
 from config.training_config import a5000
-from kormedgemma.base_model import medgemma_4b_config
-from kormedgemma.embeddings import resize_for_tokenizer
-from kormedgemma.quantize import (calibration_blocks, folder_bytes, last_logits, memory_plan, memory_plan_lines, quantize_llmcompressor,
-                                  quantized_linear_count, relative_error)
-from kormedgemma.corpus.readers import read_split
+from kormedgemma.data.readers import read_split
+from kormedgemma.deploy.quantize import (
+    calibration_blocks,
+    folder_bytes,
+    last_logits,
+    memory_plan,
+    memory_plan_lines,
+    quantize_llmcompressor,
+    quantized_linear_count,
+    relative_error,
+)
+from kormedgemma.modeling.base_model import medgemma_4b_config
+from kormedgemma.vocab.embeddings import resize_for_tokenizer
 
 ROWS = 262_145 + 10_000
 CAP_BYTES = 24 * 10**9
@@ -68,7 +76,7 @@ def main() -> None:
     parser.add_argument("--skip-quantize", action="store_true", help="reuse an existing 4-bit folder")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.evaluation.korean import load_for_eval
 
     root, work = Path(args.root), Path(args.work)
     source, quantized = work / "bf16", work / "w4a16"

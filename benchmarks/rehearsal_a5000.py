@@ -42,7 +42,7 @@ CAP_GB = "24"
 
 def prepare(root: Path, device: str | None) -> dict:
     """Stand-ins under root/standins and the English replay text the YAML names."""
-    from kormedgemma.dictionary import read_pairs_tsv
+    from kormedgemma.data.dictionary import read_pairs_tsv
 
     root.mkdir(parents=True, exist_ok=True)
     english = root / "sources" / "kcd_english_terms.txt"
@@ -95,8 +95,8 @@ def run(root: Path, start: str | None, stop: str | None, kill_step: str | None) 
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 return process.wait()
-    from kormedgemma.trainloop import latest_checkpoint
-    from kormedgemma.training import CHECKPOINTS
+    from kormedgemma.training.loop import latest_checkpoint
+    from kormedgemma.training.stage import CHECKPOINTS
 
     stage = int(kill_step.split(".")[1])
     folder = root / CHECKPOINTS / f"stage{stage}"
@@ -116,7 +116,7 @@ def run(root: Path, start: str | None, stop: str | None, kill_step: str | None) 
 
 
 def _record(root: Path, entry: dict) -> None:
-    from kormedgemma.io import write_json
+    from kormedgemma.core.io import write_json
 
     path = root / "rehearsal_events.json"
     events = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
@@ -127,8 +127,8 @@ def collect(root: Path, out: Path) -> dict:
     """Every run's per-notebook figures, the stand-ins' and the resume evidence, in one JSON."""
     import torch
 
-    from kormedgemma.io import write_json
-    from kormedgemma.report import heaviest_cell
+    from kormedgemma.core.io import write_json
+    from kormedgemma.pipeline.report import heaviest_cell
 
     runs = []
     for run_dir in sorted((root / "runs").iterdir()):

@@ -1,9 +1,9 @@
 """The QLoRA merge gap of stage 6, measured on a GPU through the project's own code.
 
 Stage 6 on a 4-bit base trains its adapter against NF4-dequantised weights; every later phase
-loads the adapter merged into the unquantised weights. `kormedgemma.training.qlora_merge_gap`
+loads the adapter merged into the unquantised weights. `kormedgemma.training.stage.qlora_merge_gap`
 compares the two (valid loss, KL per token, top-1 agreement). This script trains stage 6 with
-`kormedgemma.training.train_stage` twice on copies of one root holding stages 1-5 — once on the
+`kormedgemma.training.stage.train_stage` twice on copies of one root holding stages 1-5 — once on the
 4-bit base (bitsandbytes NF4, as the profile's `load_in_4bit`), once on the bf16 base — and
 measures the gap of each.
 
@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/merge_gap", help="scratch folder for the two copies")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    from kormedgemma.config import load_config
-    from kormedgemma.training import qlora_merge_gap, train_stage
+    from kormedgemma.core.config import load_config
+    from kormedgemma.training.stage import qlora_merge_gap, train_stage
 
     results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "profile": args.profile, "runs": []}
     for base in ("nf4", "bf16"):

@@ -4,17 +4,18 @@ A random-weight Gemma3ForConditionalGeneration of MedGemma-4B's configuration (b
 included), untied and resized to 272,145 tokens (262,145 + 10,000 new), trains each stage for a
 few whole optimizer steps on random token ids at sequence length 2048: the a5000 profile's
 micro-batch × gradient accumulation (a micro-batch sweep keeps the same sequences per step),
-the stage's own optimizer (`kormedgemma.training._optimizer`: Kahan-compensated AdamW unless the
-profile says otherwise), gradient checkpointing on, the chunked loss of `kormedgemma.loss`, under
+the stage's own optimizer (`kormedgemma.training.stage._optimizer`: Kahan-compensated AdamW unless the
+profile says otherwise), gradient checkpointing on, the chunked loss of `kormedgemma.modeling.loss`, under
 a 24 GB cap (`torch.cuda.set_per_process_memory_fraction`), as on an RTX A5000. The first
-optimizer step (compilation, optimizer state allocation) is excluded from the timing. MFU counts the stage's model FLOPs per token (forward, plus the backward the
+optimizer step (compilation, optimizer state allocation) is excluded from the timing. MFU counts the stage's model FLOPs
+per token (forward, plus the backward the
 stage needs: activation gradients only when something upstream of lm_head trains, weight
 gradients only for trained matrices; recomputation from checkpointing not counted) against the
 bf16 matmul rate measured on the same GPU.
 
     python benchmarks/stage_memory_gpu.py [--stages 1 2 3 4 5 6 7] [--steps 2] [--out DIR]
 
-With --qlora, stage 6 runs as `kormedgemma.training` runs it on a GPU: the model is saved, reloaded
+With --qlora, stage 6 runs as `kormedgemma.training.stage` runs it on a GPU: the model is saved, reloaded
 with its language-model linear layers in 4-bit NF4 (bitsandbytes), LoRA on those layers, both
 embedding matrices trainable, with the profile's stage-6 optimizer (or `--stage6-optimizer`).
 """
@@ -29,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from config.training_config import LoraConfig
-from kormedgemma.base_model import medgemma_4b_config
-from kormedgemma.embeddings import resize_for_tokenizer
-from kormedgemma.loss import chunked_causal_lm_loss
-from kormedgemma.rows import RowDeltaEmbedding, RowDeltaLinear
-from kormedgemma.stages import STAGES, apply_stage
-from config.training_config import a5000
+from config.training_config import LoraConfig, a5000
+from kormedgemma.modeling.base_model import medgemma_4b_config
+from kormedgemma.modeling.loss import chunked_causal_lm_loss
+from kormedgemma.modeling.rows import RowDeltaEmbedding, RowDeltaLinear
+from kormedgemma.training.stages import STAGES, apply_stage
+from kormedgemma.vocab.embeddings import resize_for_tokenizer
 
 BASE_TOKENS, NEW_TOKENS, SEQ = 262_145, 10_000, 2048
 CAP_BYTES = 24 * 10**9  # an RTX A5000's 24 GB
@@ -122,7 +122,7 @@ def timed_steps(trained, optimizer, params, micro_batch: int, accum: int, steps:
 
 def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | None = None,
               chunk_tokens: int = 1024) -> tuple[dict, object]:
-    from kormedgemma.training import _optimizer
+    from kormedgemma.training.stage import _optimizer
 
     profile = a5000().staged
     config = getattr(profile, f"stage{stage}")
@@ -147,7 +147,8 @@ def run_stage(model, stage: int, steps: int, peak: float, micro_batch: int | Non
             "status": "ok", "optimizer_step_seconds": round(seconds, 3),
             "tokens_per_second": round(tokens_per_second), "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
-            "model_flops_per_token": flops_per_token(model if not hasattr(trained, "get_base_model") else trained.get_base_model(), stage, lora_params),
+            "model_flops_per_token": flops_per_token(
+                model if not hasattr(trained, "get_base_model") else trained.get_base_model(), stage, lora_params),
         })
         result["mfu"] = round(tokens_per_second * result["model_flops_per_token"] / peak, 3)
     except torch.OutOfMemoryError as error:
@@ -168,7 +169,7 @@ def run_qlora_stage6(folder: Path, steps: int, peak: float, compile_layers: bool
 
     from transformers import Gemma3ForConditionalGeneration
 
-    from kormedgemma.training import _bnb_config, _optimizer
+    from kormedgemma.training.stage import _bnb_config, _optimizer
 
     config = a5000().staged.stage6
     if optimizer_kind:
@@ -264,7 +265,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per lm_head/loss chunk")
     parser.add_argument("--scratch", default="/tmp", help="where --qlora saves the bf16 model before reloading it")
     args = parser.parse_args()
-    from kormedgemma.environment import prefer_expandable_segments
+    from kormedgemma.core.environment import prefer_expandable_segments
 
     prefer_expandable_segments()  # as a training process does (PYTORCH_CUDA_ALLOC_CONF set: kept)
     torch.manual_seed(0)

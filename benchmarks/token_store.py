@@ -45,17 +45,17 @@ SHARD_BYTES = 64_000_000
 
 
 def config_for(root: Path):
-    from kormedgemma.config import load_config
+    from kormedgemma.core.config import load_config
 
     return load_config("a5000", {"paths.root": str(root)})
 
 
 def build_inputs(root: Path, megabytes: float, vocab: int, seed: int = 0) -> dict:
     """Sealed merged_tokenizer, korean and english artifacts under `root`."""
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.base_model import hf_tokenizer_from_sentencepiece, save_tokenizer, train_base_sentencepiece
-    from kormedgemma.io import write_jsonl
-    from kormedgemma.manifest import write_artifact
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.io import write_jsonl
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import hf_tokenizer_from_sentencepiece, save_tokenizer, train_base_sentencepiece
 
     config = config_for(root)
     articles = [json.loads(line)["text"] for line in KOWIKI.open(encoding="utf-8")]
@@ -92,8 +92,8 @@ def build_inputs(root: Path, megabytes: float, vocab: int, seed: int = 0) -> dic
             total += len(line)
         for handle in handles.values():
             handle.close()
-    sentences = [l for l in (ROOT / "data/samples/english_medical.txt").read_text(encoding="utf-8").splitlines()
-                 if l.strip() and not l.startswith("#")]
+    sentences = [line for line in (ROOT / "data/samples/english_medical.txt").read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
     with write_artifact(artifact_path(config, "english"), "0.04", config, [], {}) as out:
         for split, count in (("train", 20000), ("valid", 500)):
             write_jsonl(out.path / split / "00000.jsonl",
@@ -107,7 +107,7 @@ def peak_rss_mb() -> float:
 
 
 def child_build(root: str) -> dict:
-    from kormedgemma.corpus.token_store import token_store_artifact
+    from kormedgemma.data.token_store import token_store_artifact
 
     config = config_for(Path(root))
     started = time.perf_counter()
@@ -126,8 +126,8 @@ def child_build(root: str) -> dict:
 def child_stage_now(root: str) -> dict:
     from transformers import AutoTokenizer
 
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.training import stage_config, stage_data
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.training.stage import stage_config, stage_data
 
     config = config_for(Path(root))
     spec = stage_config(config, 1)
@@ -148,9 +148,9 @@ def child_stage_before(root: str, megabytes: str) -> dict:
 
     from transformers import AutoTokenizer
 
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.corpus.readers import iter_split
-    from kormedgemma.training import stage_config
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.data.readers import iter_split
+    from kormedgemma.training.stage import stage_config
 
     old = Path(tempfile.mkdtemp()) / "packing_e551cc5.py"
     old.write_text(subprocess.run(["git", "show", f"{OLD_COMMIT}:kormedgemma/packing.py"], cwd=ROOT, check=True,

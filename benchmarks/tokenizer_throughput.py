@@ -18,16 +18,22 @@ import time
 from pathlib import Path
 
 from config.training_config import TokenizerConfig
-from kormedgemma.config import repo_root
-from kormedgemma.io import write_jsonl
-from kormedgemma.corpus.readers import iter_corpus
-from kormedgemma.tokenizer import (base_vocabulary, count_piece_frequencies, frequent_new_pieces,
-                                   merge_tokenizers, plan_new_pieces, train_korean_sentencepiece)
+from kormedgemma.core.config import repo_root
+from kormedgemma.core.io import write_jsonl
+from kormedgemma.data.readers import iter_corpus
+from kormedgemma.vocab.tokenizer import (
+    base_vocabulary,
+    count_piece_frequencies,
+    frequent_new_pieces,
+    merge_tokenizers,
+    plan_new_pieces,
+    train_korean_sentencepiece,
+)
 
 
 def build_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
-    sentences = [l for l in (repo_root() / "data/samples/korean_medical.txt").read_text(encoding="utf-8").splitlines()
-                 if l.strip() and not l.startswith("#")]
+    sentences = [line for line in (repo_root() / "data/samples/korean_medical.txt").read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not line.startswith("#")]
     terms_file = repo_root().parent / "shared/data/ko_medical_terms/dictionary_terms.txt"
     terms = terms_file.read_text(encoding="utf-8").splitlines() if terms_file.is_file() else []
     rng = random.Random(seed)

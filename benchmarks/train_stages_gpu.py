@@ -1,5 +1,5 @@
 """Phase 3's GPU code path end to end on the tiny profile: the seven stages through
-`kormedgemma.training.train_stage` on CUDA — 4-bit QLoRA and 8-bit AdamW in stage 6 (bitsandbytes),
+`kormedgemma.training.stage.train_stage` on CUDA — 4-bit QLoRA and 8-bit AdamW in stage 6 (bitsandbytes),
 fused AdamW, gradient checkpointing, per-layer torch.compile — then a resume after a kill.
 
     python benchmarks/train_stages_gpu.py --root DIR_WITH_PHASE_0_TO_2_OUTPUTS [--out DIR]
@@ -28,9 +28,9 @@ def main() -> None:
     args = parser.parse_args()
     from safetensors.torch import load_file
 
-    from kormedgemma.config import load_config
-    from kormedgemma.trainloop import CRASH_ENV
-    from kormedgemma.training import TRAINED_FILE, merge_stages, train_stage
+    from kormedgemma.core.config import load_config
+    from kormedgemma.training.loop import CRASH_ENV
+    from kormedgemma.training.stage import TRAINED_FILE, merge_stages, train_stage
 
     gpu = {f"staged.stage{n}.{key}": value for n in range(1, 8)
            for key, value in (("gradient_checkpointing", True), ("compile_layers", not args.no_compile))}

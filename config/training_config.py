@@ -1,7 +1,7 @@
 """Typed configuration of every phase, and the named profiles.
 
 This file is the project's "recipe": values only. Loading, validation and overrides live in
-`kormedgemma.config`; each dataclass checks its own impossible values in `__post_init__` so a
+`kormedgemma.core.config`; each dataclass checks its own impossible values in `__post_init__` so a
 bad profile fails before any work starts, with the offending key named.
 
 Profiles:
@@ -28,7 +28,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 # --------------------------------------------------------------------------- paths + base model
 @dataclass
 class PathsConfig:
-    # Empty means the repository root. Every artifact path of DESIGN.md's contract is relative
+    # Empty means the repository root. Every artifact path of the contract (kormedgemma/core/artifacts.py) is relative
     # to this, so one key moves the whole pipeline (e.g. onto a larger disk).
     root: str = ""
 
@@ -162,7 +162,7 @@ class PreprocessConfig:
     minhash_ngram_words: int = 5
     minhash_buckets: int = 14
     minhash_hashes_per_bucket: int = 8
-    # KorMedMCQA leakage guard (kormedgemma.leakage): a Korean text is dropped when it holds at
+    # KorMedMCQA leakage guard (kormedgemma.data.leakage): a Korean text is dropped when it holds at
     # least leakage_min_share of a dev/test/fewshot question's Hangul-bearing character n-grams
     # (spaces ignored) over a span of at least leakage_min_span_chars characters of the question.
     leakage_ngram_chars: int = 13

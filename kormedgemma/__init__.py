@@ -3,7 +3,7 @@
 All pipeline logic lives in this package; the numbered notebooks are narratives over it.
 Nothing here downloads or builds anything at import time.
 """
-from kormedgemma.quiet import quiet_torchao as _quiet_torchao
+from kormedgemma.core.quiet import quiet_torchao as _quiet_torchao
 
 __version__ = "0.1.0"
 # torchao (imported by peft, transformers, compressed-tensors) logs its missing optional CUDA kernels

@@ -24,7 +24,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kormedgemma.config import known_profiles
+    from kormedgemma.core.config import known_profiles
 
     parser = argparse.ArgumentParser(prog="python -m kormedgemma", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -230,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 — the CLI's contract is one line, not a traceback
         import os
 
-        from kormedgemma.errors import is_user_error
+        from kormedgemma.core.errors import is_user_error
 
         if not is_user_error(exc) or os.environ.get("KORMEDGEMMA_DEBUG"):
             raise  # KORMEDGEMMA_DEBUG=1 shows the traceback behind a one-line error
@@ -240,8 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kormedgemma.pipeline import STEPS
-    from kormedgemma.runner import run_pipeline
+    from kormedgemma.pipeline.runner import run_pipeline
+    from kormedgemma.pipeline.steps import STEPS
 
     if args.list:
         for step in STEPS:
@@ -260,9 +260,9 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from kormedgemma.hub import hub_access
-    from kormedgemma.corpus.readers import read_texts
-    from kormedgemma.tokenizer import efficiency_table
+    from kormedgemma.core.hub import hub_access
+    from kormedgemma.data.readers import read_texts
+    from kormedgemma.vocab.tokenizer import efficiency_table
 
     texts = read_texts(args.text, args.field)
     if not texts:
@@ -283,8 +283,8 @@ def _train_stage(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from kormedgemma.config import load_config
-    from kormedgemma.training import merge_stages, train_stage
+    from kormedgemma.core.config import load_config
+    from kormedgemma.training.stage import merge_stages, train_stage
 
     config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
     metrics = train_stage(config, args.stage)
@@ -300,8 +300,8 @@ def _train_instruct(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from kormedgemma.config import load_config
-    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+    from kormedgemma.core.config import load_config
+    from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
     config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
     train_instruct(config)
@@ -316,7 +316,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kormedgemma.evaluate import chance_warning, run_evaluation
+    from kormedgemma.evaluation.korean import chance_warning, run_evaluation
 
     for name in ("shots", "batch_size", "max_new_tokens", "chat_max_new_tokens"):
         if getattr(args, name) < (0 if name == "shots" else 1):
@@ -343,7 +343,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _parity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kormedgemma.parity import run_parity
+    from kormedgemma.evaluation.parity import run_parity
 
     if args.questions < 1 or args.batch_size < 1:
         raise ValueError("--questions and --batch-size must be ≥ 1")
@@ -359,10 +359,9 @@ def _init_ablation(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kormedgemma.ablation import (METHODS, OUTPUT_ROWS, init_ablation, plot_ablation, plot_trained_ablation,
-                                      trained_ablation)
-    from kormedgemma.config import load_config
-    from kormedgemma.io import write_json
+    from kormedgemma.core.config import load_config
+    from kormedgemma.core.io import write_json
+    from kormedgemma.evaluation.ablation import METHODS, OUTPUT_ROWS, init_ablation, plot_ablation, plot_trained_ablation, trained_ablation
 
     if not 0 <= args.stages <= 3:
         raise ValueError(f"--stages {args.stages}: 0 (step 0 only) or 1-3 (EEVE's rows-only stages)")
@@ -393,8 +392,8 @@ def _init_ablation(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kormedgemma.compare import compare, report_lines, write_comparison
-    from kormedgemma.config import load_config
+    from kormedgemma.core.config import load_config
+    from kormedgemma.evaluation.compare import compare, report_lines, write_comparison
 
     for name in ("max_texts", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -415,7 +414,7 @@ def _pubmedqa_local(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kormedgemma.pubmedqa import write_local_pubmedqa
+    from kormedgemma.data.pubmedqa import write_local_pubmedqa
 
     print(json.dumps(write_local_pubmedqa(Path(args.src), Path(args.out))))
     return 0
@@ -425,9 +424,9 @@ def _build_standins(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from kormedgemma.config import repo_root
-    from kormedgemma.io import write_json
-    from kormedgemma.standin import build_standin_model, build_standin_tokenizer, standin_texts
+    from kormedgemma.core.config import repo_root
+    from kormedgemma.core.io import write_json
+    from kormedgemma.pipeline.standin import build_standin_model, build_standin_tokenizer, standin_texts
 
     out = Path(args.out)
     texts = standin_texts(Path(args.korean), Path(args.dictionary) if args.dictionary else None,
@@ -447,8 +446,8 @@ def _build_standins(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kormedgemma.config import load_config
-    from kormedgemma.serve import ServerProcess, require_key_for, serve_transformers, server_command, server_env
+    from kormedgemma.core.config import load_config
+    from kormedgemma.deploy.serve import ServerProcess, require_key_for, serve_transformers, server_command, server_env
 
     config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
     deploy = config.deploy

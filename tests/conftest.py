@@ -19,11 +19,11 @@ def root_overrides(tmp_path: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_phase0(tmp_path_factory: pytest.TempPathFactory):
     """Phase 0 run through the library on the tiny profile, once per session."""
-    from kormedgemma.base_model import build_base_artifact
-    from kormedgemma.config import load_config
-    from kormedgemma.dictionary import build_dictionary_artifact
-    from kormedgemma.preprocess import preprocess_all
-    from kormedgemma.sources import collect_all
+    from kormedgemma.core.config import load_config
+    from kormedgemma.data.dictionary import build_dictionary_artifact
+    from kormedgemma.data.preprocess import preprocess_all
+    from kormedgemma.data.sources import collect_all
+    from kormedgemma.modeling.base_model import build_base_artifact
 
     root = tmp_path_factory.mktemp("phase0")
     config = load_config("tiny", overrides={"paths.root": str(root)})
@@ -37,8 +37,8 @@ def tiny_phase0(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_phase1(tiny_phase0):
     """Phase 1 through the library, on top of the session's phase 0."""
-    from kormedgemma.corpus.token_store import token_store_artifact
-    from kormedgemma.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
+    from kormedgemma.data.token_store import token_store_artifact
+    from kormedgemma.vocab.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
 
     config, _ = tiny_phase0
     train_tokenizer_artifact(config)
@@ -51,7 +51,7 @@ def tiny_phase1(tiny_phase0):
 @pytest.fixture(scope="session")
 def tiny_phase2(tiny_phase1):
     """Phase 2 (hybrid) through the library, on top of the session's phase 1."""
-    from kormedgemma.embeddings import initialize_artifact, resize_artifact
+    from kormedgemma.vocab.embeddings import initialize_artifact, resize_artifact
 
     config, _, _ = tiny_phase1
     resized = resize_artifact(config)
@@ -62,7 +62,7 @@ def tiny_phase2(tiny_phase1):
 @pytest.fixture(scope="session")
 def tiny_phase3(tiny_phase2):
     """Phase 3 (seven stages + merge) through the library, on top of the session's phase 2."""
-    from kormedgemma.training import merge_stages, train_stage
+    from kormedgemma.training.stage import merge_stages, train_stage
 
     config, _, _ = tiny_phase2
     metrics = {n: train_stage(config, n, progress_bar=False) for n in range(1, 8)}
@@ -73,7 +73,7 @@ def tiny_phase3(tiny_phase2):
 @pytest.fixture(scope="session")
 def tiny_phase4(tiny_phase3):
     """Phase 4 (instruction tuning) through the library, on top of the session's phase 3."""
-    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+    from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
     config, _ = tiny_phase3
     out = train_instruct(config, progress_bar=False)
@@ -85,7 +85,7 @@ def tiny_phase6(tiny_phase4):
     """Phase 6.01 (AWQ W4A16 + the source-vs-4-bit report) on top of the session's phase 4."""
     import json
 
-    from kormedgemma.quantize import quantize_step
+    from kormedgemma.deploy.quantize import quantize_step
 
     config, _, _ = tiny_phase4
     out = quantize_step(config, progress=False)

@@ -29,7 +29,7 @@ def test_every_combination_is_measured_and_new_rows_only_take_probability_from_e
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones(tiny_phase2):
-    from kormedgemma.ablation import init_ablation
+    from kormedgemma.evaluation.ablation import init_ablation
 
     config, _, _ = tiny_phase2
     with pytest.raises(ValueError, match="unknown method or output rows"):
@@ -38,11 +38,12 @@ def test_an_unknown_method_is_refused_naming_the_known_ones(tiny_phase2):
 
 def test_trained_ablation_trains_each_combination_under_its_own_root_and_leaves_the_run_alone(tiny_phase2, tmp_path,
                                                                                              capsys):
-    from kormedgemma.ablation import plot_trained_ablation
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.cli import main
-    from kormedgemma.config import load_config
     from plotdata import line_data
+
+    from kormedgemma.cli import main
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import load_config
+    from kormedgemma.evaluation.ablation import plot_trained_ablation
 
     config, _, _ = tiny_phase2
     initialized = artifact_path(config, "initialized_model") / "manifest.json"
@@ -77,9 +78,9 @@ def test_trained_ablation_trains_each_combination_under_its_own_root_and_leaves_
 
 
 def test_trained_ablation_drops_each_variants_models_once_measured(tiny_phase2, tmp_path):
-    from kormedgemma.ablation import trained_ablation
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.config import load_config
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import load_config
+    from kormedgemma.evaluation.ablation import trained_ablation
 
     config, _, _ = tiny_phase2
     rows = trained_ablation(config, ["plain_mean"], ["base_mean"], 1, tmp_path, max_texts=2, seq_len=32, progress=False)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from kormedgemma.corpus.batching import PackedBlocks, leading_blocks, pack, replay_plan
+from kormedgemma.data.batching import PackedBlocks, leading_blocks, pack, replay_plan
 
 
 def test_pack_wraps_documents_and_cuts_exact_blocks():

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from config.training_config import ConfigError
-from kormedgemma.config import apply_overrides, config_hash, load_config, resolve_input, resolve_path
+from kormedgemma.core.config import apply_overrides, config_hash, load_config, resolve_input, resolve_path
 
 
 def test_unknown_profile_lists_the_known_ones():

@@ -6,15 +6,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kormedgemma.decoding import MaskRowsPast, _Stops, context_limit, fit_context, greedy_generate, stop_token_ids
+from kormedgemma.evaluation.decoding import MaskRowsPast, _Stops, context_limit, fit_context, greedy_generate, stop_token_ids
 
 PROMPTS = ["고혈압의 치료는", "당뇨병 환자에게 메트포르민을 처방할 때 확인할 검사는 무엇인가?\n정답：", "폐렴", "A. 이뇨제\nB."]
 
 
 @pytest.fixture(scope="module")
 def merged(tiny_phase3):
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.base_model import load_for_eval
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.modeling.base_model import load_for_eval
 
     config, _ = tiny_phase3
     return load_for_eval(artifact_path(config, "merged_model"))

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kormedgemma.config import load_config, repo_root
-from kormedgemma.trainloop import CRASH_ENV
-from kormedgemma.training import TRAINED_FILE, checkpoint_root, train_stage
+from kormedgemma.core.config import load_config, repo_root
+from kormedgemma.training.loop import CRASH_ENV
+from kormedgemma.training.stage import TRAINED_FILE, checkpoint_root, train_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                                      reason="deepspeed is not installed (requirements.txt installs "

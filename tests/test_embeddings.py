@@ -8,10 +8,9 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, Gemma3ForCausalLM
 
 from config.training_config import EmbeddingConfig
-from kormedgemma.artifacts import artifact_path
-from kormedgemma.base_model import check_tokenizer_matches_model
-from kormedgemma.embeddings import (initialize_new_rows, is_untied, procrustes, resize_for_tokenizer,
-                                    softmax_weights)
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.modeling.base_model import check_tokenizer_matches_model
+from kormedgemma.vocab.embeddings import initialize_new_rows, is_untied, procrustes, resize_for_tokenizer, softmax_weights
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +115,9 @@ def test_softmax_weights_sum_to_one_and_follow_similarity():
 
 def test_wechsel_neighbours_reproduce_each_row(tiny_phase1):
     """Run WECHSEL alone and check every new row is Σ w_i · base_row_i with Σ w_i = 1, w_i ≥ 0."""
-    from kormedgemma.embeddings import CenteredVectors, align, train_word_vectors, wechsel_rows
-    from kormedgemma.dictionary import DICTIONARY_FILE, load_dictionary
-    from kormedgemma.corpus.readers import read_split
+    from kormedgemma.data.dictionary import DICTIONARY_FILE, load_dictionary
+    from kormedgemma.data.readers import read_split
+    from kormedgemma.vocab.embeddings import CenteredVectors, align, train_word_vectors, wechsel_rows
 
     config, _, _ = tiny_phase1
     base_tok = AutoTokenizer.from_pretrained(artifact_path(config, "base_model"))

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from kormedgemma.english import load_benchmark, prompt_and_choices, retention_table
+from kormedgemma.evaluation.english import load_benchmark, prompt_and_choices, retention_table
 
 
 def test_prompts_follow_the_harness_tasks():
@@ -23,7 +23,7 @@ def test_prompts_follow_the_harness_tasks():
 
 
 def test_bundled_samples_load_and_bad_rows_are_listed(tmp_path):
-    from kormedgemma.config import load_config
+    from kormedgemma.core.config import load_config
 
     config = load_config("tiny")
     sizes = {name: len(load_benchmark(config, name)[0]) for name in ("medqa", "mmlu_medical", "pubmedqa")}
@@ -46,8 +46,8 @@ def test_a_drop_beyond_the_tolerance_is_flagged():
 
 
 def test_hub_benchmarks_fail_clearly_offline():
-    from kormedgemma.config import load_config
-    from kormedgemma.hub import HubUnavailableError
+    from kormedgemma.core.config import load_config
+    from kormedgemma.core.hub import HubUnavailableError
 
     config = load_config("tiny", overrides={"evaluation.english_local_path": None})
     with pytest.raises(HubUnavailableError, match="english_local_path"):
@@ -57,11 +57,11 @@ def test_hub_benchmarks_fail_clearly_offline():
 def test_retention_drop_is_measured_on_two_models_whose_answers_are_known(tiny_phase4, tmp_path):
     """Each row's answer is set to the base model's own pick, so base scores 100 % and the adapted model
     scores exactly its agreement with base: the drop the artifact reports is known in advance."""
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.base_model import load_for_eval
-    from kormedgemma.config import apply_overrides
-    from kormedgemma.english import evaluate_english, plot_retention, score_benchmark
-    from kormedgemma.hub import model_ref
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import apply_overrides
+    from kormedgemma.core.hub import model_ref
+    from kormedgemma.evaluation.english import evaluate_english, plot_retention, score_benchmark
+    from kormedgemma.modeling.base_model import load_for_eval
 
     config, instruct, _ = tiny_phase4
     names = list(config.evaluation.english_benchmarks)

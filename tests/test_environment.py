@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from kormedgemma.environment import (ALLOCATOR_DEFAULT, GPU_CAP_ENV, cap_gpu_memory, environment_report,
-                                     prefer_expandable_segments)
+from kormedgemma.core.environment import ALLOCATOR_DEFAULT, GPU_CAP_ENV, cap_gpu_memory, environment_report, prefer_expandable_segments
 
 
 def test_training_sets_expandable_segments_when_unset(monkeypatch):
@@ -30,7 +29,7 @@ def test_a_users_allocator_setting_is_kept(monkeypatch):
 
 
 def test_environment_report_shows_the_allocator_setting(monkeypatch):
-    from kormedgemma.config import load_config
+    from kormedgemma.core.config import load_config
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)
     rows = {row["check"]: row["value"] for row in environment_report(load_config("tiny"))}
@@ -85,7 +84,7 @@ def test_training_compiles_in_process_unless_the_user_chose_a_pool(monkeypatch):
     """A compile-worker pool left 8.6 GB of shared memory in stage 6's process (torchao's 8-bit AdamW)."""
     import torch._inductor.config as inductor
 
-    from kormedgemma.environment import limit_compile_workers
+    from kormedgemma.core.environment import limit_compile_workers
 
     # set and restored by hand: monkeypatch's undo deletes the entry from torch's config module,
     # which then fails every later compile ("compile_threads does not exist")

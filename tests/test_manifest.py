@@ -2,9 +2,9 @@ import hashlib
 import os
 from pathlib import Path
 
-import kormedgemma.manifest as manifest_module
-from kormedgemma.config import apply_overrides, load_config
-from kormedgemma.manifest import freshness, hash_path, read_manifest, write_artifact
+import kormedgemma.core.manifest as manifest_module
+from kormedgemma.core.config import apply_overrides, load_config
+from kormedgemma.core.manifest import freshness, hash_path, read_manifest, write_artifact
 
 
 def _make(tmp_path, config, source):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from kormedgemma.io import stream_safetensors
+from kormedgemma.core.io import stream_safetensors
 
 MB = 2**20
 
@@ -32,7 +32,7 @@ def reset_peak():  # VmHWM starts again from the current RSS (Linux: clear_refs 
 SWAP = PEAK + """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-from kormedgemma.training import _swap_base
+from kormedgemma.training.stage import _swap_base
 folder, dequantised, way = sys.argv[1:4]
 merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 for parameter in merged.parameters():  # resident, as on the GPU: not pages of the file it was read from
@@ -53,7 +53,7 @@ print(json.dumps({"loaded": loaded, "peak": rss("VmHWM:"), "sum": float(sum(p.de
 
 WRITE = PEAK + """
 import json, sys, torch
-from kormedgemma.io import stream_safetensors
+from kormedgemma.core.io import stream_safetensors
 path, way, count, numel = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 def make(name):  # a layer dequantised on demand
     return torch.full((numel,), float(name.split(".")[1]), dtype=torch.bfloat16)

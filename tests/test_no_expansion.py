@@ -11,16 +11,16 @@ import torch
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """Phases 0-3 of tiny without expansion, through the library."""
-    from kormedgemma.base_model import build_base_artifact
-    from kormedgemma.config import load_config
-    from kormedgemma.corpus.token_store import token_store_artifact
-    from kormedgemma.dictionary import build_dictionary_artifact
-    from kormedgemma.embeddings import initialize_artifact, resize_artifact
-    from kormedgemma.instruct import train_instruct
-    from kormedgemma.preprocess import preprocess_all
-    from kormedgemma.sources import collect_all
-    from kormedgemma.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
-    from kormedgemma.training import merge_stages, train_stage
+    from kormedgemma.core.config import load_config
+    from kormedgemma.data.dictionary import build_dictionary_artifact
+    from kormedgemma.data.preprocess import preprocess_all
+    from kormedgemma.data.sources import collect_all
+    from kormedgemma.data.token_store import token_store_artifact
+    from kormedgemma.modeling.base_model import build_base_artifact
+    from kormedgemma.training.instruct import train_instruct
+    from kormedgemma.training.stage import merge_stages, train_stage
+    from kormedgemma.vocab.embeddings import initialize_artifact, resize_artifact
+    from kormedgemma.vocab.tokenizer import filter_tokens_artifact, merge_artifact, train_tokenizer_artifact
 
     root = tmp_path_factory.mktemp("no_expansion")
     config = load_config("tiny", overrides={"paths.root": str(root), "tokenizer.expand": False})
@@ -51,8 +51,8 @@ def test_phase_1_counts_what_expansion_would_save_but_merges_nothing(baseline):
 def test_phase_2_passes_the_base_through_tied_and_unresized(baseline):
     from transformers import AutoModelForImageTextToText
 
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.base_model import load_model
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.modeling.base_model import load_model
 
     config, figures = baseline
     assert figures["resized"]["rows_after"] == figures["resized"]["rows_before"] and not figures["resized"]["untied"]
@@ -67,8 +67,8 @@ def test_stages_1_to_5_are_skipped_and_6_trains_the_tied_matrix_once(baseline):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
 
-    from kormedgemma.artifacts import artifact_path, require
-    from kormedgemma.base_model import load_model
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.modeling.base_model import load_model
 
     config, figures = baseline
     stages = figures["stages"]
@@ -87,9 +87,10 @@ def test_stages_1_to_5_are_skipped_and_6_trains_the_tied_matrix_once(baseline):
 
 
 def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(baseline, tiny_phase4, tmp_path, capsys):
-    from kormedgemma.cli import main
-    from kormedgemma.compare import plot_comparison, report_lines
     from plotdata import line_data
+
+    from kormedgemma.cli import main
+    from kormedgemma.evaluation.compare import plot_comparison, report_lines
 
     method_config, _, _ = tiny_phase4
     baseline_config, _ = baseline
@@ -136,8 +137,8 @@ def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(base
 @pytest.mark.notebooks
 @pytest.mark.slow
 def test_the_whole_tiny_pipeline_runs_without_expansion(tmp_path):
-    from kormedgemma.pipeline import STEPS
-    from kormedgemma.runner import run_pipeline
+    from kormedgemma.pipeline.runner import run_pipeline
+    from kormedgemma.pipeline.steps import STEPS
 
     outcomes = run_pipeline("tiny", overrides={"paths.root": str(tmp_path), "tokenizer.expand": False},
                             echo=lambda *_: None)
@@ -148,7 +149,6 @@ def test_the_whole_tiny_pipeline_runs_without_expansion(tmp_path):
 @pytest.mark.slow
 def test_the_comparison_notebook_reads_both_runs_and_shows_its_plot(baseline, tiny_phase4, tmp_path):
     import papermill
-
     from plotdata import png_size
 
     root = Path(__file__).resolve().parents[1]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from kormedgemma.pipeline import STEPS
 from plotdata import png_size
+
+from kormedgemma.pipeline.steps import STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,13 +62,13 @@ def _stage_metrics() -> dict:
 
 def _helpers(tmp_path: Path) -> dict:
     """Every library function that builds a figure, called as its step calls it (with a path)."""
-    from kormedgemma.curves import save_stage_plot
-    from kormedgemma.english import plot_retention
-    from kormedgemma.evaluate import plot_accuracy
-    from kormedgemma.instruct import save_instruct_plot
-    from kormedgemma.preprocess import plot_length_histogram
-    from kormedgemma.quantize import plot_deployment
-    from kormedgemma.tokenizer import plot_frequencies
+    from kormedgemma.data.preprocess import plot_length_histogram
+    from kormedgemma.deploy.quantize import plot_deployment
+    from kormedgemma.evaluation.english import plot_retention
+    from kormedgemma.evaluation.korean import plot_accuracy
+    from kormedgemma.training.curves import save_stage_plot
+    from kormedgemma.training.instruct import save_instruct_plot
+    from kormedgemma.vocab.tokenizer import plot_frequencies
 
     run = {"model": "base", "shots": 0, "mode": "generate", "subsets": {"doctor": {"accuracy": 0.3}},
            "overall": {"accuracy": 0.3}}
@@ -125,13 +124,13 @@ def test_helper_figure_is_a_picture_in_a_kernel(backend: str, tmp_path: Path, mo
     monkeypatch.setenv("MPLBACKEND", backend)
     saved = tmp_path / "retention.png"
     outputs = _run_notebook([
-        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom kormedgemma.english import plot_retention\n"
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom kormedgemma.evaluation.english import plot_retention\n"
         f"summary = {_RETENTION!r}",
         "plot_retention(summary)",
         # Built twice, saved, displayed once: one picture, not two.
         f"figure = plot_retention(summary)\nplot_retention(summary, {str(saved)!r})\nfigure",
         # A step's helper writing its PNG shows nothing, and nothing imported pyplot.
-        f"from kormedgemma.tokenizer import plot_frequencies\nimport numpy as np\n"
+        f"from kormedgemma.vocab.tokenizer import plot_frequencies\nimport numpy as np\n"
         f"plot_frequencies(np.array([9, 4, 1]), 2, 1, {str(tmp_path / 'freq.png')!r});",
         "'matplotlib.pyplot' in sys.modules",
     ], tmp_path)
@@ -148,7 +147,7 @@ def test_helper_figure_is_a_picture_in_a_kernel(backend: str, tmp_path: Path, mo
 
 
 def test_outside_ipython_nothing_is_registered() -> None:
-    from kormedgemma.plots import new_figure, show_figures_in_notebook
+    from kormedgemma.core.plots import new_figure, show_figures_in_notebook
 
     assert show_figures_in_notebook() is False  # no shell: plain Figures, nothing registered
     assert tuple(new_figure((2, 1)).get_size_inches()) == (2, 1)
@@ -169,7 +168,7 @@ class _Records(logging.Handler):
 def test_torchao_import_noise_is_dropped_and_nothing_else() -> None:
     import enum
 
-    from kormedgemma import quiet
+    from kormedgemma.core import quiet
 
     quiet.quiet_torchao()
     quiet.quiet_torchao()

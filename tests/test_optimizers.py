@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kormedgemma.trainloop import make_optimizer
+from kormedgemma.training.loop import make_optimizer
 
 ROWS, DIM, STEPS = 2000, 256, 100
 
@@ -65,7 +65,7 @@ def test_stage_optimizer_kinds_map_to_their_implementations(monkeypatch):
     import optimi
 
     from config.training_config import StageConfig
-    from kormedgemma import training
+    from kormedgemma.training import stage as training
 
     asked = []
     monkeypatch.setattr(training, "bitsandbytes_ready", lambda what, instead, notices: asked.append(what) or False)

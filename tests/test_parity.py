@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kormedgemma.parity import GROUP, TASK_PREFIX, build_local_task, compare, hub_rows, planted_check
+from kormedgemma.evaluation.parity import GROUP, TASK_PREFIX, build_local_task, compare, hub_rows, planted_check
 
 LMEVAL_PYTHON = Path(__file__).resolve().parents[1] / ".venv-lmeval" / "bin" / "python"
 HEADER = ",subject,year,question,A,B,C,D,E,answer,cot\n"
@@ -73,7 +73,7 @@ def test_every_field_that_differs_is_counted_and_listed():
 @pytest.mark.skipif(not LMEVAL_PYTHON.exists(), reason="lm_eval's own environment (.venv-lmeval, `make parity`) "
                                                        "is not built here")
 def test_planted_outputs_score_as_the_installed_harness_scores_them(tmp_path: Path):
-    from kormedgemma.parity import harness_task_source
+    from kormedgemma.evaluation.parity import harness_task_source
 
     source = harness_task_source(str(LMEVAL_PYTHON))
     data = tmp_path / "data" / "doctor"

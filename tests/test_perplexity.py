@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from kormedgemma.perplexity import Heldout, document_windows, perplexity, read_heldout
+from kormedgemma.evaluation.perplexity import Heldout, document_windows, perplexity, read_heldout
 
 
 class CharTokenizer(SimpleNamespace):
@@ -83,7 +83,7 @@ def test_bits_per_char_is_the_same_for_both_tokenizers_and_any_window(tiny_phase
     it paid for them in context it never had. Every scored token now sees context."""
     from transformers import AutoTokenizer
 
-    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.core.artifacts import artifact_path
 
     config, _ = tiny_phase3
     texts = ["고혈압 환자는 염분 섭취를 줄이고 매일 혈압을 재야 하며, 당뇨병 환자는 혈당을 꾸준히 관리해야 한다. " * 3,
@@ -106,8 +106,8 @@ def test_bits_per_char_is_the_same_for_both_tokenizers_and_any_window(tiny_phase
 
 
 def test_bits_per_char_is_total_loss_over_characters(tiny_phase3):
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.evaluation.korean import load_for_eval
 
     config, _ = tiny_phase3
     model, tokenizer = load_for_eval(artifact_path(config, "merged_model"))
@@ -123,8 +123,8 @@ def test_bits_per_char_is_total_loss_over_characters(tiny_phase3):
 
 
 def test_merged_tokenizer_reads_heldout_ids_from_the_token_store(tiny_phase3):
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.evaluation.korean import load_for_eval
 
     config, _ = tiny_phase3
     model, tokenizer = load_for_eval(artifact_path(config, "merged_model"))
@@ -143,7 +143,7 @@ def test_merged_tokenizer_reads_heldout_ids_from_the_token_store(tiny_phase3):
 
 
 def test_other_tokenizer_tokenizes_and_stale_store_is_refused(tiny_phase3, tmp_path):
-    from kormedgemma.artifacts import artifact_path
+    from kormedgemma.core.artifacts import artifact_path
 
     config, _ = tiny_phase3
     store = tmp_path / "tokens"

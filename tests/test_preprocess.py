@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from config.training_config import PreprocessConfig
-from kormedgemma.cleaning import split_of
-from kormedgemma.corpus.readers import read_split
-from kormedgemma.io import write_jsonl
-from kormedgemma.leakage import LeakageIndex
-from kormedgemma.preprocess import clean_corpus, clean_kormedmcqa
-from kormedgemma.text import hangul_ratio, normalize_text, split_document
+from kormedgemma.core.io import write_jsonl
+from kormedgemma.data.cleaning import split_of
+from kormedgemma.data.leakage import LeakageIndex
+from kormedgemma.data.preprocess import clean_corpus, clean_kormedmcqa
+from kormedgemma.data.readers import read_split
+from kormedgemma.data.text import hangul_ratio, normalize_text, split_document
 
 SPEC = PreprocessConfig(min_chars=10, valid_fraction=0.1, workers=1)
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +142,8 @@ _PEAK_RSS = """
 import json, random, resource, sys
 from pathlib import Path
 from config.training_config import PreprocessConfig
-from kormedgemma.io import write_jsonl_shards
-from kormedgemma.preprocess import clean_corpus
+from kormedgemma.core.io import write_jsonl_shards
+from kormedgemma.data.preprocess import clean_corpus
 
 if __name__ == "__main__":
     root, documents = Path(sys.argv[1]), int(sys.argv[2])
@@ -187,14 +187,14 @@ def test_bad_kormedmcqa_rows_are_counted_not_fatal(tmp_path):
 
 
 def test_phase0_outputs_follow_the_artifact_contract(tiny_phase0):
-    from kormedgemma.artifacts import artifact_path
-    from kormedgemma.io import read_jsonl
-    from kormedgemma.manifest import read_manifest
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.io import read_jsonl
+    from kormedgemma.core.manifest import read_manifest
 
     config, figures = tiny_phase0
     for key in ("korean", "english"):
         folder = artifact_path(config, key)
-        from kormedgemma.corpus.readers import split_files
+        from kormedgemma.data.readers import split_files
 
         train = [row for file in split_files(folder, "train") for row in read_jsonl(file)]
         valid = [row for file in split_files(folder, "valid") for row in read_jsonl(file)]
@@ -202,8 +202,9 @@ def test_phase0_outputs_follow_the_artifact_contract(tiny_phase0):
         assert len(train) + len(valid) == figures[key]["filters"]["kept"]
         assert read_manifest(folder)["metrics"]["train"]["docs"] == len(train)
         # the histogram counts every kept text once
-        from kormedgemma.preprocess import plot_length_histogram
         from plotdata import png_size
+
+        from kormedgemma.data.preprocess import plot_length_histogram
 
         lengths = [len(row["text"]) for row in train + valid]
         (axis,) = plot_length_histogram({key: lengths}).axes

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kormedgemma.pubmedqa import LABELS, write_local_pubmedqa
+from kormedgemma.data.pubmedqa import LABELS, write_local_pubmedqa
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pubmedqa"
 
@@ -41,7 +41,7 @@ def test_a_missing_file_names_it_and_what_the_folder_needs(tmp_path):
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"PubMedQA's labelled set ({REAL}) is not beside this checkout")
 def test_the_real_set_splits_500_and_500_with_no_abstract_in_both(tmp_path):
-    from kormedgemma.english import _valid
+    from kormedgemma.evaluation.english import _valid
 
     counts = write_local_pubmedqa(REAL, tmp_path)
     abstracts = read(tmp_path / "english" / "pubmedqa_abstracts.jsonl")

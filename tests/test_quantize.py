@@ -11,8 +11,7 @@ import torch
 from safetensors import safe_open
 
 from config.training_config import DeployConfig
-from kormedgemma.quantize import (QuantizationError, calibration_blocks, memory_plan, memory_plan_table, quantize,
-                                  quantization_scheme)
+from kormedgemma.deploy.quantize import QuantizationError, calibration_blocks, memory_plan, memory_plan_table, quantization_scheme, quantize
 
 
 def test_calibration_blocks_are_full_length_slices_of_the_token_stream():
@@ -82,7 +81,7 @@ def test_awq_packs_every_decoder_linear_and_leaves_embeddings_head_and_vision_un
 
 
 def test_quantized_model_loads_and_stays_close_to_the_source(tiny_phase6, tiny_phase4):
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.evaluation.korean import load_for_eval
 
     _, out, summary = tiny_phase6
     _, instruct, _ = tiny_phase4
@@ -101,7 +100,7 @@ def test_quantized_model_loads_and_stays_close_to_the_source(tiny_phase6, tiny_p
 
 
 def test_report_accuracy_is_recomputed_from_its_predictions(tiny_phase6):
-    from kormedgemma.io import read_jsonl
+    from kormedgemma.core.io import read_jsonl
 
     config, out, summary = tiny_phase6
     for label in ("source", "quantized"):
@@ -117,8 +116,9 @@ def test_report_accuracy_is_recomputed_from_its_predictions(tiny_phase6):
     assert manifest["metrics"]["quantized_gb"] < manifest["metrics"]["source_gb"]
     assert "Memory plan" in (out / "report.md").read_text(encoding="utf-8")
     # left: the two sizes on disk; right: weights, overhead and KV cache stacked, against the budget
-    from kormedgemma.quantize import plot_deployment
     from plotdata import bar_heights, png_size
+
+    from kormedgemma.deploy.quantize import plot_deployment
 
     left, right = plot_deployment(summary).axes
     assert bar_heights(left) == [round(summary["compare"][k]["bytes"] / 1e9, 6) for k in ("source", "quantized")]
@@ -126,7 +126,7 @@ def test_report_accuracy_is_recomputed_from_its_predictions(tiny_phase6):
     assert bar_heights(right) == [round(plan[k], 6) for k in ("weights_gb", "overhead_gb", "kv_needed_gb")]
     assert [float(y) for y in right.get_lines()[0].get_ydata()] == [plan["budget_gb"]] * 2
     assert min(png_size(out / "deployment.png")) >= 200
-    from kormedgemma.report import headline
+    from kormedgemma.pipeline.report import headline
 
     line = headline("awq_model", manifest["metrics"])
     assert f"{manifest['metrics']['source_gb']} → {manifest['metrics']['quantized_gb']} GB" in line
@@ -135,7 +135,7 @@ def test_report_accuracy_is_recomputed_from_its_predictions(tiny_phase6):
 
 
 def test_failed_quantisation_leaves_the_previous_checkpoint_intact(tiny_phase6):
-    from kormedgemma.quantize import quantize_step
+    from kormedgemma.deploy.quantize import quantize_step
 
     config, out, _ = tiny_phase6
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}

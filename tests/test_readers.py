@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kormedgemma.corpus.readers import iter_split, read_split, sample_split
-from kormedgemma.io import MissingArtifactError, write_jsonl
+from kormedgemma.core.io import MissingArtifactError, write_jsonl
+from kormedgemma.data.readers import iter_split, read_split, sample_split
 
 
 @pytest.fixture()

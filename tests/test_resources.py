@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from kormedgemma.resources import TreeSampler, kernel_peaks, tree_bytes
+from kormedgemma.core.resources import TreeSampler, kernel_peaks, tree_bytes
 
 # The child holds its memory and its written file until the test has seen both: no race between the
 # sampler's interval and the child's lifetime, however busy the machine is.
@@ -61,7 +61,7 @@ CELLS = """
 import json, mmap, sys
 from IPython.core.interactiveshell import InteractiveShell
 shell = InteractiveShell.instance()
-shell.run_cell("from kormedgemma.resources import track_cells\\ntrack_cells()")
+shell.run_cell("from kormedgemma.core.resources import track_cells\\ntrack_cells()")
 shell.run_cell("x = 1")
 shell.run_cell("block = bytearray(400 * 10**6)\\nfor i in range(0, len(block), 4096): block[i] = 1\\ndel block")
 shell.run_cell("import mmap, sys\\nf = open(sys.argv[1], 'rb')\\nm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\\n"
@@ -69,7 +69,7 @@ shell.run_cell("import mmap, sys\\nf = open(sys.argv[1], 'rb')\\nm = mmap.mmap(f
 shell.run_cell("m.close(); f.close()")
 # shared memory (what pinned or shared buffers show as): neither allocated nor file pages
 shell.run_cell("shared = mmap.mmap(-1, 200 * 10**6)\\nfor i in range(0, len(shared), 4096): shared[i] = 1")
-from kormedgemma.resources import kernel_peaks
+from kormedgemma.core.resources import kernel_peaks
 print(json.dumps(kernel_peaks()))
 """
 

@@ -7,14 +7,14 @@ import json
 import re
 
 import pytest
-
-from kormedgemma.artifacts import artifact_path, require
-from kormedgemma.config import load_config
-from kormedgemma.io import MissingArtifactError
-from kormedgemma.manifest import read_manifest
-from kormedgemma.pipeline import STEPS, select_steps
-from kormedgemma.runner import NotebookFailed, run_pipeline
 from plotdata import png_size
+
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.config import load_config
+from kormedgemma.core.io import MissingArtifactError
+from kormedgemma.core.manifest import read_manifest
+from kormedgemma.pipeline.runner import NotebookFailed, run_pipeline
+from kormedgemma.pipeline.steps import STEPS, select_steps
 
 
 @pytest.fixture(scope="module")

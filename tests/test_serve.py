@@ -11,15 +11,24 @@ from dataclasses import replace
 import pytest
 
 from config.training_config import ConfigError, DeployConfig
-from kormedgemma.serve import (ServeError, ServerProcess, build_app, free_port, is_loopback, port_in_use,
-                               server_command, server_env, vllm_command)
+from kormedgemma.deploy.serve import (
+    ServeError,
+    ServerProcess,
+    build_app,
+    free_port,
+    is_loopback,
+    port_in_use,
+    server_command,
+    server_env,
+    vllm_command,
+)
 
 KEY = "test-key-Zq8v3LxN0pRw"  # a stand-in secret: the tests look for it where it must never be
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_phase6):
-    from kormedgemma.evaluate import load_for_eval
+    from kormedgemma.evaluation.korean import load_for_eval
 
     _, out, _ = tiny_phase6
     return load_for_eval(out, device="cpu")
@@ -139,7 +148,7 @@ def test_only_loopback_counts_as_inside(host, inside):
 
 
 def test_a_host_beyond_loopback_without_a_key_is_refused_before_starting(tiny_phase6, tmp_path, monkeypatch, capsys):
-    import kormedgemma.serve as serve
+    import kormedgemma.deploy.serve as serve
     from kormedgemma.cli import main
 
     _, out, _ = tiny_phase6
@@ -183,7 +192,7 @@ def test_the_key_is_read_from_the_environment_only(tiny_phase6, monkeypatch):
 def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(tiny_phase6, monkeypatch):
     """With a key set, as a server shared with colleagues would be: the check still gets its answer,
     the server refuses requests without the key, and the key is in none of the files written."""
-    from kormedgemma.serve import serve_check
+    from kormedgemma.deploy.serve import serve_check
 
     config, _, _ = tiny_phase6
     monkeypatch.setenv(config.deploy.api_key_env, KEY)
@@ -218,7 +227,7 @@ def test_vllm_command_carries_the_model_settings(tiny_phase6):
 
 
 def test_vllm_backend_without_vllm_names_make_serve_env(tiny_phase6, monkeypatch):
-    import kormedgemma.serve as serve
+    import kormedgemma.deploy.serve as serve
 
     _, out, _ = tiny_phase6
     monkeypatch.setattr(serve, "find_vllm", lambda: None)
@@ -229,7 +238,7 @@ def test_vllm_backend_without_vllm_names_make_serve_env(tiny_phase6, monkeypatch
 def test_vllm_launcher_waits_for_health_with_the_arguments_given(tiny_phase6, tmp_path, monkeypatch):
     """A stand-in `vllm` records its arguments and answers /health: the launcher's contract. The
     API key reaches it as VLLM_API_KEY in its environment, never on its (printed, logged) command line."""
-    import kormedgemma.serve as serve
+    import kormedgemma.deploy.serve as serve
 
     _, out, _ = tiny_phase6
     record = tmp_path / "args.json"

@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from kormedgemma.config import load_config
-from kormedgemma.dictionary import build_dictionary, clean_pairs, read_pairs_tsv, read_umls_mrconso
-from kormedgemma.hub import HubUnavailableError, model_ref
-from kormedgemma.sources import collect_texts, is_medical, iter_source_texts
+from kormedgemma.core.config import load_config
+from kormedgemma.core.hub import HubUnavailableError, model_ref
+from kormedgemma.data.dictionary import build_dictionary, clean_pairs, read_pairs_tsv, read_umls_mrconso
+from kormedgemma.data.sources import collect_texts, is_medical, iter_source_texts
 
 
 def test_offline_hub_source_names_the_key_to_set(tmp_path):
@@ -58,7 +58,7 @@ def test_model_ref_accepts_hub_ids_and_local_folders(tmp_path):
 
 
 def test_offline_model_load_is_a_clear_error(tmp_path):
-    from kormedgemma.base_model import load_tokenizer
+    from kormedgemma.modeling.base_model import load_tokenizer
 
     config = load_config("a5000", overrides={"paths.root": str(tmp_path)})
     with pytest.raises(HubUnavailableError, match="set base.model"):
@@ -110,7 +110,8 @@ def test_dictionary_reads_columns_named_by_the_header(tmp_path):
     # The KCD export's layout: code, Korean, English, a flag. Read by position it would pair codes
     # with Korean names.
     kcd = tmp_path / "kcd_ko_en.tsv"
-    kcd.write_text("# KCD-8 export\n\nkcd\tko\ten\tlatest\nA00\t콜레라\tCholera\t\nI10\t본태성(원발성) 고혈압\tEssential (primary) hypertension\t1\n",
+    kcd.write_text("# KCD-8 export\n\nkcd\tko\ten\tlatest\nA00\t콜레라\tCholera\t\n"
+                   "I10\t본태성(원발성) 고혈압\tEssential (primary) hypertension\t1\n",
                    encoding="utf-8")
     assert list(read_pairs_tsv(kcd, "kcd_ko_en")) == [
         ("콜레라", "Cholera", "kcd_ko_en"), ("본태성(원발성) 고혈압", "Essential (primary) hypertension", "kcd_ko_en")]
@@ -133,7 +134,7 @@ def test_real_kcd_dictionary_pairs_korean_with_english():
 
 
 def test_offline_kormedmcqa_names_the_local_path_key(tmp_path):
-    from kormedgemma.sources import collect_kormedmcqa
+    from kormedgemma.data.sources import collect_kormedmcqa
 
     config = load_config("a5000", overrides={"paths.root": str(tmp_path)})
     with pytest.raises(HubUnavailableError, match=r"sean0042/KorMedMCQA, doctor/train.*data.kormedmcqa.local_path"):
@@ -142,7 +143,7 @@ def test_offline_kormedmcqa_names_the_local_path_key(tmp_path):
 
 
 def test_kormedmcqa_from_a_local_folder_in_csv(tmp_path):
-    from kormedgemma.sources import collect_kormedmcqa
+    from kormedgemma.data.sources import collect_kormedmcqa
 
     folder = tmp_path / "kmcqa" / "doctor"
     folder.mkdir(parents=True)
@@ -175,8 +176,8 @@ def _mcqa_config(root: Path, splits: list[str], subsets: tuple[str, ...] = ("doc
 
 
 def test_kormedmcqa_pandas_csv_with_letters_and_a_valid_split(tmp_path):
-    from kormedgemma.io import read_jsonl
-    from kormedgemma.sources import collect_kormedmcqa, validate_mcqa_row
+    from kormedgemma.core.io import read_jsonl
+    from kormedgemma.data.sources import collect_kormedmcqa, validate_mcqa_row
 
     folder = tmp_path / "kmcqa" / "doctor"
     _pandas_csv(folder / "test.csv", [
@@ -205,7 +206,7 @@ def test_kormedmcqa_pandas_csv_with_letters_and_a_valid_split(tmp_path):
 
 
 def test_kormedmcqa_missing_dev_names_the_valid_alias(tmp_path):
-    from kormedgemma.sources import collect_kormedmcqa
+    from kormedgemma.data.sources import collect_kormedmcqa
 
     _pandas_csv(tmp_path / "kmcqa" / "doctor" / "test.csv", [
         ["doctor", 2022, 1, 1, "질문?", "가", "나", "다", "라", "마", "B", None]])
@@ -222,7 +223,7 @@ def test_kormedmcqa_missing_dev_names_the_valid_alias(tmp_path):
     (True, (None, "answer True is not 1-5 or a letter A-E")), (2.5, (None, "answer 2.5 is not 1-5 or a letter A-E")),
 ])
 def test_mcqa_answers_are_numbers_or_letters(answer, expected):
-    from kormedgemma.sources import validate_mcqa_row
+    from kormedgemma.data.sources import validate_mcqa_row
 
     row = {"question": "질문?", "A": "가", "B": "나", "C": "다", "D": "라", "E": "마", "answer": answer}
     clean, reason = validate_mcqa_row(row, "doctor")
@@ -230,7 +231,7 @@ def test_mcqa_answers_are_numbers_or_letters(answer, expected):
 
 
 def test_whitespace_only_option_is_missing():
-    from kormedgemma.sources import validate_mcqa_row
+    from kormedgemma.data.sources import validate_mcqa_row
 
     row = {"question": "질문?", "A": "가", "B": "나", "C": " \t", "D": "라", "E": "마", "answer": "A"}
     assert validate_mcqa_row(row, "doctor") == (None, "missing option C")
@@ -238,8 +239,8 @@ def test_whitespace_only_option_is_missing():
 
 @pytest.mark.skipif(not KORMEDMCQA.is_dir(), reason=f"the real KorMedMCQA copy ({KORMEDMCQA}) is not on this machine")
 def test_real_kormedmcqa_folder_collects_every_row(tmp_path):
-    from kormedgemma.io import read_jsonl
-    from kormedgemma.sources import collect_kormedmcqa, validate_mcqa_row
+    from kormedgemma.core.io import read_jsonl
+    from kormedgemma.data.sources import collect_kormedmcqa, validate_mcqa_row
 
     config = _mcqa_config(KORMEDMCQA, ["train", "dev", "test", "fewshot"], tuple(KORMEDMCQA_ROWS))
     counts = collect_kormedmcqa(config, tmp_path / "out")

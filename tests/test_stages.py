@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from config.training_config import LoraConfig
-from kormedgemma.artifacts import artifact_path
-from kormedgemma.rows import RowDeltaEmbedding, RowDeltaLinear, merge_row_deltas
-from kormedgemma.stages import STAGES, apply_stage, lora_target_modules, trainable_parameters
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.modeling.rows import RowDeltaEmbedding, RowDeltaLinear, merge_row_deltas
+from kormedgemma.training.stages import STAGES, apply_stage, lora_target_modules, trainable_parameters
 
 LORA = LoraConfig(r=4, alpha=8, dropout=0.0)
 
@@ -133,7 +133,7 @@ def test_a_tied_model_is_refused(tiny_phase0):
 
 @pytest.mark.parametrize("number", [1, 2, 4, 6])
 def test_chunked_loss_and_gradients_equal_the_models_own(initialized, number):
-    from kormedgemma.loss import chunked_causal_lm_loss
+    from kormedgemma.modeling.loss import chunked_causal_lm_loss
 
     model, first, count, batch = initialized
     reference = apply_stage(copy.deepcopy(model), STAGES[number], first, count, LORA)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kormedgemma.standin import BYTE_FIRST_ID, BYTE, GEMMA3_PIECES, build_standin_tokenizer, read_layout, standin_texts
+from kormedgemma.pipeline.standin import BYTE, BYTE_FIRST_ID, GEMMA3_PIECES, build_standin_tokenizer, read_layout, standin_texts
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "gemma3_tokenizer_side_files" / "special_tokens.tsv").is_file(),
@@ -67,7 +67,7 @@ def test_standin_sentencepiece_and_fast_tokenizer_agree_and_know_korean(standin)
 def test_phase1_merge_appends_new_korean_pieces_after_image_soft_token(standin, tmp_path):
     from transformers import AutoTokenizer
 
-    from kormedgemma.tokenizer import NewPiece, base_vocabulary, merge_tokenizers, verify_merge
+    from kormedgemma.vocab.tokenizer import NewPiece, base_vocabulary, merge_tokenizers, verify_merge
 
     out, _ = standin
     base_vocab = base_vocabulary(out)

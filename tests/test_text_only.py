@@ -1,8 +1,8 @@
 """A text-only Gemma 3 (`Gemma3ForCausalLM`: Gemma 3 270M/1B, MedGemma-27B-text) as the base."""
 import pytest
 
-from kormedgemma.base_model import build_base_artifact, decoder_layers, load_model, model_class
-from kormedgemma.config import load_config
+from kormedgemma.core.config import load_config
+from kormedgemma.modeling.base_model import build_base_artifact, decoder_layers, load_model, model_class
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_the_tiny_base_can_be_text_only_and_loads_as_a_causal_lm(text_only):
 
 
 def test_lora_finds_the_decoder_projections_of_a_text_only_model(text_only):
-    from kormedgemma.stages import lora_target_modules
+    from kormedgemma.training.stages import lora_target_modules
 
     config, _ = text_only
     names = lora_target_modules(load_model(config), config.staged.stage6.lora)
@@ -38,8 +38,8 @@ def test_lora_finds_the_decoder_projections_of_a_text_only_model(text_only):
 def test_a_text_only_base_runs_the_whole_tiny_pipeline(tmp_path):
     import json
 
-    from kormedgemma.pipeline import STEPS
-    from kormedgemma.runner import run_pipeline
+    from kormedgemma.pipeline.runner import run_pipeline
+    from kormedgemma.pipeline.steps import STEPS
 
     overrides = {"paths.root": str(tmp_path), "base.tiny.text_only": True}
     outcomes = run_pipeline("tiny", overrides=overrides, echo=lambda *_: None)

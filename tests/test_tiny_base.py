@@ -7,9 +7,9 @@ import sentencepiece as spm
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, Gemma3ForConditionalGeneration
 
-from kormedgemma.artifacts import artifact_path
-from kormedgemma.base_model import check_tokenizer_matches_model
-from kormedgemma.manifest import read_manifest
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.core.manifest import read_manifest
+from kormedgemma.modeling.base_model import check_tokenizer_matches_model
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kormedgemma.artifacts import artifact_path
-from kormedgemma.corpus.batching import pack, replay_plan
-from kormedgemma.corpus.readers import read_split
-from kormedgemma.corpus.token_store import TokenStore
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.data.batching import pack, replay_plan
+from kormedgemma.data.readers import read_split
+from kormedgemma.data.token_store import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_store_holds_each_document_as_bos_ids_eos_exactly(tiny_phase1):
 
 
 def test_stage_blocks_from_the_store_equal_blocks_built_from_text(tiny_phase1):
-    from kormedgemma.training import stage_config, stage_data
+    from kormedgemma.training.stage import stage_config, stage_data
 
     config, _, _ = tiny_phase1
     tokenizer = _tokenizer(config)
@@ -56,7 +56,7 @@ def test_stage_blocks_from_the_store_equal_blocks_built_from_text(tiny_phase1):
 
 
 def test_a_store_made_under_another_tokenizer_is_refused(tiny_phase1):
-    from kormedgemma.base_model import load_tokenizer
+    from kormedgemma.modeling.base_model import load_tokenizer
 
     config, _, _ = tiny_phase1
     store = TokenStore(artifact_path(config, "token_store"))
@@ -74,7 +74,7 @@ _PEAK = """
 import json, random, resource, sys
 from pathlib import Path
 from transformers import AutoTokenizer
-from kormedgemma.corpus.token_store import write_part
+from kormedgemma.data.token_store import write_part
 
 if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])

@@ -9,10 +9,21 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from config.training_config import TokenizerConfig
-from kormedgemma.artifacts import artifact_path
-from kormedgemma.tokenizer import (INVARIANT_PROBES, NORMAL, Candidate, NewPiece, count_piece_frequencies,
-                                   frequent_new_pieces, load_new_pieces, load_sp_proto, merge_tokenizers,
-                                   plan_new_pieces, sentencepiece_agrees, verify_merge)
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.vocab.tokenizer import (
+    INVARIANT_PROBES,
+    NORMAL,
+    Candidate,
+    NewPiece,
+    count_piece_frequencies,
+    frequent_new_pieces,
+    load_new_pieces,
+    load_sp_proto,
+    merge_tokenizers,
+    plan_new_pieces,
+    sentencepiece_agrees,
+    verify_merge,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -26,7 +37,7 @@ def tokenizers(tiny_phase1):
 
 
 def _valid_korean(config):
-    from kormedgemma.corpus.readers import read_split
+    from kormedgemma.data.readers import read_split
 
     return read_split(artifact_path(config, "korean"), "valid")
 
@@ -196,7 +207,7 @@ def test_tokenizer_stats_cli_prints_the_figures(tiny_phase1, tmp_path, capsys):
     from kormedgemma.cli import main
 
     config, _, figures = tiny_phase1
-    from kormedgemma.corpus.readers import split_files
+    from kormedgemma.data.readers import split_files
 
     valid, = split_files(artifact_path(config, "korean"), "valid")
     assert main(["tokenizer-stats", "--tokenizer", str(artifact_path(config, "base_model")),
@@ -237,9 +248,9 @@ def test_merge_into_the_real_gemma3_tokenizer(tiny_phase1, tmp_path):
 def test_sentencepiece_vocabulary_errors_name_the_right_fix(tmp_path, monkeypatch):
     import re
 
-    from kormedgemma import artifacts
-    from kormedgemma.config import load_config
-    from kormedgemma.tokenizer import sentencepiece_vocab_error, train_korean_sentencepiece, train_tokenizer_artifact
+    from kormedgemma.core import artifacts
+    from kormedgemma.core.config import load_config
+    from kormedgemma.vocab.tokenizer import sentencepiece_vocab_error, train_korean_sentencepiece, train_tokenizer_artifact
 
     # 3,000 distinct Hangul syllables, all kept (coverage 1.0): SentencePiece needs one piece per
     # character plus 256 byte pieces and <unk> = 3,257, more than vocab_size=1000.

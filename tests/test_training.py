@@ -13,13 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
-from kormedgemma.artifacts import artifact_path
-from kormedgemma.config import load_config, repo_root
-from kormedgemma.io import MissingArtifactError
-from kormedgemma.corpus.batching import BlockOrder
-from kormedgemma.trainloop import CRASH_ENV
-from kormedgemma.training import (TRAINED_FILE, apply_trained, checkpoint_root, load_stage_model, new_token_rows,
-                                  train_stage)
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.core.config import load_config, repo_root
+from kormedgemma.core.io import MissingArtifactError
+from kormedgemma.data.batching import BlockOrder
+from kormedgemma.training.loop import CRASH_ENV
+from kormedgemma.training.stage import TRAINED_FILE, apply_trained, checkpoint_root, load_stage_model, new_token_rows, train_stage
 
 EMBED, HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -83,9 +82,9 @@ def test_stage_folder_is_a_full_model_equal_to_the_rebuilt_chain(tiny_phase3, ch
     assert metrics["steps"] == config.staged.__dict__[f"stage{number}"].max_steps
     # the saved curve draws this stage's own losses
     from matplotlib.figure import Figure
-
-    from kormedgemma.curves import plot_stage
     from plotdata import line_data, png_size
+
+    from kormedgemma.training.curves import plot_stage
 
     ax = Figure().subplots()
     plot_stage(metrics, ax)
@@ -245,7 +244,7 @@ def test_deepspeed_zero2_config_leaves_batch_sizes_to_the_stage():
 def test_merge_gap_rebuilds_stage6_as_trained_and_finds_no_gap_without_quantisation(tiny_phase3):
     """On the CPU stage 6 trains plain LoRA, so merged and unmerged must agree; the "as trained"
     model must reproduce the loss stage 6 itself measured at its last step."""
-    from kormedgemma.training import qlora_merge_gap, read_metrics
+    from kormedgemma.training.stage import qlora_merge_gap, read_metrics
 
     config, _ = tiny_phase3
     gap = qlora_merge_gap(config, torch.device("cpu"))
@@ -264,7 +263,7 @@ def test_stage6_adapter_merges_into_the_dequantised_weights_it_was_trained_again
     those weights under the adapter before merging; a weight of another model is refused."""
     from safetensors.torch import save_file
 
-    from kormedgemma.training import DEQUANTISED_FILE
+    from kormedgemma.training.stage import DEQUANTISED_FILE
 
     config, _ = tiny_phase3
     stage6 = artifact_path(config, "stage6")
@@ -286,8 +285,8 @@ def test_stage6_adapter_merges_into_the_dequantised_weights_it_was_trained_again
 def test_merge_gap_puts_the_initialised_weights_under_the_adapter_by_their_saved_names(tiny_phase3, tmp_path):
     """The 'merged into originals' comparison reads each original from the initialised model's files
     (saved as `language_model.model.layers…`, named `model.language_model.layers…` once loaded)."""
-    from kormedgemma.io import stream_safetensors
-    from kormedgemma.training import _swap_base
+    from kormedgemma.core.io import stream_safetensors
+    from kormedgemma.training.stage import _swap_base
 
     config, _ = tiny_phase3
     keys = ["model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.1.mlp.down_proj.weight"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kormedgemma.corpus.batching import collate
-from kormedgemma.loss import IGNORE, CausalLMLoss
-from kormedgemma.trainloop import make_accelerator, mean_loss, optimizer_step, predicted_tokens
+from kormedgemma.data.batching import collate
+from kormedgemma.modeling.loss import IGNORE, CausalLMLoss
+from kormedgemma.training.loop import make_accelerator, mean_loss, optimizer_step, predicted_tokens
 
 
 def _model() -> torch.nn.Module:
@@ -60,7 +60,7 @@ def test_mean_loss_is_per_predicted_token_over_all_batches():
     accelerator = make_accelerator(1, 2, 1.0)
     module = accelerator.prepare(CausalLMLoss(model))
     got = mean_loss(module, [collate(SHORT, 0), collate(LONG, 0)], accelerator)
-    from kormedgemma.loss import chunked_causal_lm_loss
+    from kormedgemma.modeling.loss import chunked_causal_lm_loss
 
     whole = collate(SHORT + LONG, 0)
     with torch.no_grad():

@@ -1,0 +1,196 @@
+"""The comparison a researcher asks first: the method (vocabulary expansion, EEVE's stages) against
+the simple alternative (continued pretraining without new tokens, `tokenizer.expand: false`), each a
+finished run under its own `paths.root`, side by side.
+
+`trajectory` measures one run's models in bits per character on the same held-out Korean and
+English text — the base, the initialised model, each stage, the instruction-tuned model — because
+per-token losses cannot compare tokenizers; `compare` puts two runs' trajectories beside their
+KorMedMCQA and English results (phase 5), Korean tokens per character and training GPU time.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from config.training_config import ProjectConfig
+
+LANGUAGES = ("korean", "english")
+
+
+def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: Optional[int] = None,
+               progress: bool = True) -> list[dict[str, Any]]:
+    """Held-out bits per character of the base, the initialised model, stages 1-7 and the
+    instruction-tuned model of one run (a stage that was skipped repeats the model before it)."""
+    import torch
+
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.core.environment import free_memory
+    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_heldout
+    from kormedgemma.modeling.base_model import base_model_ref, load_for_eval
+    from kormedgemma.training.stage import apply_trained, load_stage_model, read_metrics
+
+    spec = config.evaluation
+    max_texts, seq_len = max_texts or spec.perplexity_max_texts, seq_len or spec.perplexity_seq_len
+    store = require(config, "token_store")
+    heldout = {language: read_heldout(require(config, language), max_texts, store, language) for language in LANGUAGES}
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else None
+
+    def measure(label: str, model: Any, tokenizer: Any) -> dict[str, Any]:
+        started = time.time()
+        figures = heldout_bits_per_char(model, tokenizer, heldout, seq_len, spec.batch_size, progress, label)
+        return {"model": label, **figures, "seconds": round(time.time() - started, 1)}
+
+    rows = [measure("base", *load_for_eval(base_model_ref(config)))]
+    free_memory()
+    # the initialised model once, then each stage's tensors applied on top, as load_stage_model does
+    # for one stage: one model load for the whole trajectory, not eight
+    model, tokenizer = load_stage_model(config, 0, device=device)
+    rows.append(measure("initialised", model.eval(), tokenizer))
+    for stage in range(1, 8):
+        if "skipped" in read_metrics(config, stage):
+            rows.append({**rows[-1], "model": f"stage {stage}", "skipped": True, "seconds": 0.0})
+            continue
+        model = apply_trained(model, require(config, f"stage{stage}")).eval()
+        rows.append(measure(f"stage {stage}", model, tokenizer))
+    del model
+    free_memory()
+    rows.append(measure("instruct", *load_for_eval(require(config, "instruct_model"))))
+    free_memory()
+    return rows
+
+
+def run_summary(config: ProjectConfig) -> dict[str, Any]:
+    """What phases 1-5 of one run recorded: tokens per character, training GPU time, phase 5 results."""
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.manifest import read_manifest
+    from kormedgemma.training.stage import read_metrics
+
+    merged = read_manifest(artifact_path(config, "merged_tokenizer")) or {}
+    stages = [read_metrics(config, k) for k in range(1, 8)]
+    instruct = read_manifest(artifact_path(config, "instruct_model")) or {}
+    summary: dict[str, Any] = {
+        "expand": config.tokenizer.expand,
+        "new_tokens": merged.get("metrics", {}).get("new_pieces"),
+        "korean_tokens_per_char": merged.get("metrics", {}).get("korean_tokens_per_char_after"),
+        "stage_train_seconds": [round(m.get("train_seconds", 0.0), 1) for m in stages],
+        "stage_steps": [m.get("steps", 0) for m in stages],
+        "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in stages), 1),
+        "instruct_seconds": instruct.get("seconds"),
+    }
+    for name in ("korean", "english"):
+        results = artifact_path(config, f"eval_{name}") / "results.json"
+        if results.is_file():
+            summary[f"eval_{name}"] = json.loads(results.read_text(encoding="utf-8"))
+    return summary
+
+
+def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int] = None,
+            seq_len: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+    """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline)."""
+    runs = {"method": method, "baseline": baseline}
+    for label, config in runs.items():
+        expanded = _added_tokens(config)
+        if expanded is None:
+            raise FileNotFoundError(f"{label} run under {config.paths.root}: no merged tokenizer (1.03); run its "
+                                    "pipeline first (python -m kormedgemma run ...)")
+        if (expanded > 0) != (label == "method"):
+            raise ValueError(f"{label} run under {config.paths.root} added {expanded} tokens: the method run must "
+                             "expand the vocabulary and the baseline must not (tokenizer.expand: false); were the "
+                             "two roots swapped?")
+    result: dict[str, Any] = {label: {"root": str(config.paths.root), **run_summary(config),
+                                      "trajectory": trajectory(config, max_texts, seq_len, progress)}
+                              for label, config in runs.items()}
+    for language in LANGUAGES:
+        key = f"{language}_bits_per_char"
+        ends = {label: next(r[key] for r in reversed(result[label]["trajectory"]) if r["model"] == "stage 7")
+                for label in runs}
+        result[f"{language}_stage7_gap"] = round(ends["method"] - ends["baseline"], 5)
+    return result
+
+
+def _added_tokens(config: ProjectConfig) -> Optional[int]:
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.manifest import read_manifest
+
+    merged = read_manifest(artifact_path(config, "merged_tokenizer"))
+    return None if merged is None else int(merged.get("metrics", {}).get("new_pieces") or 0)
+
+
+def phase5_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 5's accuracies of both runs, one row per KorMedMCQA run (model, mode, shots) and per
+    English benchmark; a figure one run lacks is None."""
+    def korean(run: dict[str, Any]) -> dict[str, Any]:
+        return {r["name"]: r["overall"]["accuracy"] for r in run.get("eval_korean", {}).get("runs", [])}
+
+    def english(run: dict[str, Any]) -> dict[str, Any]:
+        return {f"{r['benchmark']} ({model})": r[model] for r in run.get("eval_english", {}).get("retention", [])
+                for model in ("base", "adapted")}
+
+    rows = []
+    for benchmark, figures in (("KorMedMCQA", korean), ("English", english)):
+        method, baseline = figures(result["method"]), figures(result["baseline"])
+        rows += [{"benchmark": benchmark, "run": name, "method": method.get(name), "baseline": baseline.get(name)}
+                 for name in dict.fromkeys([*method, *baseline])]
+    return rows
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """A Markdown page: the trajectories side by side, then what each run cost and saved."""
+    method, baseline = result["method"], result["baseline"]
+    lines = ["# The method against plain continued pretraining", "",
+             "Held-out bits per character (lower is better), the same texts for both runs.", "",
+             "| model | method: Korean | baseline: Korean | method: English | baseline: English |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for left, right in zip(method["trajectory"], baseline["trajectory"]):
+        skipped = " (skipped)" if right.get("skipped") else ""
+        lines.append(f"| {left['model']}{skipped} | {left['korean_bits_per_char']:.4f} | {right['korean_bits_per_char']:.4f} | "
+                     f"{left['english_bits_per_char']:.4f} | {right['english_bits_per_char']:.4f} |")
+    lines += ["", "| | method | baseline |", "| --- | ---: | ---: |",
+              f"| new tokens | {method['new_tokens']} | {baseline['new_tokens']} |",
+              f"| Korean tokens per character | {method['korean_tokens_per_char']} | {baseline['korean_tokens_per_char']} |",
+              f"| stage training seconds (stages 1-7) | {method['train_seconds']} | {baseline['train_seconds']} |",
+              "", f"After stage 7 the method is {result['korean_stage7_gap']:+.4f} bits/char in Korean and "
+              f"{result['english_stage7_gap']:+.4f} in English against the baseline (negative: the method is better)."]
+    accuracies = phase5_rows(result)
+    if accuracies:
+        lines += ["", "Phase 5 accuracy (KorMedMCQA: model_mode_shots; English: the base model and the adapted one).",
+                  "", "| benchmark | run | method | baseline |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {r['benchmark']} | {r['run']} | {_pct(r['method'])} | {_pct(r['baseline'])} |" for r in accuracies]
+    return lines
+
+
+def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] = None) -> Path:
+    """`out/` as one folder, replaced whole: comparison.json, comparison.md and comparison.png."""
+    from kormedgemma.core.io import atomic_dir, write_json, write_text
+
+    with atomic_dir(Path(out)) as folder:
+        write_json(folder / "comparison.json", {**result, **({"command": command} if command else {})})
+        write_text(folder / "comparison.md", "\n".join([*report_lines(result), "", "![comparison](comparison.png)", ""]))
+        plot_comparison(result, folder / "comparison.png")
+    return Path(out)
+
+
+def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:
+    """Korean and English bits per character along each run, the method and the baseline."""
+    from kormedgemma.core.plots import new_figure
+
+    figure = new_figure((9, 3.6))
+    axes = figure.subplots(1, 2)
+    for ax, language in zip(axes, LANGUAGES):
+        for label, style in (("method", "-o"), ("baseline", "--s")):
+            rows = result[label]["trajectory"]
+            ax.plot(range(len(rows)), [r[f"{language}_bits_per_char"] for r in rows], style, ms=4, label=label)
+        names = [r["model"] for r in result["method"]["trajectory"]]
+        ax.set_xticks(range(len(names)), [n.replace("stage ", "s") for n in names], rotation=45, fontsize=7)
+        ax.set_title(f"{language}: held-out bits per character", fontsize=9)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure

@@ -1,0 +1,400 @@
+"""Phase 4: instruction tuning on KorMedMCQA's train split, in the Gemma 3 chat template.
+
+Each question becomes one user turn (the harness prompt, so chat-mode evaluation asks exactly
+what training taught) and one model turn: the `cot` explanation when the row has one, then
+``정답: X`` — the form the KorMedMCQA paper's answer extraction reads first. Loss falls on the
+model turn only (prompt tokens carry label -100): the model should learn to answer, not to
+reproduce exam questions.
+
+Training runs on phase 3's loop (`trainloop`): answer tokens weighted equally across
+gradient accumulation and processes, resume after a kill, several GPUs under `torchrun`.
+
+Two guards keep the evaluation honest. A training example whose text shares a 25-character
+n-gram with any dev, test or fewshot question (the phase-0 leakage rule) is refused and listed;
+the dev split is only ever measured, for early stopping, never trained on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from config.training_config import InstructConfig
+from kormedgemma.core.config import ProjectConfig
+from kormedgemma.core.resources import reset_peak_gpu_memory
+from kormedgemma.data.batching import BlockOrder, collate
+from kormedgemma.data.kormedmcqa import doc_to_text, letter
+from kormedgemma.modeling.loss import IGNORE
+
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "models/final/checkpoints/instruct"
+
+
+# --------------------------------------------------------------------------- examples
+def mcqa_messages(row: dict[str, Any], use_cot: bool = True) -> list[dict[str, str]]:
+    answer = f"정답: {letter(row['answer'])}"
+    if use_cot and row.get("cot"):
+        answer = f"{row['cot'].strip()}\n{answer}"
+    return [{"role": "user", "content": doc_to_text(row)}, {"role": "assistant", "content": answer}]
+
+
+def instruction_messages(row: dict[str, Any]) -> Optional[list[dict[str, str]]]:
+    """Chat turns of one extra-data row (`messages`, `prompt`/`response`, or alpaca-style), or None."""
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        turns = [{"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in row["messages"]
+                 if isinstance(m, dict)]
+        turns = [{**t, "role": "assistant" if t["role"] in ("model", "gpt") else "user" if t["role"] == "human"
+                  else t["role"]} for t in turns]
+        return turns if turns and turns[-1]["role"] == "assistant" else None
+    prompt = row.get("prompt") or row.get("instruction") or row.get("question")
+    if row.get("input"):
+        prompt = f"{prompt}\n\n{row['input']}" if prompt else row["input"]
+    response = row.get("response") or row.get("output") or row.get("answer")
+    if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
+        return [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": response.strip()}]
+    return None
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation; labels are -100 everywhere but the last model turn.
+
+    The prompt and the answer are tokenized apart, so the boundary never falls inside a token.
+    """
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the conversation without its own generation prompt as a "
+                         "prefix; loss masking cannot find the answer (is this a Gemma 3 tokenizer?)")
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
+    return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+
+
+def show_labels(tokenizer: Any, ids: Sequence[int], labels: Sequence[int]) -> str:
+    """The example as text, trained tokens in [brackets]: what the notebook shows to prove the mask."""
+    return "".join(f"[{tokenizer.decode([t])}]" if label != IGNORE else tokenizer.decode([t])
+                   for t, label in zip(ids, labels))
+
+
+@dataclass
+class InstructData:
+    train: list[tuple[list[int], list[int]]]
+    dev: list[tuple[list[int], list[int]]]
+    counts: dict[str, int] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # leakage
+    too_long: int = 0
+
+
+def heldout_index(mcqa_root: Path, spec: Any) -> Any:
+    """Every dev/test/fewshot question as a leakage index (phase 0's rule and settings)."""
+    from kormedgemma.data.leakage import LeakageIndex, heldout_questions
+
+    return LeakageIndex(heldout_questions(mcqa_root), ngram_chars=spec.leakage_ngram_chars,
+                        min_share=spec.leakage_min_share, min_span_chars=spec.leakage_min_span_chars)
+
+
+def leaks(index: Any, messages: Sequence[dict[str, str]]) -> bool:
+    from kormedgemma.data.text import normalize_text
+
+    return index.overlaps(normalize_text("\n".join(m["content"] for m in messages)))
+
+
+def build_instruct_data(config: ProjectConfig, tokenizer: Any) -> InstructData:
+    """Encoded train and dev examples; leaking and over-long examples are counted, never trained."""
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.core.io import read_jsonl
+
+    spec = config.instruct
+    mcqa = require(config, "kormedmcqa")
+    index = heldout_index(mcqa, config.data.preprocess)
+    data = InstructData(train=[], dev=[])
+    sources: list[tuple[str, Iterable[tuple[int, list[dict[str, str]]]]]] = []
+    for subset in config.data.kormedmcqa.subsets:
+        file = mcqa / subset / "train.jsonl"
+        sources.append((f"kormedmcqa/{subset}/train",
+                        ((n, mcqa_messages(row, spec.use_cot)) for n, row in enumerate(read_jsonl(file), 1))))
+    for ref in spec.extra_datasets:
+        sources.append((ref, _extra_rows(config, ref)))
+    for name, rows in sources:
+        kept = 0
+        for number, messages in rows:
+            if leaks(index, messages):
+                data.refused.append({"source": name, "row": number, "text": messages[0]["content"][:80]})
+                continue
+            example = encode_chat(tokenizer, messages)
+            if len(example[0]) > spec.seq_len:
+                data.too_long += 1
+                continue
+            data.train.append(example)
+            kept += 1
+        data.counts[name] = kept
+    for subset in config.data.kormedmcqa.subsets:
+        for row in read_jsonl(mcqa / subset / "dev.jsonl"):
+            example = encode_chat(tokenizer, mcqa_messages(row, spec.use_cot))
+            if len(example[0]) <= spec.seq_len:
+                data.dev.append(example)
+    if not data.train:
+        raise ValueError(f"no instruction example left to train on ({len(data.refused)} refused as leakage, "
+                         f"{data.too_long} longer than instruct.seq_len={spec.seq_len})")
+    return data
+
+
+def _extra_rows(config: ProjectConfig, ref: str) -> Iterable[tuple[int, list[dict[str, str]]]]:
+    """Rows of one extra instruction dataset: a local JSONL file or a Hub dataset's train split."""
+    from kormedgemma.core.config import resolve_input
+    from kormedgemma.core.hub import hub_access, is_hub_id
+    from kormedgemma.core.io import read_jsonl
+
+    local = resolve_input(config, ref)
+    if local.is_file():
+        rows: Iterable[dict[str, Any]] = read_jsonl(local)
+    elif is_hub_id(ref):
+        with hub_access(f"instruction dataset {ref}", "Download it as JSONL and list the file in instruct.extra_datasets."):
+            from datasets import load_dataset
+
+            rows = load_dataset(ref, split="train")
+    else:
+        raise FileNotFoundError(f"instruct.extra_datasets: {ref} is neither a file nor a Hub id")
+    unusable = 0
+    for number, row in enumerate(rows, start=1):
+        messages = instruction_messages(dict(row))
+        if messages is None:
+            unusable += 1
+            continue
+        yield number, messages
+    if unusable:
+        print(f"notice: {ref}: {unusable} rows had no usable prompt/response and were skipped")
+
+
+# --------------------------------------------------------------------------- training
+def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoint_root(config: ProjectConfig) -> Path:
+    from kormedgemma.core.config import resolve_path
+
+    return resolve_path(config, CHECKPOINTS)
+
+
+def _fingerprint(config: ProjectConfig, inputs: dict[str, Path]) -> str:
+    from kormedgemma.core.config import config_to_dict
+    from kormedgemma.training.loop import run_fingerprint
+
+    return run_fingerprint({"instruct": config_to_dict(config.instruct),
+                            "subsets": list(config.data.kormedmcqa.subsets)}, inputs)
+
+
+def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[start:start + size], pad_id) for start in range(0, len(examples), size)]
+
+
+def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
+    """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/.
+
+    The loop is phase 3's (`trainloop`): every answer token of an optimizer step weighs the same
+    across micro-batches and processes, a kill resumes from the newest checkpoint (which also holds
+    the best adapter so far), and `torchrun`/`accelerate launch` spread it over GPUs."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.environment import cap_gpu_memory, prefer_expandable_segments
+    from kormedgemma.modeling.base_model import load_for_eval
+    from kormedgemma.modeling.loss import CausalLMLoss
+    from kormedgemma.training.loop import (
+        Progress,
+        crash_if_asked,
+        distributed_kind,
+        keep_trainable,
+        latest_checkpoint,
+        make_accelerator,
+        make_optimizer,
+        mean_loss,
+        optimizer_step,
+        peak_memory_gb,
+        prepare_module,
+        read_extra,
+        resume,
+        save_checkpoint,
+        seal,
+    )
+    from kormedgemma.training.stages import with_lora
+
+    spec: InstructConfig = config.instruct
+    inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
+    prefer_expandable_segments()  # before the model reaches CUDA
+    accelerator = make_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm,
+                                   config.base.torch_dtype)
+    device, world = accelerator.device, accelerator.num_processes
+    cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
+    set_seed(spec.seed)
+    model, tokenizer = load_for_eval(inputs["merged_model"], device=str(device), dtype=config.base.torch_dtype)
+    data = build_instruct_data(config, tokenizer)
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = with_lora(model, spec.lora)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    # LoRA weights are fp32 (peft upcasts adapters), so plain AdamW loses nothing to rounding.
+    optimizer = make_optimizer("adamw", parameters, spec.learning_rate, spec.weight_decay)
+    per_step = spec.micro_batch_size * spec.grad_accum * world
+    steps = math.ceil(spec.epochs * len(data.train) / per_step)
+    steps = min(steps, spec.max_steps) if spec.max_steps else steps
+    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
+                              num_training_steps=steps)
+    module, optimizer = prepare_module(accelerator, CausalLMLoss(model), optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+    folder = checkpoint_root(config)
+    fingerprint = _fingerprint(config, inputs)
+    checkpoint = resume(accelerator, module, folder, fingerprint, spec.resume, "instruction tuning", "instruct.resume")
+    pad = tokenizer.pad_token_id
+    dev = _batches(data.dev, spec.micro_batch_size, pad)
+    if checkpoint is not None:
+        best_state = read_extra(checkpoint)
+    else:
+        first = mean_loss(module, dev, accelerator)
+        progress.evals.append({"step": 0, "dev_loss": first})
+        progress.extra = {"best_step": 0, "best_dev_loss": first, "stale": 0, "stopped_early": False}
+        best_state = _lora_state(model)
+    best = progress.extra
+    order = BlockOrder(len(data.train), spec.micro_batch_size, spec.seed)  # a fresh permutation each epoch
+    bar = tqdm(total=steps, initial=progress.step, desc="instruction tuning", unit="step",
+               disable=not (progress_bar and accelerator.is_local_main_process))
+    if device.type == "cuda":
+        reset_peak_gpu_memory(device)
+    module.train()
+    try:
+        while progress.step < steps and not best["stopped_early"]:
+            started = time.perf_counter()
+            first_micro = progress.step * spec.grad_accum
+            batches = [collate([data.train[i] for i in order.blocks((first_micro + m) * world + accelerator.process_index)],
+                               pad) for m in range(spec.grad_accum)]
+            loss, grad_norm, tokens = optimizer_step(accelerator, module, optimizer, batches, parameters,
+                                                     spec.max_grad_norm)
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            progress.step += 1
+            local = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))], device=device)
+            step_tokens = int(accelerator.reduce(local, reduction="sum")[0])
+            progress.tokens += step_tokens
+            progress.train_seconds += seconds
+            progress.history.append({"step": progress.step, "loss": round(loss, 5), "tokens": step_tokens,
+                                     "answer_tokens": tokens,
+                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
+                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+            if dev and (progress.step % spec.eval_every == 0 or progress.step == steps):
+                figure = mean_loss(module, dev, accelerator)
+                progress.evals.append({"step": progress.step, "dev_loss": figure})
+                if figure < best["best_dev_loss"]:
+                    best.update(best_step=progress.step, best_dev_loss=figure, stale=0)
+                    best_state = _lora_state(model)
+                else:
+                    best["stale"] += 1
+                    best["stopped_early"] = best["stale"] >= spec.early_stopping_patience
+            if progress.step % spec.save_every == 0 and progress.step < steps and not best["stopped_early"]:
+                save_checkpoint(accelerator, folder, progress, fingerprint, spec.keep_checkpoints, extra=best_state)
+            crash_if_asked(progress.step)
+    except torch.OutOfMemoryError as error:
+        raise MemoryError(f"instruction tuning ran out of GPU memory at micro_batch_size={spec.micro_batch_size}, "
+                          f"seq_len={spec.seq_len}: lower instruct.micro_batch_size (raise grad_accum to keep the "
+                          "batch) or instruct.seq_len, and keep gradient_checkpointing on. Re-running resumes from "
+                          f"{latest_checkpoint(folder) or 'the start'}.") from error
+    finally:
+        bar.close()
+    if not dev:  # nothing to choose by: the last adapter is the one kept
+        best.update(best_step=progress.step, best_dev_loss=None)
+        best_state = _lora_state(model)
+    history, timed = progress.history, [h["seconds"] for h in progress.history[1:]]
+    metrics = {
+        "examples": len(data.train), "examples_per_source": data.counts, "dev_examples": len(data.dev),
+        "refused_leakage": data.refused, "too_long": data.too_long, "planned_steps": steps, "steps": progress.step,
+        "epochs": round(progress.step * per_step / len(data.train), 3), "stopped_early": best["stopped_early"],
+        "best_step": best["best_step"], "best_dev_loss": best["best_dev_loss"],
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(progress.train_seconds, 2), "processes": world,
+        "distributed": distributed_kind(accelerator),
+        "resumed_from": checkpoint.name if checkpoint else None,
+        # tokens (prompt and answer, padding excluded) per second; the first step (warm-up) left out
+        "tokens_per_second": round(progress.tokens / progress.step * len(timed) / sum(timed), 1) if timed else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **peak_memory_gb(device),
+        "trainable_parameters": sum(p.numel() for p in parameters), "history": history, "evals": progress.evals,
+    }
+    if accelerator.is_main_process:
+        _write_instruct(config, model, best_state, tokenizer, inputs, metrics)
+    accelerator.wait_for_everyone()
+    seal(accelerator, folder)
+    return artifact_path(config, "instruct_model")
+
+
+def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Tensor], tokenizer: Any,
+                    inputs: dict[str, Path], metrics: dict[str, Any]) -> None:
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import SHARD_SIZE, save_tokenizer
+
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for name, tensor in state.items():
+            named[name].copy_(tensor.to(named[name].device))
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    merged.config.get_text_config().use_cache = True
+    keys = ["instruct", "data.kormedmcqa.subsets", "data.preprocess.leakage_ngram_chars",
+            "data.preprocess.leakage_min_share", "data.preprocess.leakage_min_span_chars"]
+    with write_artifact(artifact_path(config, "instruct_model"), "4.01", config, keys, inputs) as out:
+        merged.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
+        save_tokenizer(tokenizer, out.path)
+        (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
+        save_instruct_plot(metrics, out.path / "loss.png")
+        out.metrics.update({k: metrics[k] for k in ("examples", "dev_examples", "steps", "best_step", "best_dev_loss",
+                                                    "first_loss", "last_loss", "stopped_early", "too_long")})
+        out.metrics["refused_leakage"] = len(metrics["refused_leakage"])
+
+
+def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> Any:
+    """Train loss per step and dev loss per evaluation, the kept (best) step marked."""
+    from kormedgemma.core.plots import new_figure
+
+    figure = new_figure((6, 3.2))
+    ax = figure.subplots()
+    ax.plot([h["step"] for h in metrics["history"]], [h["loss"] for h in metrics["history"]], color="0.5", lw=1,
+            label="train (answer tokens)")
+    points = [(e["step"], e["dev_loss"]) for e in metrics["evals"] if e["dev_loss"] is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=3, color="tab:blue", label="dev")
+    if metrics.get("best_dev_loss") is not None:
+        ax.axvline(metrics["best_step"], ls="--", lw=0.8, color="tab:green", label=f"kept: step {metrics['best_step']}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("instruction tuning on KorMedMCQA", fontsize=9)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def read_instruct_metrics(config: ProjectConfig) -> dict[str, Any]:
+    from kormedgemma.core.artifacts import require
+
+    return json.loads((require(config, "instruct_model") / METRICS_FILE).read_text(encoding="utf-8"))
+

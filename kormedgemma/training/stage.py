@@ -1,0 +1,600 @@
+"""Phase 3: run one EEVE stage end to end — load, train, checkpoint, resume, save.
+
+A stage starts from the model the previous stages left, rebuilt from the initialised model plus
+each stage's trained tensors (`trained.safetensors`: rows or whole matrices; `adapter/`: LoRA,
+merged). Every stage folder holds those tensors, so on `a5000` it need not hold an 8.6 GB copy
+of the model (`staged.save_full_model=false`), and stage 6 can load the initialised model's
+transformer in 4-bit directly: stages 1–5 never change it.
+
+The loop, its checkpoints and resume are `trainloop`'s (shared with phase 4): `accelerate`
+(one process, DDP, DeepSpeed ZeRO-2), accelerate's `save_state` cut to the trainable tensors, and
+micro-batch k of the run a pure function of (k, seed), so a resumed run reads exactly the blocks
+an uninterrupted one would have read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from config.training_config import StageConfig
+from kormedgemma.core.config import ProjectConfig, config_to_dict
+from kormedgemma.core.resources import reset_peak_gpu_memory
+from kormedgemma.data.batching import BlockOrder
+from kormedgemma.modeling.base_model import SHARD_SIZE, decoder_layers
+from kormedgemma.training.loop import (
+    Progress,
+    bitsandbytes_ready,
+    crash_if_asked,
+    deepspeed_notice,
+    distributed_kind,
+    keep_trainable,
+    latest_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    mean_loss,
+    optimizer_step,
+    peak_memory_gb,
+    prepare_module,
+    resume,
+    run_fingerprint,
+    save_checkpoint,
+    seal,
+)
+from kormedgemma.training.stages import STAGES, StageSpec, apply_stage
+
+TRAINED_FILE = "trained.safetensors"
+ADAPTER_DIR = "adapter"
+# Stage 6 on a 4-bit base: the weights its adapter was trained against (NF4 dequantised, bf16).
+DEQUANTISED_FILE = "dequantised_base.safetensors"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "models/staged_training/checkpoints"
+
+
+def stage_config(config: ProjectConfig, number: int) -> StageConfig:
+    if number not in STAGES:
+        raise ValueError(f"stage {number} does not exist: EEVE has stages 1–7")
+    return getattr(config.staged, f"stage{number}")
+
+
+def new_token_rows(config: ProjectConfig) -> tuple[int, int]:
+    """(first id, count) of the new tokens, from phase 2's report."""
+    from kormedgemma.core.artifacts import require
+
+    report = json.loads((require(config, "initialized_model") / "init_report.json").read_text(encoding="utf-8"))
+    ids = report["new_ids"]
+    if not ids and not config.tokenizer.expand:
+        return 0, 0  # no new tokens: the stages that train new rows are skipped
+    if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError("init_report.json lists no contiguous block of new token ids: re-run phase 2")
+    return ids[0], len(ids)
+
+
+# --------------------------------------------------------------------------- a stage's result
+def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] = None, quantize_4bit: bool = False,
+                     device: Optional[torch.device] = None) -> tuple[Any, Any]:
+    """(model, tokenizer) after stage `upto` (0: the initialised model); `extra` is one more stage
+    folder to apply (a stage's own output before it is sealed)."""
+    from transformers import AutoTokenizer
+
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.modeling.base_model import check_tokenizer_matches_model, model_class
+
+    folders = [require(config, f"stage{k}") for k in range(1, upto + 1)] + ([Path(extra)] if extra else [])
+    initialized = require(config, "initialized_model")
+    tokenizer = AutoTokenizer.from_pretrained(initialized)
+    dtype = getattr(torch, config.base.torch_dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize_4bit:
+        kwargs.update(quantization_config=_bnb_config(dtype), device_map={"": device or torch.device("cuda", 0)})
+    elif device is not None:
+        # straight onto the device, tensor by tensor: loading on the CPU first and moving would hold
+        # the whole model (10 GB at MedGemma-4B shape) in the workstation's RAM
+        kwargs.update(device_map={"": device})
+    model = model_class(initialized).from_pretrained(initialized, **kwargs)
+    for folder in folders:
+        model = apply_trained(model, folder)
+    check_tokenizer_matches_model(tokenizer, model)
+    return model, tokenizer
+
+
+def apply_trained(model: Any, folder: Path, merge_adapter: bool = True) -> Any:
+    """Write a stage's trained rows into `model` and merge its LoRA adapter, if any (with
+    `merge_adapter=False` the adapter stays a separate module, as it was during training)."""
+    from safetensors import safe_open
+
+    file = Path(folder) / TRAINED_FILE
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            for key in handle.keys():
+                module = model.get_input_embeddings() if key == "input_embeddings" else model.get_output_embeddings()
+                rows, first = handle.get_tensor(key), int(meta[f"{key}.first_row"])
+                weight = module.weight
+                if first + rows.shape[0] > weight.shape[0] or rows.shape[1] != weight.shape[1]:
+                    raise ValueError(f"{file}: {key} rows [{first}, {first + rows.shape[0]}) × {rows.shape[1]} do not "
+                                     f"fit a {tuple(weight.shape)} matrix: the stage was trained on another model")
+                with torch.no_grad():
+                    weight[first:first + rows.shape[0]].copy_(rows.to(weight.device, weight.dtype))
+    dequantised = Path(folder) / DEQUANTISED_FILE
+    if dequantised.is_file() and not getattr(model, "is_loaded_in_4bit", False):
+        # the adapter merges into the weights it was trained against, not the unquantised originals
+        # (tiny on a GPU: KL 0.022 against 6.7e-5 per token, benchmarks/results/stage6_merge_gap_gpu_h100.json)
+        _write_weights(model, dequantised)
+    adapter = Path(folder) / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        if not merge_adapter:
+            return PeftModel.from_pretrained(model, str(adapter))
+        if getattr(model, "is_loaded_in_4bit", False):
+            raise ValueError(f"{adapter}: merging LoRA into a 4-bit model loses precision; load it in bf16")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model
+
+
+def _write_weights(model: Any, file: Path) -> None:
+    parameters = dict(model.named_parameters())
+    for key in read_tensor_names(file):  # one tensor at a time, the file closed in between (see _swap_base)
+        tensor = read_tensor(file, key)
+        if key not in parameters or parameters[key].shape != tensor.shape:
+            raise ValueError(f"{file}: {key} {tuple(tensor.shape)} is not a weight of this model: the stage was "
+                             "trained on another model")
+        with torch.no_grad():
+            parameters[key].copy_(tensor.to(parameters[key].device, parameters[key].dtype))
+        del tensor
+
+
+def dequantised_layers(model: Any) -> dict[str, Any]:
+    """name → 4-bit linear layer (none when the model is not quantised); names are those of the
+    plain model's weights the adapter is merged into."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "is_loaded_in_4bit", False):
+        return {}
+    import bitsandbytes as bnb
+
+    return {name.removesuffix(".base_layer") + ".weight": module for name, module in inner.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def write_dequantised_weights(layers: dict[str, Any], file: Path) -> int:
+    """The bf16 weights the forward pass saw, as one safetensors file, one layer at a time (6.4 GB at
+    MedGemma-4B shape, never in RAM at once); returns the bytes written."""
+    import bitsandbytes as bnb
+
+    from kormedgemma.core.io import stream_safetensors
+
+    def dequantised(key: str) -> torch.Tensor:
+        weight = layers[key].weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    specs = [(key, tuple(layer.weight.quant_state.shape), layer.weight.quant_state.dtype) for key, layer in layers.items()]
+    return stream_safetensors(file, specs, dequantised)
+
+
+def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The rows a stage trained, deltas folded in, as (tensors, safetensors metadata); the tensors
+    are views of the model's weights, where they live (`stream_safetensors` copies one at a time)."""
+    from kormedgemma.modeling.rows import merge_row_deltas
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    merge_row_deltas(inner)
+    tensors, meta = {}, {"stage": str(spec.number)}
+    for key, rows, module in (("input_embeddings", spec.input_rows, inner.get_input_embeddings()),
+                              ("output_embeddings", spec.output_rows, inner.get_output_embeddings())):
+        if rows is None or (key == "output_embeddings" and "input_embeddings" in tensors
+                            and module.weight.data_ptr() == inner.get_input_embeddings().weight.data_ptr()):
+            continue  # a tied lm_head is the input matrix, written once
+        start, stop = (first, first + count) if rows == "new" else (0, module.weight.shape[0])
+        tensors[key] = module.weight.detach()[start:stop]
+        meta[f"{key}.first_row"] = str(start)
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class StageData:
+    train: Any  # PackedBlocks: indexed by a list of block numbers, gives [k, seq_len] ids
+    english_share: float
+    valid: dict[str, torch.Tensor]  # language → [m, ≤seq_len] blocks
+
+
+def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: int) -> StageData:
+    """Blocks from the token store (step 1.04): views over memory maps, never the corpus in RAM."""
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.data.batching import PackedBlocks, leading_blocks
+    from kormedgemma.data.token_store import TokenStore
+
+    store = TokenStore(require(config, "token_store"))
+    store.check_tokenizer(tokenizer)
+    train = PackedBlocks.build(store.stream("korean", "train"), store.stream("english", "train"), spec.seq_len,
+                               spec.english_replay_fraction, seed)
+    valid = {}
+    for language in ("korean", "english"):
+        blocks = leading_blocks(store.stream(language, "valid"), spec.seq_len, spec.eval_blocks)
+        if blocks is not None:
+            valid[language] = blocks
+    return StageData(train, train.english_share, valid)
+
+
+# --------------------------------------------------------------------------- hardware choices
+def _bnb_config(dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+def _optimizer(spec: StageConfig, parameters: list[torch.nn.Parameter], notices: list[str]) -> torch.optim.Optimizer:
+    if spec.optimizer in ("adamw_8bit", "paged_adamw_8bit") and bitsandbytes_ready(
+            f"optimizer {spec.optimizer}", "torch-optimi AdamW (Kahan-compensated)", notices):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if spec.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    kind = spec.optimizer if spec.optimizer in ("adamw", "adamw_kahan", "adamw_8bit_sr") else "adamw_kahan"
+    return make_optimizer(kind, parameters, spec.learning_rate, spec.weight_decay)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_root(config: ProjectConfig, number: int) -> Path:
+    from kormedgemma.core.config import resolve_path
+
+    return resolve_path(config, f"{CHECKPOINTS}/stage{number}")
+
+
+def _fingerprint(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> str:
+    return run_fingerprint({"stage": config_to_dict(stage_config(config, number)), "seed": config.staged.seed}, inputs)
+
+
+# --------------------------------------------------------------------------- the stage
+def stage_inputs(config: ProjectConfig, number: int) -> dict[str, Path]:
+    """Artifacts stage `number` reads; a missing one fails naming the notebook that makes it."""
+    from kormedgemma.core.artifacts import require
+
+    if number > 1:
+        require(config, f"stage{number - 1}")  # the predecessor first: its notebook is the one to name
+    inputs = {f"stage{k}": require(config, f"stage{k}") for k in range(1, number)}
+    for key in ("initialized_model", "token_store"):
+        inputs[key] = require(config, key)
+    return inputs
+
+
+def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -> dict[str, Any]:
+    """Train stage `number` (resuming from its newest checkpoint) and write its folder. Returns metrics."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from kormedgemma.core.environment import cap_gpu_memory, limit_compile_workers, prefer_expandable_segments
+
+    spec, hyper = STAGES[number], stage_config(config, number)
+    inputs = stage_inputs(config, number)
+    if skipped_without_expansion(config, spec):
+        return _write_skipped_stage(config, number, inputs)
+    prefer_expandable_segments()  # before anything here touches CUDA
+    limit_compile_workers()  # before anything compiles: the layers, torchao's optimizer step
+    accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm,
+                                   config.base.torch_dtype)
+    device = accelerator.device
+    cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
+    notices: list[str] = []
+    quantize = hyper.load_in_4bit and bitsandbytes_ready(
+        "4-bit QLoRA (load_in_4bit)", "plain LoRA on the unquantised model", notices)
+    seed = config.staged.seed * 10 + number
+    set_seed(seed)
+    first, count = new_token_rows(config)
+    model, tokenizer = load_stage_model(config, number - 1, quantize_4bit=quantize, device=device)
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
+    if hyper.gradient_checkpointing and (spec.input_rows is not None or spec.lora):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = apply_stage(model, spec, first, count, hyper.lora)
+    if hyper.compile_layers and device.type == "cuda":
+        for layer in decoder_layers(trained):
+            layer.compile()
+    data = stage_data(config, tokenizer, hyper, seed)
+    from kormedgemma.modeling.loss import CausalLMLoss
+
+    parameters = [p for p in trained.parameters() if p.requires_grad]
+    module = CausalLMLoss(trained)
+    optimizer = _optimizer(hyper, parameters, notices)
+    if notice := deepspeed_notice(accelerator, config.base.torch_dtype):
+        notices.append(notice)
+    scheduler = get_scheduler(hyper.lr_scheduler, optimizer, num_warmup_steps=math.ceil(hyper.warmup_ratio * hyper.max_steps),
+                              num_training_steps=hyper.max_steps)
+    module, optimizer = prepare_module(accelerator, module, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    for notice in notices:
+        accelerator.print(f"notice: {notice}")
+
+    folder = checkpoint_root(config, number)
+    fingerprint = _fingerprint(config, number, inputs)
+    checkpoint = resume(accelerator, module, folder, fingerprint, config.staged.resume, f"stage {number}",
+                        "staged.resume")
+    world = accelerator.num_processes
+    order = BlockOrder(len(data.train), hyper.micro_batch_size, seed)
+    tokens_per_step = hyper.micro_batch_size * hyper.seq_len * hyper.grad_accum * world
+    if progress.step == 0 and data.valid:
+        progress.evals.append({"step": 0, **_evaluate(module, data.valid, accelerator, hyper.micro_batch_size)})
+    bar = tqdm(total=hyper.max_steps, initial=progress.step, desc=f"stage {number}", unit="step",
+               disable=not (progress_bar and accelerator.is_local_main_process), mininterval=2.0)
+    if device.type == "cuda":
+        reset_peak_gpu_memory(device)
+    module.train()
+    try:
+        while progress.step < hyper.max_steps:
+            started = time.perf_counter()
+            first_micro = progress.step * hyper.grad_accum
+            batches = [{"input_ids": data.train[order.blocks((first_micro + micro) * world + accelerator.process_index)]}
+                       for micro in range(hyper.grad_accum)]
+            loss, grad_norm, _ = optimizer_step(accelerator, module, optimizer, batches, parameters,
+                                                     hyper.max_grad_norm)
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            progress.train_seconds += seconds
+            progress.history.append({"step": progress.step, "loss": round(loss, 5),
+                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
+                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}", refresh=False)
+            bar.update(1)
+            if data.valid and (progress.step % hyper.eval_every == 0 or progress.step == hyper.max_steps):
+                progress.evals.append({"step": progress.step,
+                                       **_evaluate(module, data.valid, accelerator, hyper.micro_batch_size)})
+            if progress.step % hyper.save_every == 0 and progress.step < hyper.max_steps:
+                save_checkpoint(accelerator, folder, progress, fingerprint, hyper.keep_checkpoints)
+            crash_if_asked(progress.step)
+    except torch.OutOfMemoryError as error:
+        raise MemoryError(
+            f"stage {number} ran out of GPU memory at micro_batch_size={hyper.micro_batch_size}, "
+            f"seq_len={hyper.seq_len}: lower staged.stage{number}.micro_batch_size (raise grad_accum to keep the "
+            f"batch), keep gradient_checkpointing on, or for stage 6 keep load_in_4bit and an 8-bit optimizer. "
+            f"Re-running resumes from {latest_checkpoint(folder) or 'the start'}.") from error
+    finally:
+        bar.close()
+    resumed_from = checkpoint.name if checkpoint else None
+    metrics = _metrics(config, number, hyper, data, progress, accelerator, device, resumed_from, notices, trained)
+    unwrapped = accelerator.unwrap_model(module).model
+    _write_stage(config, number, unwrapped, spec, first, count, tokenizer, inputs, metrics, accelerator)
+    seal(accelerator, folder)
+    return metrics
+
+
+def skipped_without_expansion(config: ProjectConfig, spec: StageSpec) -> bool:
+    """Stages 1-5 adapt embedding rows to new tokens (new rows, then the lm_head around them);
+    without expansion (`tokenizer.expand: false`) there are none, and the baseline spends that
+    GPU time in stage 6 instead."""
+    return not config.tokenizer.expand and spec.number <= 5
+
+
+def _write_skipped_stage(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> dict[str, Any]:
+    """A stage folder that trained nothing, sealed like any other so later stages and resumes read it."""
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.manifest import write_artifact
+
+    note = "skipped: tokenizer.expand is false (no new tokens; plain continued pretraining)"
+    metrics = {"stage": number, "name": STAGES[number].name, "skipped": note, "steps": 0, "tokens": 0,
+               "trainable_parameters": 0, "first_loss": None, "last_loss": None, "tokens_per_second": None,
+               "train_seconds": 0.0, "resumed_from": None, "processes": 1, "notices": [note], "history": [],
+               "evals": []}
+    keys = [f"staged.stage{number}", "staged.seed", "tokenizer.expand"]
+    with write_artifact(artifact_path(config, f"stage{number}"), f"3.0{number}", config, keys, inputs) as out:
+        (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
+        out.metrics.update({"skipped": note, "steps": 0})
+    print(note)
+    return metrics
+
+
+def _evaluate(module: Any, valid: dict[str, torch.Tensor], accelerator: Any, batch_size: int) -> dict[str, float]:
+    """Mean token loss on each language's valid blocks, split across processes."""
+    return {f"{language}_valid_loss": mean_loss(module, [{"input_ids": blocks[start:start + batch_size]}
+                                                         for start in range(0, len(blocks), batch_size)], accelerator)
+            for language, blocks in valid.items()}
+
+
+def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: StageData, progress: Progress, accelerator: Any,
+             device: torch.device, resumed_from: Optional[str], notices: list[str], trained: Any) -> dict[str, Any]:
+    from kormedgemma.training.stages import trainable_parameters
+
+    timed = [h["seconds"] for h in progress.history[1:]] or [h["seconds"] for h in progress.history]
+    tokens_per_step = progress.tokens // max(progress.step, 1)
+    return {
+        "stage": number, "name": STAGES[number].name, "steps": progress.step, "tokens": progress.tokens,
+        "train_blocks": len(data.train), "english_share": round(data.english_share, 4),
+        "epochs": round(progress.step * hyper.micro_batch_size * hyper.grad_accum * accelerator.num_processes / len(data.train), 3),
+        "trainable_parameters": sum(trainable_parameters(trained).values()),
+        "first_loss": progress.history[0]["loss"] if progress.history else None,
+        "last_loss": progress.history[-1]["loss"] if progress.history else None,
+        # the first step (compilation, allocator warm-up) is left out of the rate
+        "tokens_per_second": round(tokens_per_step * len(timed) / sum(timed), 1) if timed else None,
+        "train_seconds": round(progress.train_seconds, 2), "processes": accelerator.num_processes,
+        "distributed": distributed_kind(accelerator),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **peak_memory_gb(device), "resumed_from": resumed_from, "notices": notices,
+        "history": progress.history, "evals": progress.evals,
+    }
+
+
+def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec, first: int, count: int, tokenizer: Any,
+                 inputs: dict[str, Path], metrics: dict[str, Any], accelerator: Any) -> None:
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.environment import free_memory
+    from kormedgemma.core.io import stream_safetensors
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import save_tokenizer
+    from kormedgemma.training.curves import save_stage_plot
+
+    tensors, meta = trained_tensors(model, spec, first, count)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    keys = [f"staged.stage{number}", "staged.seed", "staged.save_full_model"]
+    with write_artifact(artifact_path(config, f"stage{number}"), f"3.0{number}", config, keys, inputs) as out:
+        if tensors:  # one matrix in RAM at a time (save_file would hold both, then their bytes: 5.6 GB at 4B shape)
+            stream_safetensors(out.path / TRAINED_FILE, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
+                               tensors.__getitem__, metadata=meta)
+        del tensors
+        if spec.lora:
+            model.save_pretrained(str(out.path / ADAPTER_DIR), save_embedding_layers=False)
+            layers = dequantised_layers(model)
+            if layers:
+                write_dequantised_weights(layers, out.path / DEQUANTISED_FILE)
+        save_tokenizer(tokenizer, out.path)
+        (out.path / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=1), encoding="utf-8")
+        save_stage_plot(metrics, out.path / "loss.png")
+        if config.staged.save_full_model:
+            del model
+            free_memory()
+            # on the CPU: the stage's own model and optimizer are still referenced by train_stage, so the
+            # GPU may not hold a second copy (a5000 keeps save_full_model off: stage folders hold tensors)
+            full, _ = load_stage_model(config, number - 1, extra=out.path)
+            full.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
+            del full
+        out.metrics.update({k: metrics[k] for k in ("steps", "tokens", "first_loss", "last_loss", "tokens_per_second",
+                                                    "trainable_parameters", "resumed_from")})
+        out.metrics["final_eval"] = metrics["evals"][-1] if metrics["evals"] else None
+    accelerator.wait_for_everyone()
+
+
+def merge_stages(config: ProjectConfig) -> Path:
+    """3.07: models/staged_training/merged/: the full model after stage 7, every LoRA merged."""
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import save_tokenizer
+
+    inputs = {f"stage{k}": require(config, f"stage{k}") for k in range(1, 8)}
+    inputs["initialized_model"] = require(config, "initialized_model")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else None  # the merge runs where it fits
+    with write_artifact(artifact_path(config, "merged_model"), "3.07", config, ["staged"], inputs) as out:
+        model, tokenizer = load_stage_model(config, 7, device=device)
+        model.save_pretrained(out.path, max_shard_size=SHARD_SIZE)
+        save_tokenizer(tokenizer, out.path)
+        out.metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    return artifact_path(config, "merged_model")
+
+
+@torch.no_grad()
+def qlora_merge_gap(config: ProjectConfig, device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Stage 6 as it trained (its base in 4-bit NF4 when `load_in_4bit`, adapter separate) against
+    stage 6 merged, which is what stage 7 and every later phase load.
+
+    The adapter learns a correction to the dequantised weights it saw; merged into the originals,
+    it meets weights that differ by the quantisation error, so stage 6 keeps the dequantised weights
+    (`dequantised_base.safetensors`) and merges into those. Per language: valid loss of both, the
+    mean KL divergence between their next-token distributions, and how often their top tokens
+    agree; with a 4-bit base, `merged_into_originals` is the same comparison for the adapter
+    merged into the unquantised originals (what this project did before)."""
+    from kormedgemma.core.artifacts import require
+
+    hyper = stage_config(config, 6)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    notices: list[str] = []
+    quantized = hyper.load_in_4bit and bitsandbytes_ready("4-bit QLoRA (load_in_4bit)", "plain LoRA", notices)
+    as_trained, tokenizer = load_stage_model(config, 5, quantize_4bit=quantized, device=device)
+    as_trained = apply_trained(as_trained, require(config, "stage6"), merge_adapter=False).eval()
+    merged, _ = load_stage_model(config, 6, device=device)
+    merged.eval()
+    valid = stage_data(config, tokenizer, hyper, config.staged.seed * 10 + 6).valid
+    figures: dict[str, Any] = {"quantized": quantized, "notices": notices, **_compare(as_trained, merged, valid, device)}
+    dequantised = require(config, "stage6") / DEQUANTISED_FILE
+    if dequantised.is_file():  # what merging into the unquantised originals would have given
+        # stages 1-5 train embedding rows only: the originals of the 4-bit layers are the initialised
+        # model's, read from its files one tensor at a time (not a second model in RAM)
+        _swap_base(merged, dequantised, require(config, "initialized_model"))
+        figures["merged_into_originals"] = _compare(as_trained, merged, valid, device)
+    return figures
+
+
+def _compare(reference: Any, other: Any, valid: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    from kormedgemma.modeling.loss import logit_chunks
+
+    figures = {}
+    for language, blocks in valid.items():
+        sums = torch.zeros(4, dtype=torch.float64)  # loss of reference, loss of other, KL, top-1 agreements
+        tokens = 0
+        for row in range(blocks.shape[0]):
+            ids = blocks[row:row + 1].to(device)
+            # 256 positions: a, b, their log-softmaxes and one product at 272K rows stay ~1.4 GB in all
+            for (a, targets), (b, _) in zip(logit_chunks(reference, ids, 256), logit_chunks(other, ids, 256)):
+                log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
+                sums += torch.stack([-log_a.gather(1, targets[:, None]).sum(), -log_b.gather(1, targets[:, None]).sum(),
+                                     (log_a.exp() * (log_a - log_b)).sum(), (a.argmax(-1) == b.argmax(-1)).sum()
+                                     ]).double().cpu()
+                tokens += targets.numel()
+        mean = (sums / max(tokens, 1)).tolist()
+        figures[language] = {"as_trained_loss": round(mean[0], 5), "merged_loss": round(mean[1], 5),
+                             "loss_gap": round(mean[1] - mean[0], 5), "kl_per_token": round(mean[2], 6),
+                             "top1_agreement": round(mean[3], 5), "tokens": tokens}
+    return figures
+
+
+def _swap_base(merged: Any, dequantised: Path, originals: Path) -> None:
+    """Under each merged weight W_deq + BA, put the unquantised W (from the model folder `originals`)
+    in place of W_deq. One tensor at a time, each file opened and closed per tensor: a file held open
+    keeps every page it has read mapped into this process (6.4 + 10 GB at MedGemma-4B shape)."""
+    targets = dict(merged.named_parameters())
+    keys = read_tensor_names(dequantised)
+    saved = saved_names(merged, keys)
+    files = tensor_files(originals)
+    for key in keys:
+        target = targets[key]
+        if saved[key] not in files:
+            raise KeyError(f"{originals} holds no tensor {saved[key]}: the stage was trained on another model")
+        original = read_tensor(files[saved[key]], saved[key]).to(target.device, target.dtype)
+        target.add_(original - read_tensor(dequantised, key).to(target.device, target.dtype))
+        del original
+
+
+def read_tensor_names(file: Path) -> list[str]:
+    """The tensor names of a safetensors file, the file closed again (see `_swap_base`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name → the file of a saved model folder that holds it (one file, or shards and their index)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {key: folder / name for key, name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+    return dict.fromkeys(read_tensor_names(folder / "model.safetensors"), folder / "model.safetensors")
+
+
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read and the file closed again (see `_swap_base`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+def saved_names(model: Any, names: list[str]) -> dict[str, str]:
+    """Parameter name → the key `save_pretrained` writes it under: transformers 5 keeps Gemma 3's
+    legacy checkpoint layout (`language_model.model.layers…` for `model.language_model.layers…`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    placeholders = {name: torch.empty(0) for name in names}
+    by_id = {id(tensor): name for name, tensor in placeholders.items()}
+    renamed = {by_id[id(tensor)]: key for key, tensor in revert_weight_conversion(model, placeholders).items()
+               if id(tensor) in by_id}
+    return {name: renamed.get(name, name) for name in names}
+
+
+def read_metrics(config: ProjectConfig, number: int) -> dict[str, Any]:
+    from kormedgemma.core.artifacts import require
+
+    return json.loads((require(config, f"stage{number}") / METRICS_FILE).read_text(encoding="utf-8"))
