@@ -67,3 +67,20 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     imported = _imports(planted)
     assert imported == {"kormedgemma.training.stage"}
     assert _layer("kormedgemma.training.stage") > _layer("kormedgemma.core.io")
+
+
+def test_the_report_asks_the_module_that_makes_each_artifact_for_its_line():
+    import importlib
+
+    from kormedgemma.core.artifacts import ARTIFACTS
+    from kormedgemma.pipeline.report import HEADLINES, headline
+
+    assert set(HEADLINES) == set(ARTIFACTS)
+    for key, target in HEADLINES.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(f"kormedgemma.{module}"), function)), key
+    assert headline("korean_sp", {"pieces": 1234}) == "1,234 Korean pieces"
+    assert headline("stage3", {"steps": 2, "tokens": 1024, "tokens_per_second": 99.6, "first_loss": 3.5,
+                               "last_loss": 3.1, "final_eval": {"korean_valid_loss": 3.2, "english_valid_loss": 2.9}}) == (
+        "2 steps, 1,024 tokens at 100 tok/s; train loss 3.5 → 3.1; valid ko 3.2 / en 2.9")
+    assert headline("not_an_artifact", {"a": 1}) == '{"a": 1}'

@@ -10,6 +10,11 @@ import torch
 
 from kormedgemma.training.instruct import build_instruct_data, encode_chat, mcqa_messages
 
+# Losses are recorded rounded to 5 decimals, so two runs within 1e-6 of each other can read 1e-5 apart
+# (6.665455 and 6.665454 round to 6.66546 and 6.66545): runs that must agree are compared within two
+# rounding units.
+ROUNDED = 2e-5
+
 ROW = {"question": "지역사회 획득 폐렴의 가장 흔한 원인균은?", "A": "황색포도알균", "B": "폐렴사슬알균", "C": "대장균",
        "D": "녹농균", "E": "결핵균", "answer": 2, "cot": "폐렴사슬알균이 가장 흔하다.", "subject": "doctor"}
 
@@ -154,10 +159,10 @@ def test_instruction_tuning_killed_mid_run_resumes_to_the_uninterrupted_result(t
     resumed = read_instruct_metrics(private)
     assert resumed["resumed_from"] == "step-000007" and uninterrupted["resumed_from"] is None
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in uninterrupted["history"]],
-                                                                    abs=1e-5)
+                                                                    abs=ROUNDED)
     assert [e["step"] for e in resumed["evals"]] == [e["step"] for e in uninterrupted["evals"]]
     assert [e["dev_loss"] for e in resumed["evals"]] == pytest.approx([e["dev_loss"] for e in uninterrupted["evals"]],
-                                                                      abs=1e-5)
+                                                                      abs=ROUNDED)
     assert (resumed["best_step"], resumed["steps"]) == (uninterrupted["best_step"], uninterrupted["steps"])
     a, b = load_file(artifact_path(private, "instruct_model") / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
@@ -195,9 +200,9 @@ def test_two_processes_equal_one_process_accumulating_their_micro_batches(tiny_p
     train_instruct(runs["single"], progress_bar=False)
     got, expected = read_instruct_metrics(runs["ddp"]), read_instruct_metrics(runs["single"])
     assert got["processes"] == 2 and expected["processes"] == 1 and got["steps"] == expected["steps"] == 4
-    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in expected["history"]], abs=1e-5)
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in expected["history"]], abs=ROUNDED)
     assert [h["answer_tokens"] for h in got["history"]] == [h["answer_tokens"] for h in expected["history"]]
-    assert [e["dev_loss"] for e in got["evals"]] == pytest.approx([e["dev_loss"] for e in expected["evals"]], abs=1e-5)
+    assert [e["dev_loss"] for e in got["evals"]] == pytest.approx([e["dev_loss"] for e in expected["evals"]], abs=ROUNDED)
     a = load_file(artifact_path(runs["ddp"], "instruct_model") / "model.safetensors")
     b = load_file(artifact_path(runs["single"], "instruct_model") / "model.safetensors")
     for key in a:

@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from config.training_config import ProjectConfig
 from kormedgemma.core.config import resolve_input
@@ -138,3 +138,8 @@ def build_dictionary_artifact(config: ProjectConfig) -> Path:
     with write_artifact(final, "0.03", config, ["data.dictionary"], inputs) as out:
         out.metrics.update(build_dictionary(config, out.path))
     return final
+
+
+def dictionary_headline(metrics: dict[str, Any]) -> str:
+    """0.03's line in the run report."""
+    return f"{metrics.get('pairs', 0):,} pairs ({metrics.get('per_source')})"

@@ -28,8 +28,8 @@ from typing import Any, Optional
 import numpy as np
 
 from config.training_config import PreprocessConfig, ProjectConfig
-from kormedgemma.data.readers import SPLITS
 from kormedgemma.core.io import read_jsonl, write_jsonl
+from kormedgemma.data.readers import SPLITS
 from kormedgemma.data.sources import validate_mcqa_row
 
 WORK_DIR = "data/processed/.work"
@@ -79,8 +79,7 @@ def clean_corpus(raw: Path, out: Path, spec: PreprocessConfig, *, korean: bool, 
     files, so a run killed after stage k restarts at stage k + 1 (datatrove skips finished tasks).
     With `duplicates`, the documents MinHash removes are written there (`<rank>.jsonl`) to audit."""
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                                  MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
@@ -276,8 +275,8 @@ def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] =
 def preprocess_all(config: ProjectConfig, progress: bool = True) -> dict[str, Any]:
     """Phase 0.04: processed Korean, English and KorMedMCQA artifacts; returns their statistics."""
     from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.data.leakage import LeakageIndex, heldout_questions
     from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.data.leakage import LeakageIndex, heldout_questions
 
     spec = config.data.preprocess
     raw_korean, raw_english, raw_mcqa = (require(config, k) for k in ("raw_korean", "raw_english", "raw_kormedmcqa"))
@@ -323,3 +322,17 @@ def statistics_table(figures: dict[str, Any]) -> list[dict[str, Any]]:
                      "valid docs": figures[key]["valid"]["docs"], "train chars": figures[key]["train"]["chars"],
                      "median chars": figures[key]["train"].get("median_chars")})
     return rows
+
+
+def corpus_headline(metrics: dict[str, Any]) -> str:
+    """0.04's line for a cleaned corpus: what the filters kept, and the split."""
+    filters = metrics.get("filters", {})
+    return (f"{filters.get('input', 0):,} in → {filters.get('kept', 0):,} kept; train "
+            f"{metrics.get('train', {}).get('docs', 0):,} / valid {metrics.get('valid', {}).get('docs', 0):,}")
+
+
+def kormedmcqa_headline(metrics: dict[str, Any]) -> str:
+    """0.04's line for the validated KorMedMCQA."""
+    rows = metrics.get("rows", {})
+    return (f"{sum(sum(v.values()) for v in rows.values()):,} questions in {len(rows)} subsets, "
+            f"{len(metrics.get('bad_rows', []))} bad rows dropped")

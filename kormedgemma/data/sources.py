@@ -242,3 +242,15 @@ def collect_all(config: ProjectConfig) -> dict[str, Any]:
         out.metrics["rows"] = collect_kormedmcqa(config, out.path)
     figures["raw_kormedmcqa"] = out.metrics["rows"]
     return figures
+
+
+def raw_headline(metrics: dict[str, Any]) -> str:
+    """0.02's line for a collected corpus: documents per source."""
+    docs = metrics.get("docs_per_source", {})
+    return ", ".join(f"{name}: {count:,}" for name, count in docs.items())
+
+
+def raw_kormedmcqa_headline(metrics: dict[str, Any]) -> str:
+    """0.02's line for KorMedMCQA as collected."""
+    rows = metrics.get("rows", {})
+    return f"{sum(sum(v.values()) for v in rows.values()):,} questions in {len(rows)} subsets"

@@ -202,3 +202,10 @@ def token_store_artifact(config: Any, progress: bool = True) -> dict[str, Any]:
         out.metrics.update({"parts": store["parts"], "seconds": store["seconds"],
                             "tokenizer_fingerprint": store["tokenizer_fingerprint"]})
     return store
+
+
+def token_store_headline(metrics: dict[str, Any]) -> str:
+    """1.04's line: documents and tokens per part."""
+    parts = metrics.get("parts", {})
+    return "; ".join(f"{part}: {figures.get('docs', 0):,} docs, {figures.get('tokens', 0):,} tokens"
+                     for part, figures in parts.items()) + f" (tokenized in {metrics.get('seconds')} s)"

@@ -483,3 +483,18 @@ def plot_deployment(summary: dict[str, Any], path: Optional[Path] = None) -> Any
     if path is not None:
         figure.savefig(path, dpi=110)
     return figure
+
+
+def awq_headline(metrics: dict[str, Any]) -> str:
+    """6.01's line: size, time, source vs 4-bit quality, whether it fits the serving card."""
+    def pct(value: Any) -> str:
+        return f"{value:.1%}" if isinstance(value, (int, float)) else "n/a"
+
+    acc = metrics.get("accuracy") or {}
+    bpc = metrics.get("bits_per_char") or {}
+    fits = "fits" if metrics.get("fits_full_concurrency") else "⚠ does not fit full concurrency"
+    return (f"{metrics.get('backend')} {metrics.get('scheme')}: {metrics.get('source_gb')} → "
+            f"{metrics.get('quantized_gb')} GB in {metrics.get('seconds')} s; Korean bits/char "
+            f"{bpc.get('source')} → {bpc.get('quantized')}; KorMedMCQA {pct(acc.get('source'))} → "
+            f"{pct(acc.get('quantized'))}; {metrics.get('serve_gpu_gb')} GB card: {fits}"
+            + (f"; ⚠ {len(metrics['warnings'])} run(s) at or below chance" if metrics.get("warnings") else ""))

@@ -563,3 +563,9 @@ def serve_check(config: Any, backend: Optional[str] = None, progress: bool = Tru
         out.metrics["first_token_s"] = streamed["first_token_s"]
         out.metrics["bad_request_statuses"] = [r["status"] for r in refused]
     return final
+
+
+def serve_check_headline(metrics: dict[str, Any]) -> str:
+    """6.02's line: the backend, the latency and the start of the answer."""
+    return (f"{metrics.get('backend')} answered in {metrics.get('latency_s')} s "
+            f"({metrics.get('completion_tokens')} tokens): {str(metrics.get('answer', ''))[:60]!r}")

@@ -210,3 +210,10 @@ def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     if path is not None:
         figure.savefig(path, dpi=110)
     return figure
+
+
+def english_eval_headline(metrics: dict[str, Any]) -> str:
+    """5.02's line: each benchmark base → adapted, English bits/char, what dropped too far."""
+    retention = ", ".join(f"{r['benchmark']} {r['base']:.1%} → {r['adapted']:.1%}" for r in metrics.get("retention", []))
+    flagged = f"; ⚠ dropped beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""
+    return f"{retention}; English bits/char {metrics.get('bits_per_char')}{flagged}"

@@ -409,3 +409,13 @@ def korean_report(summary: dict[str, Any]) -> str:
     if summary["bad_rows"]:
         parts += [f"{len(summary['bad_rows'])} bad rows were skipped: {summary['bad_rows'][:5]}", ""]
     return "\n".join(parts)
+
+
+def korean_eval_headline(metrics: dict[str, Any]) -> str:
+    """5.01's line: every run's accuracy, v2.0's exact match beside it, Korean bits/char, warnings."""
+    accuracy = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("accuracy") or {}).items()
+                         if value is not None)
+    v2 = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("exact_match_v2") or {}).items())
+    warn = f"; ⚠ {len(metrics['warnings'])} warning(s): {metrics['warnings'][0]}" if metrics.get("warnings") else ""
+    return (f"KorMedMCQA ({metrics.get('task', 'lm-evaluation-harness kormedmcqa')}) {accuracy}"
+            + (f"; v2.0 exact match {v2}" if v2 else "") + f"; Korean bits/char {metrics.get('bits_per_char')}{warn}")

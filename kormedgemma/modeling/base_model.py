@@ -355,3 +355,9 @@ def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def base_headline(metrics: dict[str, Any]) -> str:
+    """0.00's line in the run report."""
+    return (f"{metrics.get('parameters', 0):,} parameters, {metrics.get('tokenizer_size')} tokens, "
+            f"{metrics.get('embedding_rows')} embedding rows, tied={metrics.get('tied_embeddings')}")

@@ -4,6 +4,7 @@ Built from the manifests, so it tells what the artifacts on disk are, whichever 
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,90 +14,41 @@ from kormedgemma.core.artifacts import ARTIFACTS, artifact_path
 from kormedgemma.core.io import write_text
 from kormedgemma.core.manifest import read_manifest
 
+# Each artifact's line in the report comes from the module that makes it: the report asks, it does
+# not know what a stage or an evaluation measures. "module:function", imported when a report is
+# written, so the runner's own process does not import torch to start a run.
+HEADLINES: dict[str, str] = {
+    "base_model": "modeling.base_model:base_headline",
+    "raw_korean": "data.sources:raw_headline",
+    "raw_english": "data.sources:raw_headline",
+    "raw_kormedmcqa": "data.sources:raw_kormedmcqa_headline",
+    "dictionary": "data.dictionary:dictionary_headline",
+    "korean": "data.preprocess:corpus_headline",
+    "english": "data.preprocess:corpus_headline",
+    "kormedmcqa": "data.preprocess:kormedmcqa_headline",
+    "korean_sp": "vocab.tokenizer:korean_sp_headline",
+    "new_tokens": "vocab.tokenizer:new_tokens_headline",
+    "merged_tokenizer": "vocab.tokenizer:merged_tokenizer_headline",
+    "token_store": "data.token_store:token_store_headline",
+    "resized_model": "vocab.embeddings:resized_headline",
+    "initialized_model": "vocab.embeddings:initialized_headline",
+    **{f"stage{n}": "training.stage:stage_headline" for n in range(1, 8)},
+    "merged_model": "training.stage:merged_headline",
+    "instruct_model": "training.instruct:instruct_headline",
+    "eval_korean": "evaluation.korean:korean_eval_headline",
+    "eval_english": "evaluation.english:english_eval_headline",
+    "awq_model": "deploy.quantize:awq_headline",
+    "serve_check": "deploy.serve:serve_check_headline",
+}
+
 
 def headline(key: str, metrics: dict[str, Any]) -> str:
-    """A one-line summary of an artifact's metrics, for the report table."""
-    if key == "base_model":
-        return (f"{metrics.get('parameters', 0):,} parameters, {metrics.get('tokenizer_size')} tokens, "
-                f"{metrics.get('embedding_rows')} embedding rows, tied={metrics.get('tied_embeddings')}")
-    if key in ("raw_korean", "raw_english"):
-        docs = metrics.get("docs_per_source", {})
-        return ", ".join(f"{name}: {count:,}" for name, count in docs.items())
-    if key in ("raw_kormedmcqa", "kormedmcqa"):
-        rows = metrics.get("rows", {})
-        total = sum(sum(v.values()) for v in rows.values())
-        bad = len(metrics.get("bad_rows", []))
-        return f"{total:,} questions in {len(rows)} subsets" + (f", {bad} bad rows dropped" if key == "kormedmcqa" else "")
-    if key == "dictionary":
-        return f"{metrics.get('pairs', 0):,} pairs ({metrics.get('per_source')})"
-    if key in ("korean", "english"):
-        filters = metrics.get("filters", {})
-        return (f"{filters.get('input', 0):,} in → {filters.get('kept', 0):,} kept; train "
-                f"{metrics.get('train', {}).get('docs', 0):,} / valid {metrics.get('valid', {}).get('docs', 0):,}")
-    if key == "korean_sp":
-        return f"{metrics.get('pieces', 0):,} Korean pieces"
-    if key == "new_tokens":
-        return (f"{metrics.get('new_pieces', 0):,} new pieces ({metrics.get('selected', 0):,} ≥ min_frequency, "
-                f"{metrics.get('parents', 0):,} parents); counted {metrics.get('corpus_mb', 0)} MB at "
-                f"{metrics.get('count_mb_per_second', 0)} MB/s")
-    if key == "merged_tokenizer":
-        return (f"vocab {metrics.get('base_size', 0):,} → {metrics.get('vocab_size', 0):,}; Korean tokens/char "
-                f"{metrics.get('korean_tokens_per_char_before')} → {metrics.get('korean_tokens_per_char_after')} "
-                f"(−{metrics.get('korean_reduction', 0):.1%}); SentencePiece/fast agreement "
-                f"{metrics.get('sentencepiece_agreement', 0):.0%}")
-    if key == "token_store":
-        parts = metrics.get("parts", {})
-        return "; ".join(f"{part}: {figures.get('docs', 0):,} docs, {figures.get('tokens', 0):,} tokens"
-                         for part, figures in parts.items()) + f" (tokenized in {metrics.get('seconds')} s)"
-    if key == "resized_model":
-        return (f"rows {metrics.get('rows_before', 0):,} → {metrics.get('rows_after', 0):,} for "
-                f"{metrics.get('tokens', 0):,} tokens; untied={metrics.get('untied')}")
-    if key == "initialized_model":
-        alignment = metrics.get("alignment") or {}
-        extra = f"; Procrustes cosine {alignment['train_cosine']}" if "train_cosine" in alignment else ""
-        return f"{metrics.get('method')}: {metrics.get('coverage')}{extra}"
-    if key.startswith("stage") and key[5:].isdigit():
-        final = metrics.get("final_eval") or {}
-        resumed = f"; resumed from {metrics['resumed_from']}" if metrics.get("resumed_from") else ""
-        return (f"{metrics.get('steps', 0):,} steps, {metrics.get('tokens', 0):,} tokens at "
-                f"{metrics.get('tokens_per_second', 0):,.0f} tok/s; train loss {metrics.get('first_loss')} → "
-                f"{metrics.get('last_loss')}; valid ko {final.get('korean_valid_loss')} / en "
-                f"{final.get('english_valid_loss')}{resumed}")
-    if key == "merged_model":
-        return f"{metrics.get('parameters', 0):,} parameters, every LoRA merged"
-    if key == "instruct_model":
-        stopped = ", stopped early" if metrics.get("stopped_early") else ""
-        return (f"{metrics.get('examples', 0):,} examples ({metrics.get('refused_leakage', 0)} refused as leakage), "
-                f"{metrics.get('steps', 0):,} steps{stopped}; kept step {metrics.get('best_step')} (dev loss "
-                f"{metrics.get('best_dev_loss')}); train loss {metrics.get('first_loss')} → {metrics.get('last_loss')}")
-    if key == "eval_korean":
-        accuracy = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("accuracy") or {}).items()
-                             if value is not None)
-        v2 = ", ".join(f"{name} {value:.1%}" for name, value in (metrics.get("exact_match_v2") or {}).items())
-        warn = f"; ⚠ {len(metrics['warnings'])} warning(s): {metrics['warnings'][0]}" if metrics.get("warnings") else ""
-        return (f"KorMedMCQA ({metrics.get('task', 'lm-evaluation-harness kormedmcqa')}) {accuracy}"
-                + (f"; v2.0 exact match {v2}" if v2 else "") + f"; Korean bits/char {metrics.get('bits_per_char')}{warn}")
-    if key == "eval_english":
-        retention = ", ".join(f"{r['benchmark']} {r['base']:.1%} → {r['adapted']:.1%}" for r in metrics.get("retention", []))
-        flagged = f"; ⚠ dropped beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""
-        return f"{retention}; English bits/char {metrics.get('bits_per_char')}{flagged}"
-    if key == "awq_model":
-        acc = metrics.get("accuracy") or {}
-        bpc = metrics.get("bits_per_char") or {}
-        fits = "fits" if metrics.get("fits_full_concurrency") else "⚠ does not fit full concurrency"
-        return (f"{metrics.get('backend')} {metrics.get('scheme')}: {metrics.get('source_gb')} → "
-                f"{metrics.get('quantized_gb')} GB in {metrics.get('seconds')} s; Korean bits/char "
-                f"{bpc.get('source')} → {bpc.get('quantized')}; KorMedMCQA {_pct(acc.get('source'))} → "
-                f"{_pct(acc.get('quantized'))}; {metrics.get('serve_gpu_gb')} GB card: {fits}"
-                + (f"; ⚠ {len(metrics['warnings'])} run(s) at or below chance" if metrics.get("warnings") else ""))
-    if key == "serve_check":
-        return (f"{metrics.get('backend')} answered in {metrics.get('latency_s')} s "
-                f"({metrics.get('completion_tokens')} tokens): {str(metrics.get('answer', ''))[:60]!r}")
-    return json.dumps(metrics, ensure_ascii=False)[:200]
-
-
-def _pct(value: Any) -> str:
-    return f"{value:.1%}" if isinstance(value, (int, float)) else "n/a"
+    """A one-line summary of an artifact's metrics, for the report table, by the module that made it
+    (an artifact no module describes shows its metrics as JSON)."""
+    if key not in HEADLINES:
+        return json.dumps(metrics, ensure_ascii=False)[:200]
+    module, function = HEADLINES[key].split(":")
+    return getattr(importlib.import_module(f"kormedgemma.{module}"), function)(metrics)
 
 
 def artifact_rows(config: ProjectConfig) -> Iterable[dict[str, Any]]:

@@ -398,3 +398,10 @@ def read_instruct_metrics(config: ProjectConfig) -> dict[str, Any]:
 
     return json.loads((require(config, "instruct_model") / METRICS_FILE).read_text(encoding="utf-8"))
 
+
+def instruct_headline(metrics: dict[str, Any]) -> str:
+    """4.01's line: examples, early stopping, the step kept."""
+    stopped = ", stopped early" if metrics.get("stopped_early") else ""
+    return (f"{metrics.get('examples', 0):,} examples ({metrics.get('refused_leakage', 0)} refused as leakage), "
+            f"{metrics.get('steps', 0):,} steps{stopped}; kept step {metrics.get('best_step')} (dev loss "
+            f"{metrics.get('best_dev_loss')}); train loss {metrics.get('first_loss')} → {metrics.get('last_loss')}")

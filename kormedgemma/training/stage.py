@@ -598,3 +598,18 @@ def read_metrics(config: ProjectConfig, number: int) -> dict[str, Any]:
     from kormedgemma.core.artifacts import require
 
     return json.loads((require(config, f"stage{number}") / METRICS_FILE).read_text(encoding="utf-8"))
+
+
+def stage_headline(metrics: dict[str, Any]) -> str:
+    """3.0N's line: steps, speed, train loss, the last valid losses."""
+    final = metrics.get("final_eval") or {}
+    resumed = f"; resumed from {metrics['resumed_from']}" if metrics.get("resumed_from") else ""
+    return (f"{metrics.get('steps', 0):,} steps, {metrics.get('tokens', 0):,} tokens at "
+            f"{metrics.get('tokens_per_second', 0):,.0f} tok/s; train loss {metrics.get('first_loss')} → "
+            f"{metrics.get('last_loss')}; valid ko {final.get('korean_valid_loss')} / en "
+            f"{final.get('english_valid_loss')}{resumed}")
+
+
+def merged_headline(metrics: dict[str, Any]) -> str:
+    """3.07's line for the model after stage 7."""
+    return f"{metrics.get('parameters', 0):,} parameters, every LoRA merged"

@@ -500,3 +500,16 @@ def initialize_artifact(config: ProjectConfig,
                             "alignment": report.alignment, "untied": is_untied(model)})
         result = {**out.metrics, "neighbours": report.neighbours}
     return result
+
+
+def resized_headline(metrics: dict[str, Any]) -> str:
+    """2.01's line in the run report."""
+    return (f"rows {metrics.get('rows_before', 0):,} → {metrics.get('rows_after', 0):,} for "
+            f"{metrics.get('tokens', 0):,} tokens; untied={metrics.get('untied')}")
+
+
+def initialized_headline(metrics: dict[str, Any]) -> str:
+    """2.02's line: the method and where each new row came from."""
+    alignment = metrics.get("alignment") or {}
+    extra = f"; Procrustes cosine {alignment['train_cosine']}" if "train_cosine" in alignment else ""
+    return f"{metrics.get('method')}: {metrics.get('coverage')}{extra}"

@@ -506,3 +506,23 @@ def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
                                                                             korean_valid)})
         figures = dict(out.metrics)
     return figures
+
+
+def korean_sp_headline(metrics: dict[str, Any]) -> str:
+    """1.01's line in the run report."""
+    return f"{metrics.get('pieces', 0):,} Korean pieces"
+
+
+def new_tokens_headline(metrics: dict[str, Any]) -> str:
+    """1.02's line: the pieces chosen, parents counted apart."""
+    return (f"{metrics.get('new_pieces', 0):,} new pieces ({metrics.get('selected', 0):,} ≥ min_frequency, "
+            f"{metrics.get('parents', 0):,} parents); counted {metrics.get('corpus_mb', 0)} MB at "
+            f"{metrics.get('count_mb_per_second', 0)} MB/s")
+
+
+def merged_tokenizer_headline(metrics: dict[str, Any]) -> str:
+    """1.03's line: the vocabulary's growth and what it saves on Korean."""
+    return (f"vocab {metrics.get('base_size', 0):,} → {metrics.get('vocab_size', 0):,}; Korean tokens/char "
+            f"{metrics.get('korean_tokens_per_char_before')} → {metrics.get('korean_tokens_per_char_after')} "
+            f"(−{metrics.get('korean_reduction', 0):.1%}); SentencePiece/fast agreement "
+            f"{metrics.get('sentencepiece_agreement', 0):.0%}")
