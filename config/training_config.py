@@ -324,7 +324,7 @@ class StageConfig:
     # an update below half a bf16 ulp (lr 5e-5 on rows of ~0.03) is kept in a bf16 compensation
     # buffer instead of being rounded away; fp32 tensors (new-row deltas, LoRA) get plain AdamW.
     # Optimizer states have the weights' dtype. adamw: torch AdamW, states in the weights' dtype, bf16
-    # updates rounded (100 steps at lr 2e-5 keep 0.46x of the fp32 displacement, tests/test_optimizers.py).
+    # updates rounded (100 steps at lr 2e-5 keep 0.46x of the fp32 displacement, tests/training/test_optimizers.py).
     # adamw_8bit / paged_adamw_8bit: bitsandbytes (CUDA only), a quarter of the state memory, bf16
     # updates rounded as with adamw. adamw_8bit_sr: torchao's 8-bit AdamW with bf16 stochastic
     # rounding (updates kept in expectation; the memory of adamw_8bit).

@@ -82,7 +82,7 @@ def make_optimizer(kind: str, parameters: list[torch.nn.Parameter], lr: float, w
     rounded to nothing most steps: plain AdamW on bf16 weights keeps under half of the fp32 run's
     movement. Kahan summation carries the rounded-off part in a bf16 buffer to the next step
     (torch-optimi; one extra bf16 tensor per bf16 weight, none for fp32 ones), which tracks the
-    fp32 trajectory (cosine 0.999 over 100 steps, tests/test_optimizers.py) without fp32 master
+    fp32 trajectory (cosine 0.999 over 100 steps, tests/training/test_optimizers.py) without fp32 master
     weights (+4 bytes a parameter). Betas and eps are torch's, so both kinds optimise the same
     objective the same way."""
     if kind == "adamw_8bit_sr":

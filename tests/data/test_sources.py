@@ -124,10 +124,10 @@ def test_dictionary_reads_columns_named_by_the_header(tmp_path):
         list(read_pairs_tsv(bad, "bad"))
 
 
-@pytest.mark.skipif(not (Path(__file__).parents[2] / "shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv").is_file(),
+@pytest.mark.skipif(not (Path(__file__).parents[3] / "shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv").is_file(),
                     reason="../shared/data (the real KCD dictionary) is not beside this checkout")
 def test_real_kcd_dictionary_pairs_korean_with_english():
-    pairs = list(read_pairs_tsv(Path(__file__).parents[2] / "shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv", "kcd"))
+    pairs = list(read_pairs_tsv(Path(__file__).parents[3] / "shared/data/ko_en_medical_terms_kcd/kcd_ko_en.tsv", "kcd"))
     assert len(pairs) == 22_551
     assert ("콜레라", "Cholera", "kcd") in pairs
     assert all(not ko[:1].isascii() or not ko[1:3].isdigit() for ko, _, _ in pairs[:100])  # no KCD codes as Korean
@@ -155,7 +155,7 @@ def test_kormedmcqa_from_a_local_folder_in_csv(tmp_path):
 
 
 MCQA_COLUMNS = ["subject", "year", "period", "q_number", "question", "A", "B", "C", "D", "E", "answer", "cot"]
-KORMEDMCQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kormedmcqa"
+KORMEDMCQA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kormedmcqa"
 # SOURCE.txt's table: train, valid (the upstream dev), test, fewshot.
 KORMEDMCQA_ROWS = {"doctor": (1890, 164, 435, 5), "nurse": (582, 291, 878, 5),
                    "pharm": (632, 300, 885, 5), "dentist": (297, 304, 811, 5)}

@@ -15,7 +15,7 @@ from kormedgemma.data.readers import read_split
 from kormedgemma.data.text import hangul_ratio, normalize_text, split_document
 
 SPEC = PreprocessConfig(min_chars=10, valid_fraction=0.1, workers=1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_normalize_composes_hangul_and_strips_invisible_characters():

@@ -13,7 +13,7 @@ from plotdata import png_size
 
 from kormedgemma.pipeline.steps import STEPS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _notebooks() -> list[Path]:

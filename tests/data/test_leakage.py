@@ -209,7 +209,7 @@ def test_heldout_questions_reads_every_subset_and_split_with_options_and_source(
 
 # --- the real KorMedMCQA and the real Korean Wikipedia medical articles --------------------------
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MCQA = SHARED / "kormedmcqa"
 KOWIKI = SHARED / "kowiki_medical" / "kowiki_medical.jsonl"
 SUBSETS = ("doctor", "nurse", "pharm", "dentist")

@@ -25,7 +25,7 @@ from kormedgemma.vocab.tokenizer import (
     verify_merge,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from kormedgemma.data.batching import pack, replay_plan
 from kormedgemma.data.readers import read_split
 from kormedgemma.data.token_store import TokenStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _tokenizer(config):

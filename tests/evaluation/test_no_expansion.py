@@ -151,7 +151,7 @@ def test_the_comparison_notebook_reads_both_runs_and_shows_its_plot(baseline, ti
     import papermill
     from plotdata import png_size
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     method_config, _, _ = tiny_phase4
     baseline_config, _ = baseline
     executed = tmp_path / "executed.ipynb"

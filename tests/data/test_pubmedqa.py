@@ -6,7 +6,7 @@ import pytest
 
 from kormedgemma.data.pubmedqa import LABELS, write_local_pubmedqa
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pubmedqa"
+REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "pubmedqa"
 
 
 def fake_pqal(folder: Path) -> None:

