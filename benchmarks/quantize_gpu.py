@@ -6,7 +6,7 @@ by the library's own `kormedgemma.deploy.quantize.quantize_llmcompressor` with t
 deploy settings (W4A16, group 128, 256 calibration blocks of 512 tokens) under a 24 GB cap as on
 an RTX A5000. Calibration text is the tiny profile's processed Korean corpus, tokenized by the tiny
 merged tokenizer (its ids cover only the first 1,600 rows; timing and memory do not depend on
-which rows). Then both folders load through transformers (`evaluate.load_for_eval`) and the
+which rows). Then both folders load through transformers (`modeling.base_model.load_for_eval`) and the
 next-token logits of held-out windows are compared: ‖z_4bit − z_bf16‖ / ‖z_bf16‖. Finally the
 memory plan for an RTX 4090 is computed from the quantised folder.
 

@@ -12,7 +12,7 @@ run on them unchanged):
 
 Measured, each in a fresh subprocess with its peak RSS (ru_maxrss):
 - `token_store.token_store_artifact` (1.04) on the whole corpus: MB/s, tokens, size on disk;
-- stage start-up now: `training.stage_data` at the `a5000` stage shape (seq 2048), reading the store;
+- stage start-up now: `training.stage.stage_data` at the `a5000` stage shape (seq 2048), reading the store;
 - stage start-up before this store (the code at e551cc5, read from git): `read_texts` +
   `tokenizer.encode` one text at a time + `packing.build_blocks` as Python int lists, on the
   smaller `--old-mb` prefixes (the whole corpus would take tens of GB of Python ints).

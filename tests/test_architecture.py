@@ -48,6 +48,13 @@ def test_every_module_lives_in_a_layer():
     assert all((PACKAGE / layer / "__init__.py").is_file() for layer in LAYERS)
 
 
+def test_imports_are_absolute_so_the_layer_check_reads_them_all():
+    relative = [f"{name}:{node.lineno}" for name, path in _modules().items()
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert not relative, f"relative imports (write them as kormedgemma.<layer>.<module>): {relative}"
+
+
 def test_no_module_imports_from_a_layer_above_its_own():
     modules = _modules()
     upward = []

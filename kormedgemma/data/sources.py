@@ -199,7 +199,7 @@ def validate_mcqa_row(row: dict[str, Any], subset: str) -> tuple[Optional[dict[s
     """(clean row in the project schema, None) or (None, reason it is unusable).
 
     The question and options keep their text as written: lm-evaluation-harness renders
-    ``{{A}}``… unchanged and strips only the question (`harness.doc_to_text` does the same), so
+    ``{{A}}``… unchanged and strips only the question (`data.kormedmcqa.doc_to_text` does the same), so
     stripping here would change the prompts the published scores were measured on.
     """
     question = row.get("question")

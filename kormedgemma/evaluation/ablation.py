@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import shutil
 import time
 from pathlib import Path
@@ -86,6 +87,8 @@ def variant_root(config: ProjectConfig, work: Path, method: str, output: str) ->
         if artifact.producer >= "2.02":
             continue
         source, link = artifact_path(config, key).resolve(), artifact_path(variant, key)
+        if link.is_symlink() and not link.exists():  # left by an earlier run whose source moved
+            link.unlink()
         if source.exists() and not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(source, target_is_directory=source.is_dir())
@@ -97,11 +100,17 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
                      progress: bool = True) -> list[dict[str, Any]]:
     """Bits per character after each of stages 1..`stages` for every (method, output rows) pair,
     each initialised by 2.02 and trained by 3.0N exactly as the pipeline would, with `config`'s
-    stage settings. Unless `keep_models`, a variant's models go once measured (its metrics stay)."""
+    stage settings. Unless `keep_models`, a variant's models go once measured (its metrics stay).
+
+    Each finished variant's rows are kept in `work/trained.json` at once, so a run stopped part-way
+    loses at most the variant it was on: the same command again measures only what is missing (rows
+    recorded under other settings are not reused)."""
     import torch
 
     from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.config import config_to_dict
     from kormedgemma.core.environment import free_memory
+    from kormedgemma.core.io import write_json
     from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_heldout
     from kormedgemma.training.stage import apply_trained, checkpoint_root, load_stage_model, train_stage
     from kormedgemma.vocab.embeddings import initialize_artifact, wechsel_inputs_for
@@ -116,9 +125,20 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
     heldout = {language: read_heldout(require(config, language), max_texts, store, language)
                for language in ("korean", "english")}
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
-    wechsel = wechsel_inputs_for(config) if {"wechsel", "hybrid"} & set(methods) else None
+    record = Path(work) / "trained.json"
+    settings = {"stages": stages, "max_texts": max_texts, "seq_len": seq_len,
+                **{key: config_to_dict(config)[key] for key in ("embeddings", "staged")}}
+    earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    done = earlier.get("rows", []) if earlier.get("settings") == json.loads(json.dumps(settings)) else []
+    wechsel = None
     rows: list[dict[str, Any]] = []
     for method, output in itertools.product(methods, outputs):
+        kept = [r for r in done if (r["method"], r["output_rows"]) == (method, output)]
+        if len(kept) == stages:
+            rows += kept
+            continue
+        if wechsel is None and method in ("wechsel", "hybrid"):
+            wechsel = wechsel_inputs_for(config)
         variant = variant_root(config, work, method, output)
         started = time.time()
         initialize_artifact(variant, wechsel if method in ("wechsel", "hybrid") else None)
@@ -139,6 +159,9 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
                 shutil.rmtree(artifact_path(variant, key))
             for k in range(1, stages + 1):
                 shutil.rmtree(checkpoint_root(variant, k), ignore_errors=True)
+        measured = {(r["method"], r["output_rows"]) for r in rows}
+        write_json(record, {"settings": settings, "rows": rows + [r for r in done if (r["method"], r["output_rows"])
+                                                                   not in measured]})
     return rows
 
 

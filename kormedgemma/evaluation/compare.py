@@ -99,6 +99,7 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
             raise ValueError(f"{label} run under {config.paths.root} added {expanded} tokens: the method run must "
                              "expand the vocabulary and the baseline must not (tokenizer.expand: false); were the "
                              "two roots swapped?")
+    _check_same_heldout(method, baseline, max_texts)
     result: dict[str, Any] = {label: {"root": str(config.paths.root), **run_summary(config),
                                       "trajectory": trajectory(config, max_texts, seq_len, progress)}
                               for label, config in runs.items()}
@@ -108,6 +109,23 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
                 for label in runs}
         result[f"{language}_stage7_gap"] = round(ends["method"] - ends["baseline"], 5)
     return result
+
+
+def _check_same_heldout(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int]) -> None:
+    """Bits per character compare two runs only on the same text: both runs' held-out splits must
+    hold the same characters (each read from its own root)."""
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.evaluation.perplexity import read_heldout
+
+    for language in LANGUAGES:
+        chars = {}
+        for label, config in (("method", method), ("baseline", baseline)):
+            texts = max_texts or config.evaluation.perplexity_max_texts
+            chars[label] = read_heldout(require(config, language), texts, require(config, "token_store"), language).chars
+        if chars["method"] != chars["baseline"]:
+            raise ValueError(f"the two runs' held-out {language} texts differ ({chars['method']:,} characters under "
+                             f"{method.paths.root}, {chars['baseline']:,} under {baseline.paths.root}): run both from "
+                             "the same data and data.preprocess settings, or bits per character do not compare")
 
 
 def _added_tokens(config: ProjectConfig) -> Optional[int]:
@@ -166,14 +184,16 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] = None) -> Path:
-    """`out/` as one folder, replaced whole: comparison.json, comparison.md and comparison.png."""
-    from kormedgemma.core.io import atomic_dir, write_json, write_text
+    """comparison.json, comparison.md and comparison.png in `out/`, each written whole and renamed
+    into place; anything else in `out/` is left alone (it may be a run's folder)."""
+    from kormedgemma.core.io import atomic_file, write_json, write_text
 
-    with atomic_dir(Path(out)) as folder:
-        write_json(folder / "comparison.json", {**result, **({"command": command} if command else {})})
-        write_text(folder / "comparison.md", "\n".join([*report_lines(result), "", "![comparison](comparison.png)", ""]))
-        plot_comparison(result, folder / "comparison.png")
-    return Path(out)
+    out = Path(out)
+    with atomic_file(out / "comparison.png", "wb") as handle:
+        plot_comparison(result).savefig(handle, dpi=110, format="png")
+    write_text(out / "comparison.md", "\n".join([*report_lines(result), "", "![comparison](comparison.png)", ""]))
+    write_json(out / "comparison.json", {**result, **({"command": command} if command else {})})
+    return out
 
 
 def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:

@@ -357,6 +357,10 @@ def accuracy_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# The scoring modes told apart in the accuracy plot (generate: plain bars).
+HATCHES = {"chat": "//", "loglikelihood": ".."}
+
+
 def plot_accuracy(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Bars per subset (and overall) for every run; chance (20%) dashed."""
     from kormedgemma.core.plots import new_figure
@@ -371,8 +375,8 @@ def plot_accuracy(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
         values = [run["subsets"][g]["accuracy"] if g != "overall" else run["overall"]["accuracy"] for g in groups]
         shade = 0.55 + 0.45 * (run["shots"] == 0) if run["mode"] != "chat" else 1.0
         ax.bar([x - 0.4 + width * (k + 0.5) for x in range(len(groups))], [v or 0 for v in values], width=width,
-               color=colours.get(run["model"], "tab:green"), alpha=shade, hatch="//" if run["mode"] == "chat" else None,
-               label=f"{run['model']} {run['shots']}-shot{' chat' if run['mode'] == 'chat' else ''}")
+               color=colours.get(run["model"], "tab:green"), alpha=shade, hatch=HATCHES.get(run["mode"]),
+               label=f"{run['model']} {run['shots']}-shot{'' if run['mode'] == 'generate' else ' ' + run['mode']}")
     ax.axhline(CHANCE, ls="--", lw=0.8, color="tab:red", label="chance")
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1)

@@ -3,7 +3,7 @@
 `python -m kormedgemma parity` (and `make parity`) runs both tools on the same model and the same
 KorMedMCQA-schema folder: the harness from its own environment (`.venv-lmeval`, lm_eval 0.4.13)
 on a local copy of *its installed* `kormedmcqa` task, whose YAML and answer filter are copied
-unchanged except for where the data is; the project through `evaluate.evaluate_mcqa`, the code
+unchanged except for where the data is; the project through `evaluation.korean.evaluate_mcqa`, the code
 path notebooks 5.01 and 6.01 take. It compares, per question, the prompt, the raw (stop-cut)
 output, the parsed answer and the score, and both tools' accuracies and generation speed.
 """
@@ -230,7 +230,7 @@ PLANTED = [("C", "C"), (" c", "C"), ("정답： C", "C"), ("정답: B", "B"), ("
 
 
 def planted_check(python: str, include: Path, task: str, work: Path) -> dict[str, Any]:
-    """Each planted output scored by the harness's own filter and metric and by `harness.py`."""
+    """Each planted output scored by the harness's own filter and metric and by `data/kormedmcqa.py`."""
     from kormedgemma.data.kormedmcqa import exact_match, extract_choice
 
     source = work / "planted.json"

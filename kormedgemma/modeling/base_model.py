@@ -327,7 +327,7 @@ def build_base_artifact(config: ProjectConfig) -> Path:
 def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a local folder or a Hub id, in eval mode on `device`.
 
-    Each loads as its own class (`model_class`), so `evaluate` can score any causal LM as a
+    Each loads as its own class (`model_class`), so the evaluators can score any causal LM as a
     baseline too. Every phase that reads a finished model folder (4, 5, 6) loads it here.
     """
     import torch

@@ -6,7 +6,7 @@ once for hidden states; `lm_head` and the cross-entropy then run over chunks of 
 under activation checkpointing, so at most one chunk's logits exist at a time (forward and
 backward). The mean equals the model's own loss (over predicted tokens, labels shifted); the
 training loops take the sum, so one optimizer step can weight every token of all its
-micro-batches equally (`trainloop.optimizer_step`).
+micro-batches equally (`training.loop.optimizer_step`).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ what training taught) and one model turn: the `cot` explanation when the row has
 model turn only (prompt tokens carry label -100): the model should learn to answer, not to
 reproduce exam questions.
 
-Training runs on phase 3's loop (`trainloop`): answer tokens weighted equally across
+Training runs on phase 3's loop (`training.loop`): answer tokens weighted equally across
 gradient accumulation and processes, resume after a kill, several GPUs under `torchrun`.
 
 Two guards keep the evaluation honest. A training example whose text shares a 25-character
@@ -197,7 +197,7 @@ def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad_id:
 def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/.
 
-    The loop is phase 3's (`trainloop`): every answer token of an optimizer step weighs the same
+    The loop is phase 3's (`training.loop`): every answer token of an optimizer step weighs the same
     across micro-batches and processes, a kill resumes from the newest checkpoint (which also holds
     the best adapter so far), and `torchrun`/`accelerate launch` spread it over GPUs."""
     from accelerate.utils import set_seed

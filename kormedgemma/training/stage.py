@@ -6,7 +6,7 @@ merged). Every stage folder holds those tensors, so on `a5000` it need not hold 
 of the model (`staged.save_full_model=false`), and stage 6 can load the initialised model's
 transformer in 4-bit directly: stages 1–5 never change it.
 
-The loop, its checkpoints and resume are `trainloop`'s (shared with phase 4): `accelerate`
+The loop, its checkpoints and resume are `training.loop`'s (shared with phase 4): `accelerate`
 (one process, DDP, DeepSpeed ZeRO-2), accelerate's `save_state` cut to the trainable tensors, and
 micro-batch k of the run a pure function of (k, seed), so a resumed run reads exactly the blocks
 an uninterrupted one would have read.

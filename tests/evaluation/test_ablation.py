@@ -88,5 +88,10 @@ def test_trained_ablation_drops_each_variants_models_once_measured(tiny_phase2, 
     variant = load_config("tiny", overrides={"paths.root": str(tmp_path / "plain_mean-base_mean")})
     assert not artifact_path(variant, "initialized_model").exists() and not artifact_path(variant, "stage1").exists()
     assert artifact_path(config, "resized_model").is_dir()  # only the link went, never what it points at
+    # the same command again: the recorded variant is reused, nothing is trained or written again
+    assert trained_ablation(config, ["plain_mean"], ["base_mean"], 1, tmp_path, max_texts=2, seq_len=32,
+                            progress=False) == rows
+    assert not artifact_path(variant, "initialized_model").exists()
+    assert json.loads((tmp_path / "trained.json").read_text(encoding="utf-8"))["rows"] == rows
     with pytest.raises(ValueError, match="rows-only stages 1-3"):
         trained_ablation(config, ["eeve"], ["method"], 4, tmp_path)

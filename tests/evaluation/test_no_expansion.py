@@ -95,10 +95,13 @@ def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(base
     method_config, _, _ = tiny_phase4
     baseline_config, _ = baseline
     out = tmp_path / "comparison"
+    out.mkdir()
+    (out / "notes.txt").write_text("a researcher's own file", encoding="utf-8")
     assert main(["compare", "--profile", "tiny", "--method-root", str(method_config.paths.root),
                  "--baseline-root", str(baseline_config.paths.root), "--max-texts", "4", "--seq-len", "64",
                  "--out", str(out)]) == 0
     assert "| stage 7 |" in capsys.readouterr().out
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "a researcher's own file"  # only its three files written
     result = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     method, plain = result["method"]["trajectory"], result["baseline"]["trajectory"]
     assert [r["model"] for r in method] == [r["model"] for r in plain] == [
@@ -123,6 +126,14 @@ def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(base
                  str(method_config.paths.root), "--out", str(out)]) == 2
     assert "were the two roots swapped?" in capsys.readouterr().err
     assert json.loads((out / "comparison.json").read_text(encoding="utf-8")) == result
+    # two runs measured on different held-out text are refused: bits per character would not compare
+    from dataclasses import replace
+
+    from kormedgemma.evaluation.compare import compare
+
+    fewer = replace(baseline_config, evaluation=replace(baseline_config.evaluation, perplexity_max_texts=2))
+    with pytest.raises(ValueError, match="held-out korean texts differ"):
+        compare(method_config, fewer, progress=False)
     # phase 5's accuracies, side by side, from each run's results
     result["method"]["eval_korean"] = {"runs": [{"name": "instruct_loglikelihood_0shot", "overall": {"accuracy": 0.25}}]}
     result["baseline"]["eval_korean"] = {"runs": [{"name": "instruct_loglikelihood_0shot", "overall": {"accuracy": 0.5}},
