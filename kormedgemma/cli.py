@@ -362,18 +362,23 @@ def _init_ablation(args: argparse.Namespace) -> int:
     from kormedgemma.core.config import load_config
     from kormedgemma.core.io import write_json
     from kormedgemma.evaluation.ablation import METHODS, OUTPUT_ROWS, init_ablation, plot_ablation, plot_trained_ablation, trained_ablation
+    from kormedgemma.evaluation.perplexity import read_run_heldout
+    from kormedgemma.vocab.embeddings import wechsel_inputs_for
 
     if not 0 <= args.stages <= 3:
         raise ValueError(f"--stages {args.stages}: 0 (step 0 only) or 1-3 (EEVE's rows-only stages)")
     config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
     methods, outputs = args.methods or METHODS, args.outputs or OUTPUT_ROWS
     progress = sys.stderr.isatty()
-    result = init_ablation(config, methods, outputs, args.max_texts, args.seq_len, progress=progress)
+    # the held-out texts and WECHSEL's word vectors once for both parts, not once each
+    heldout = read_run_heldout(config, args.max_texts)
+    wechsel = wechsel_inputs_for(config) if {"wechsel", "hybrid"} & set(methods) else None
+    result = init_ablation(config, methods, outputs, args.max_texts, args.seq_len, progress, heldout, wechsel)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.stages:
         result["trained"] = trained_ablation(config, methods, outputs, args.stages, out / "variants", args.max_texts,
-                                             args.seq_len, args.keep_models, progress)
+                                             args.seq_len, args.keep_models, progress, heldout, wechsel)
         base = result["rows"][0]
         for row in result["trained"]:
             for language in ("korean", "english"):

@@ -14,7 +14,8 @@ is a picture; the PNG saved beside the artifact is unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 
 def _png(figure: Any) -> Any:
@@ -64,3 +65,11 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 
     show_figures_in_notebook()
     return Figure(figsize=figsize)
+
+
+def saved(figure: Any, path: Optional[Path] = None) -> Any:
+    """The figure, also written as a PNG to `path` when one is given: the artifact keeps the
+    picture the notebook shows, at one resolution for every plot."""
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure

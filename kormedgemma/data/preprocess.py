@@ -251,7 +251,7 @@ def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] =
     """Histogram of text lengths (characters, log scale) per corpus; saved to `path` if given."""
     from matplotlib.ticker import ScalarFormatter
 
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((5 * len(corpora), 3.2))
     axes = figure.subplots(1, len(corpora), squeeze=False)
@@ -267,9 +267,7 @@ def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] =
         axis.set_xlabel("characters")
         axis.set_ylabel("texts")
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 def preprocess_all(config: ProjectConfig, progress: bool = True) -> dict[str, Any]:

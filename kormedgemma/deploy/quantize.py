@@ -458,7 +458,7 @@ def deployment_report(summary: dict[str, Any]) -> str:
 def plot_deployment(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Left: size on disk, source vs 4-bit. Right: the serving card's memory, stacked, against
     vLLM's budget (dashed) at full concurrency."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((10, 3.8))
     left, right = figure.subplots(1, 2)
@@ -480,9 +480,7 @@ def plot_deployment(summary: dict[str, Any], path: Optional[Path] = None) -> Any
     right.set_title(f"{plan['gpu_gb']:.0f} GB serving card")
     right.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 def awq_headline(metrics: dict[str, Any]) -> str:

@@ -30,12 +30,14 @@ OUTPUT_ROWS = ("method", "subword_mean", "base_mean")
 
 
 def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outputs: Sequence[str] = OUTPUT_ROWS,
-                  max_texts: Optional[int] = None, seq_len: Optional[int] = None,
-                  progress: bool = True) -> dict[str, Any]:
-    """Bits per character at step 0 for every (method, output rows) pair, and the base model's."""
+                  max_texts: Optional[int] = None, seq_len: Optional[int] = None, progress: bool = True,
+                  heldout: Optional[dict[str, Any]] = None, wechsel: Optional[tuple] = None) -> dict[str, Any]:
+    """Bits per character at step 0 for every (method, output rows) pair, and the base model's.
+    `heldout` (`read_run_heldout`) and `wechsel` (`wechsel_inputs_for`): read once by a caller that
+    also runs `trained_ablation`, instead of once each."""
     from kormedgemma.core.artifacts import require
     from kormedgemma.core.environment import free_memory
-    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_heldout
+    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
     from kormedgemma.modeling.base_model import base_model_ref, load_for_eval, load_tokenizer
     from kormedgemma.vocab.embeddings import initialize_new_rows, wechsel_inputs_for
 
@@ -46,9 +48,7 @@ def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outpu
     max_texts = max_texts or evaluation.perplexity_max_texts
     seq_len = seq_len or evaluation.perplexity_seq_len
     resized = require(config, "resized_model")
-    store = require(config, "token_store")
-    heldout = {language: read_heldout(require(config, language), max_texts, store, language)
-               for language in ("korean", "english")}
+    heldout = heldout or read_run_heldout(config, max_texts)
 
     def measure(model: Any, tokenizer: Any, label: str) -> dict[str, Any]:
         return heldout_bits_per_char(model, tokenizer, heldout, seq_len, evaluation.batch_size, progress, label)
@@ -60,10 +60,11 @@ def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outpu
     free_memory()
     model, merged = load_for_eval(resized)
     base_tokenizer = load_tokenizer(config)
-    wechsel = wechsel_inputs_for(config)[0] if {"wechsel", "hybrid"} & set(methods) else None
+    if wechsel is None and {"wechsel", "hybrid"} & set(methods):
+        wechsel = wechsel_inputs_for(config)
     for method, output in itertools.product(methods, outputs):
         spec = dataclasses.replace(config.embeddings, method=method, output_rows=output)
-        initialize_new_rows(model, base_tokenizer, merged, spec, wechsel if method in ("wechsel", "hybrid") else None)
+        initialize_new_rows(model, base_tokenizer, merged, spec, wechsel[0] if method in ("wechsel", "hybrid") else None)
         rows.append({"method": method, "output_rows": output, **measure(model, merged, f"{method}/{output}")})
     reference = rows[0]
     for row in rows[1:]:
@@ -97,7 +98,8 @@ def variant_root(config: ProjectConfig, work: Path, method: str, output: str) ->
 
 def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Sequence[str], stages: int, work: Path,
                      max_texts: Optional[int] = None, seq_len: Optional[int] = None, keep_models: bool = False,
-                     progress: bool = True) -> list[dict[str, Any]]:
+                     progress: bool = True, heldout: Optional[dict[str, Any]] = None,
+                     wechsel: Optional[tuple] = None) -> list[dict[str, Any]]:
     """Bits per character after each of stages 1..`stages` for every (method, output rows) pair,
     each initialised by 2.02 and trained by 3.0N exactly as the pipeline would, with `config`'s
     stage settings. Unless `keep_models`, a variant's models go once measured (its metrics stay).
@@ -111,7 +113,7 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
     from kormedgemma.core.config import config_to_dict
     from kormedgemma.core.environment import free_memory
     from kormedgemma.core.io import write_json
-    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_heldout
+    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
     from kormedgemma.training.stage import apply_trained, checkpoint_root, load_stage_model, train_stage
     from kormedgemma.vocab.embeddings import initialize_artifact, wechsel_inputs_for
 
@@ -121,16 +123,13 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
     evaluation = config.evaluation
     max_texts = max_texts or evaluation.perplexity_max_texts
     seq_len = seq_len or evaluation.perplexity_seq_len
-    store = require(config, "token_store")
-    heldout = {language: read_heldout(require(config, language), max_texts, store, language)
-               for language in ("korean", "english")}
+    heldout = heldout or read_run_heldout(config, max_texts)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
     record = Path(work) / "trained.json"
     settings = {"stages": stages, "max_texts": max_texts, "seq_len": seq_len,
                 **{key: config_to_dict(config)[key] for key in ("embeddings", "staged")}}
     earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
     done = earlier.get("rows", []) if earlier.get("settings") == json.loads(json.dumps(settings)) else []
-    wechsel = None
     rows: list[dict[str, Any]] = []
     for method, output in itertools.product(methods, outputs):
         kept = [r for r in done if (r["method"], r["output_rows"]) == (method, output)]
@@ -167,7 +166,7 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
 
 def plot_ablation(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Korean against English bits per character at step 0, one point per (method, output rows)."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((7, 4.5))
     ax = figure.subplots()
@@ -181,9 +180,7 @@ def plot_ablation(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     ax.set_title("New-token initialisation at step 0 (lower is better on both)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 def trained_curves(result: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
@@ -201,7 +198,7 @@ def trained_curves(result: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
 def plot_trained_ablation(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Korean and English bits per character from step 0 through the trained stages, one line per
     (method, output rows), the base model as a dotted line."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((10, 4))
     base = result["rows"][0]
@@ -214,6 +211,4 @@ def plot_trained_ablation(result: dict[str, Any], path: Optional[Path] = None) -
         ax.set_title(f"{language}: held-out bits per character", fontsize=9)
         ax.legend(fontsize=6)
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)

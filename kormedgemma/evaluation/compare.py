@@ -20,21 +20,21 @@ LANGUAGES = ("korean", "english")
 
 
 def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: Optional[int] = None,
-               progress: bool = True) -> list[dict[str, Any]]:
+               progress: bool = True, heldout: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """Held-out bits per character of the base, the initialised model, stages 1-7 and the
-    instruction-tuned model of one run (a stage that was skipped repeats the model before it)."""
+    instruction-tuned model of one run (a stage that was skipped repeats the model before it);
+    `heldout`: `read_run_heldout`'s texts when the caller has read them already."""
     import torch
 
     from kormedgemma.core.artifacts import require
     from kormedgemma.core.environment import free_memory
-    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_heldout
+    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
     from kormedgemma.modeling.base_model import base_model_ref, load_for_eval
     from kormedgemma.training.stage import apply_trained, load_stage_model, read_metrics
 
     spec = config.evaluation
-    max_texts, seq_len = max_texts or spec.perplexity_max_texts, seq_len or spec.perplexity_seq_len
-    store = require(config, "token_store")
-    heldout = {language: read_heldout(require(config, language), max_texts, store, language) for language in LANGUAGES}
+    seq_len = seq_len or spec.perplexity_seq_len
+    heldout = heldout or read_run_heldout(config, max_texts)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
 
     def measure(label: str, model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -89,6 +89,8 @@ def run_summary(config: ProjectConfig) -> dict[str, Any]:
 def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int] = None,
             seq_len: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
     """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline)."""
+    from kormedgemma.evaluation.perplexity import read_run_heldout
+
     runs = {"method": method, "baseline": baseline}
     for label, config in runs.items():
         expanded = _added_tokens(config)
@@ -99,9 +101,15 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
             raise ValueError(f"{label} run under {config.paths.root} added {expanded} tokens: the method run must "
                              "expand the vocabulary and the baseline must not (tokenizer.expand: false); were the "
                              "two roots swapped?")
-    _check_same_heldout(method, baseline, max_texts)
+    heldout = {label: read_run_heldout(config, max_texts) for label, config in runs.items()}
+    for language in LANGUAGES:  # bits per character compare two runs only on the same text
+        chars = {label: texts[language].chars for label, texts in heldout.items()}
+        if chars["method"] != chars["baseline"]:
+            raise ValueError(f"the two runs' held-out {language} texts differ ({chars['method']:,} characters under "
+                             f"{method.paths.root}, {chars['baseline']:,} under {baseline.paths.root}): run both from "
+                             "the same data and data.preprocess settings, or bits per character do not compare")
     result: dict[str, Any] = {label: {"root": str(config.paths.root), **run_summary(config),
-                                      "trajectory": trajectory(config, max_texts, seq_len, progress)}
+                                      "trajectory": trajectory(config, max_texts, seq_len, progress, heldout[label])}
                               for label, config in runs.items()}
     for language in LANGUAGES:
         key = f"{language}_bits_per_char"
@@ -109,23 +117,6 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
                 for label in runs}
         result[f"{language}_stage7_gap"] = round(ends["method"] - ends["baseline"], 5)
     return result
-
-
-def _check_same_heldout(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int]) -> None:
-    """Bits per character compare two runs only on the same text: both runs' held-out splits must
-    hold the same characters (each read from its own root)."""
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.evaluation.perplexity import read_heldout
-
-    for language in LANGUAGES:
-        chars = {}
-        for label, config in (("method", method), ("baseline", baseline)):
-            texts = max_texts or config.evaluation.perplexity_max_texts
-            chars[label] = read_heldout(require(config, language), texts, require(config, "token_store"), language).chars
-        if chars["method"] != chars["baseline"]:
-            raise ValueError(f"the two runs' held-out {language} texts differ ({chars['method']:,} characters under "
-                             f"{method.paths.root}, {chars['baseline']:,} under {baseline.paths.root}): run both from "
-                             "the same data and data.preprocess settings, or bits per character do not compare")
 
 
 def _added_tokens(config: ProjectConfig) -> Optional[int]:
@@ -198,7 +189,7 @@ def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] =
 
 def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Korean and English bits per character along each run, the method and the baseline."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((9, 3.6))
     axes = figure.subplots(1, 2)
@@ -211,6 +202,4 @@ def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:
         ax.set_title(f"{language}: held-out bits per character", fontsize=9)
         ax.legend(fontsize=7)
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)

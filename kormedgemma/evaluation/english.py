@@ -189,7 +189,7 @@ def retention_warnings(summary: dict[str, Any]) -> list[str]:
 
 def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Grouped bars: base vs adapted accuracy per benchmark, chance dashed."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((6, 3.2))
     ax = figure.subplots()
@@ -207,9 +207,7 @@ def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     ax.set_ylabel("accuracy (chance dashed)")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 def english_eval_headline(metrics: dict[str, Any]) -> str:

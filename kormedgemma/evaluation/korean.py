@@ -363,7 +363,7 @@ HATCHES = {"chat": "//", "loglikelihood": ".."}
 
 def plot_accuracy(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Bars per subset (and overall) for every run; chance (20%) dashed."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     runs = summary["runs"]
     groups = list(runs[0]["subsets"]) + ["overall"]
@@ -383,9 +383,7 @@ def plot_accuracy(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     ax.set_ylabel("KorMedMCQA accuracy")
     ax.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 def _markdown(rows: Sequence[dict[str, Any]]) -> str:

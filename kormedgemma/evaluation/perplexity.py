@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from config.training_config import ProjectConfig
 from kormedgemma.modeling.loss import IGNORE
 
 
@@ -137,3 +138,13 @@ def heldout_bits_per_char(model: Any, tokenizer: Any, heldout: dict[str, Heldout
     return {f"{name}_bits_per_char": perplexity(model, tokenizer, texts, seq_len, batch_size, progress,
                                                  desc=f"{label} {name}".strip())["bits_per_char"]
             for name, texts in heldout.items()}
+
+
+def read_run_heldout(config: ProjectConfig, max_texts: Optional[int] = None) -> dict[str, Any]:
+    """One run's held-out Korean and English texts, as its token store holds them."""
+    from kormedgemma.core.artifacts import require
+
+    max_texts = max_texts or config.evaluation.perplexity_max_texts
+    store = require(config, "token_store")
+    return {language: read_heldout(require(config, language), max_texts, store, language)
+            for language in ("korean", "english")}

@@ -372,7 +372,7 @@ def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Te
 
 def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Train loss per step and dev loss per evaluation, the kept (best) step marked."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((6, 3.2))
     ax = figure.subplots()
@@ -388,9 +388,7 @@ def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> 
     ax.set_title("instruction tuning on KorMedMCQA", fontsize=9)
     ax.legend(fontsize=7)
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 def read_instruct_metrics(config: ProjectConfig) -> dict[str, Any]:

@@ -360,7 +360,7 @@ def examples_table(base: Any, merged: Any, words: Sequence[str]) -> list[dict[st
 
 def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Optional[Path] = None) -> Any:
     """Rank-frequency curve of the Korean pieces with the threshold marked."""
-    from kormedgemma.core.plots import new_figure
+    from kormedgemma.core.plots import new_figure, saved
 
     ordered = np.sort(counts[counts > 0])[::-1]
     figure = new_figure((6.5, 3.6))
@@ -372,9 +372,7 @@ def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Option
     axis.set_title(f"{int((ordered >= threshold).sum()):,} pieces ≥ threshold; {kept:,} new after filters and cap")
     axis.legend()
     figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
+    return saved(figure, path)
 
 
 # --------------------------------------------------------------------------- pipeline steps
