@@ -258,7 +258,8 @@ def wechsel_rows(base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequence[i
             order = top[row][np.argsort(-similarities[row, top[row]])]
             weights = softmax_weights(similarities[row, order], spec.wechsel_temperature)
             chosen = base_ids_array[order]
-            weight_tensor = torch.tensor(weights, dtype=torch.float32)[:, None]
+            # on the matrices' device: the init ablation holds the model on the GPU
+            weight_tensor = torch.tensor(weights, dtype=torch.float32, device=base_input.device)[:, None]
             result.rows_input[token_id] = (weight_tensor * base_input[chosen].float()).sum(dim=0)
             result.rows_output[token_id] = (weight_tensor * base_output[chosen].float()).sum(dim=0)
             result.route[token_id] = "knn"

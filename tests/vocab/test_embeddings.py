@@ -137,6 +137,13 @@ def test_wechsel_neighbours_reproduce_each_row(tiny_phase1):
         assert len(ids) == 7 and all(i < len(base_tok) for i in ids)
         assert float(weights.sum()) == pytest.approx(1.0, abs=1e-6) and bool((weights >= 0).all())
         assert torch.allclose(result.rows_input[token_id], (weights[:, None] * base_in[ids]).sum(0), atol=1e-6)
+    # Matrices on another device than the CPU (the init ablation's model on the GPU failed here with
+    # "found at least two devices, cuda:0 and cpu"): the rows are made on the matrices' device.
+    meta = base_in.to("meta")
+    on_meta = wechsel_rows(base_tok, merged_tok, new_ids, meta, meta, ko, en, align(ko, en, pairs), {},
+                           EmbeddingConfig(wechsel_k=7, wechsel_temperature=0.1))
+    assert on_meta.route == result.route
+    assert {row.device.type for row in on_meta.rows_input.values()} == {"meta"}
 
 
 def test_hybrid_blends_eeve_and_wechsel_and_reports_coverage(tiny_phase2):
