@@ -6,6 +6,8 @@
 #   bash benchmarks/gemma3_270m_device.sh --receive        # keep the carried pieces (.dev/*/) on the machine
 #   bash benchmarks/gemma3_270m_device.sh --watch [SECONDS] # start the runs once, follow them, collect
 #
+# G270_SPEED_ONLY=1: only the method run's 0.00-2.02, then benchmarks/gemma3_270m_speed.py on it.
+#
 # A device command carries at most 64 MiB, so the GGUF (242 MB) and what the machine lacks come
 # over several back-to-back commands as ignored folders .dev/a .. .dev/e, each copied to
 # /root/stage by --receive: .dev/a holds gpusite.tar.xz (papermill and the Jupyter kernel, datatrove,
@@ -69,9 +71,9 @@ else
       python3 -m kormedgemma pubmedqa-local --src ../shared/data/pubmedqa --out data/pubmedqa_local
     steps=$(python3 -c "from config.training_config import gemma3_270m as g; s=g().staged; print(sum(getattr(s, f\"stage{i}\").max_steps for i in range(1, 7)))")
     echo "== $(date +%T) baseline stage 6 steps: ${G270_BASELINE_STAGE6_STEPS:-$steps}"
-    python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/method > $ROOT/method.log 2>&1 &
+    python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/method ${G270_SPEED_ONLY:+--to 2.02} > $ROOT/method.log 2>&1 &
     m=$!
-    python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/baseline --set tokenizer.expand=false \
+    [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/baseline --set tokenizer.expand=false \
       --set staged.stage6.max_steps=${G270_BASELINE_STAGE6_STEPS:-$steps} --to 5.02 > $ROOT/baseline.log 2>&1 &
     b=$!
     if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3, once 2.01 has sealed the resized model
@@ -82,14 +84,14 @@ else
       a=$!
     fi
     wait $m; echo "== $(date +%T) method run ended: $?"
-    wait $b; echo "== $(date +%T) baseline run ended: $?"
-    python3 -m kormedgemma compare --profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml \
+    [ -n "${G270_SPEED_ONLY:-}" ] || { wait $b; echo "== $(date +%T) baseline run ended: $?"; }
+    [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma compare --profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml \
       --set base.model=$STAGE/base.gguf --method-root $ROOT/method --baseline-root $ROOT/baseline \
       --out $ROOT/comparison > $ROOT/compare.log 2>&1
     echo "== $(date +%T) compare ended: $?"
     [ -n "${a:-}" ] && wait $a
     python3 benchmarks/gemma3_270m_speed.py --root $ROOT/method --set base.model=$STAGE/base.gguf --out $ROOT/results \
-      > $ROOT/speed.log 2>&1
+      --steps ${G270_SPEED_STEPS:-40} > $ROOT/speed.log 2>&1
     echo "== $(date +%T) speed ended: $?"' g270 "$PWD" "$ROOT" "$STAGE" >> "$ROOT/daemon.log" 2>&1 < /dev/null &
   echo $! > "$ROOT/daemon.pid"
   echo "started the runs (pid $!)"
@@ -105,7 +107,7 @@ cp "$ROOT/daemon.log" "$OUT/" 2>/dev/null
 for run in method baseline; do
   grep -E '^\[|^run |pipeline finished|rror' "$ROOT/$run.log" 2>/dev/null | tail -30 | sed "s/^/$run: /"
 done
-tail -3 "$ROOT/compare.log" 2>/dev/null
+tail -3 "$ROOT/compare.log" 2>/dev/null; tail -12 "$ROOT/speed.log" 2>/dev/null; cp "$ROOT"/results/*.json "$OUT/" 2>/dev/null
 (cd "$ROOT" && tar -czf "$OUT/g270.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.gguf' \
    --exclude='*/step-*' --exclude='*/data/raw' --exclude='*/data/processed' --exclude='*.model' --exclude='tokenizer.json' \
    -- *.log comparison results ablation/*.json ablation/*.png ablation/variants/*.json method/runs baseline/runs $(cd "$ROOT" && ls -d method/models/*/ baseline/models/*/ 2>/dev/null) 2>/dev/null)
