@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
 
-    from kormedgemma.core.artifacts import ARTIFACTS, artifact_path
+    from kormedgemma.core.artifacts import artifact_path, link_upstream
     from kormedgemma.core.config import load_config
     from kormedgemma.training.stage import train_stage
 
@@ -69,11 +69,7 @@ def main() -> None:
     config = load_config("gemma3_270m", overrides={**overrides, "paths.root": args.root}, config_file=args.config_file)
     root = Path(args.root).resolve() / "speed"
     scratch = dataclasses.replace(config, paths=dataclasses.replace(config.paths, root=str(root)))
-    for key, artifact in ARTIFACTS.items():  # phase 0-2 outputs linked; stages train afresh
-        source, link = artifact_path(config, key).resolve(), artifact_path(scratch, key)
-        if artifact.producer < "3.01" and source.exists() and not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(source, target_is_directory=source.is_dir())
+    link_upstream(config, scratch, before="3.01")  # phase 0-2 outputs linked; stages train afresh
     hyper = config.staged.stage1
     shape = {"micro_batch_size": hyper.micro_batch_size, "grad_accum": hyper.grad_accum, "seq_len": hyper.seq_len}
     print("naive loop ...", flush=True)

@@ -102,3 +102,18 @@ def require(config: ProjectConfig, key: str) -> Path:
             f"{ARTIFACTS[key].shown} {state}: run {NOTEBOOKS[producer]} "
             f"(or `python -m kormedgemma run --profile {config.profile} --to {producer}`)")
     return path
+
+
+def link_upstream(source: ProjectConfig, target: ProjectConfig, before: str) -> None:
+    """Link into `target`'s root every artifact of `source` made by a step before `before`, so a
+    second root (an ablation variant, a speed run) trains from the same inputs without copying
+    gigabytes. A link left dangling by an earlier run whose source moved is replaced."""
+    for key, artifact in ARTIFACTS.items():
+        if artifact.producer >= before:
+            continue
+        origin, link = artifact_path(source, key).resolve(), artifact_path(target, key)
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+        if origin.exists() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(origin, target_is_directory=origin.is_dir())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from config.training_config import ProjectConfig
+from kormedgemma.core.artifacts import link_upstream
 
 METHODS = ("hybrid", "eeve", "wechsel", "mean", "plain_mean", "random")
 OUTPUT_ROWS = ("method", "subword_mean", "base_mean")
@@ -79,20 +80,10 @@ def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outpu
 def variant_root(config: ProjectConfig, work: Path, method: str, output: str) -> ProjectConfig:
     """A root under `work` for one (method, output rows) with every artifact made before 2.02
     linked from `config`'s root, and the config that trains there."""
-    from kormedgemma.core.artifacts import ARTIFACTS, artifact_path
-
     root = Path(work).resolve() / f"{method}-{output}"
     variant = dataclasses.replace(config, paths=dataclasses.replace(config.paths, root=str(root)),
                                   embeddings=dataclasses.replace(config.embeddings, method=method, output_rows=output))
-    for key, artifact in ARTIFACTS.items():
-        if artifact.producer >= "2.02":
-            continue
-        source, link = artifact_path(config, key).resolve(), artifact_path(variant, key)
-        if link.is_symlink() and not link.exists():  # left by an earlier run whose source moved
-            link.unlink()
-        if source.exists() and not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(source, target_is_directory=source.is_dir())
+    link_upstream(config, variant, before="2.02")
     return variant
 
 
