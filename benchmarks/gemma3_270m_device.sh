@@ -7,6 +7,8 @@
 #   bash benchmarks/gemma3_270m_device.sh --watch [SECONDS] # start the runs once, follow them, collect
 #
 # G270_SPEED_ONLY=1: only the method run's 0.00-2.02, then benchmarks/gemma3_270m_speed.py on it.
+# G270_ABLATION="hybrid eeve ...": also the init ablation through stage 3 beside the runs, with
+# G270_ABLATION_SET's overrides (e.g. shorter stages) on top of the profile's.
 #
 # A device command carries at most 64 MiB, so the GGUF (242 MB) and what the machine lacks come
 # over several back-to-back commands as ignored folders .dev/a .. .dev/e, each copied to
@@ -78,7 +80,7 @@ else
     b=$!
     if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3, once 2.01 has sealed the resized model
       ( while [ ! -f $ROOT/method/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
-        python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/method --stages 3 \
+        python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/method --stages 3 ${G270_ABLATION_SET:-} \
           --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
         echo "== $(date +%T) ablation ended: $?" ) &
       a=$!
