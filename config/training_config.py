@@ -439,6 +439,10 @@ class EvaluationConfig:
     english_max_questions: Optional[int] = None
     # Largest English accuracy drop (absolute) tolerated before the report flags forgetting.
     retention_tolerance: float = 0.02
+    # Largest relative rise in English bits per character on held-out English text (0.02: +2 % of the
+    # base's) before the report flags forgetting. Benchmarks a small model answers near chance can
+    # hide what the text shows (the 270M's baseline: PubMedQA 39.6 → 44.8 %, bits/char 0.76 → 1.74).
+    english_bits_tolerance: float = 0.02
     # Held-out text for perplexity: blocks of perplexity_seq_len tokens, at most perplexity_max_texts texts.
     perplexity_seq_len: int = 1024
     perplexity_max_texts: int = 2000
@@ -458,6 +462,7 @@ class EvaluationConfig:
         unknown = sorted(set(self.english_benchmarks) - known)
         _require(not unknown, "english_benchmarks", f"unknown benchmark(s) {unknown}; known: {sorted(known)}")
         _require(0.0 <= self.retention_tolerance <= 1.0, "retention_tolerance", "must be in [0, 1]")
+        _require(self.english_bits_tolerance >= 0.0, "english_bits_tolerance", "must be ≥ 0")
         _require(self.perplexity_seq_len >= 2, "perplexity_seq_len", "must be ≥ 2")
         _require(self.perplexity_max_texts >= 1, "perplexity_max_texts", "must be ≥ 1")
 

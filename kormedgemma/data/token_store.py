@@ -164,6 +164,21 @@ class TokenStore:
         file = self._file(corpus, split, "chars")
         return np.memmap(file, dtype=np.uint32, mode="r") if file.stat().st_size else np.zeros(0, dtype=np.uint32)
 
+    def prefix_chars(self, corpus: str, split: str, tokens: int) -> float:
+        """Characters of text in the stream's first `tokens` ids: whole documents exactly, the one
+        the cut falls in by its share of tokens. The evaluation blocks are such a prefix
+        (`batching.leading_blocks`), and their loss per token times tokens per character is bits
+        per character, the one figure that compares across tokenizers."""
+        offsets, chars = self.offsets(corpus, split), self.chars(corpus, split)
+        if tokens <= 0 or not len(chars):
+            return 0.0
+        whole = int(np.searchsorted(offsets[1:], tokens, side="right"))  # documents ending within the prefix
+        total = float(chars[:whole].sum(dtype=np.int64))
+        if whole < len(chars):
+            start, end = int(offsets[whole]), int(offsets[whole + 1])
+            total += float(chars[whole]) * (tokens - start) / (end - start)
+        return total
+
     def documents(self, corpus: str, split: str, limit: Optional[int] = None,
                   indices: Optional[Sequence[int]] = None) -> Iterator[np.ndarray]:
         """Each document's ids, `<bos>` and `<eos>` included: the first `limit` in corpus order, or

@@ -78,12 +78,70 @@ def run_summary(config: ProjectConfig) -> dict[str, Any]:
         "stage_steps": [m.get("steps", 0) for m in stages],
         "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in stages), 1),
         "instruct_seconds": instruct.get("seconds"),
+        "curves": stage_curves(stages),
     }
     for name in ("korean", "english"):
         results = artifact_path(config, f"eval_{name}") / "results.json"
         if results.is_file():
             summary[f"eval_{name}"] = json.loads(results.read_text(encoding="utf-8"))
     return summary
+
+
+def stage_curves(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every evaluation of stages 1-7 (their metrics, in order) as one curve: bits per character of
+    the valid blocks against the run's cumulative optimizer steps, tokens and training seconds.
+    The stage evaluations come every `eval_every` steps at no extra cost, so this shows where a run
+    stopped improving, which a per-stage trajectory hides; skipped stages add nothing."""
+    rows: list[dict[str, Any]] = []
+    steps = tokens = 0
+    seconds = 0.0
+    for metrics in stages:
+        if not metrics.get("steps"):
+            continue
+        history = metrics.get("history", [])
+        per_step = metrics["tokens"] // metrics["steps"]
+        elapsed = [0.0]
+        for h in history:
+            elapsed.append(elapsed[-1] + h["seconds"])
+        for e in metrics.get("evals", []):
+            if steps and e["step"] == 0:
+                continue  # a stage's step 0 is the previous stage's last evaluation
+            row = {"stage": metrics["stage"], "step": steps + e["step"], "tokens": tokens + e["step"] * per_step,
+                   "train_seconds": round(seconds + elapsed[min(e["step"], len(history))], 2)}
+            for language in LANGUAGES:
+                row[f"{language}_valid_loss"] = e.get(f"{language}_valid_loss")
+                row[f"{language}_bits_per_char"] = e.get(f"{language}_valid_bits_per_char")
+            rows.append(row)
+        steps, tokens = steps + metrics["steps"], tokens + metrics["tokens"]
+        seconds += metrics.get("train_seconds", 0.0)
+    return rows
+
+
+def plot_stage_curves(curves: dict[str, list[dict[str, Any]]], path: Optional[Path] = None) -> Any:
+    """Korean and English bits per character of the valid blocks against training tokens, one line
+    per run (`{label: stage_curves(...)}`), each stage's start marked on the first run's line."""
+    from kormedgemma.core.plots import new_figure, saved
+
+    figure = new_figure((9, 3.6))
+    axes = figure.subplots(1, 2)
+    for ax, language in zip(axes, LANGUAGES):
+        key = f"{language}_bits_per_char"
+        for (label, rows), style in zip(curves.items(), ("-", "--", ":", "-.")):
+            points = [(r["tokens"] / 1e6, r[key]) for r in rows if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker=".", ms=4, label=label)
+        first = next(iter(curves.values()), [])
+        for previous, row in zip(first, first[1:]):
+            if row["stage"] != previous["stage"]:
+                ax.axvline(previous["tokens"] / 1e6, color="0.85", lw=0.8, zorder=0)
+                ax.annotate(f"s{row['stage']}", (previous["tokens"] / 1e6, 1), xycoords=("data", "axes fraction"),
+                            fontsize=6, color="0.5", va="top")
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("bits per character (valid blocks)")
+        ax.set_title(f"{language}", fontsize=9)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    return saved(figure, path)
 
 
 def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int] = None,
@@ -182,7 +240,12 @@ def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] =
     out = Path(out)
     with atomic_file(out / "comparison.png", "wb") as handle:
         plot_comparison(result).savefig(handle, dpi=110, format="png")
-    write_text(out / "comparison.md", "\n".join([*report_lines(result), "", "![comparison](comparison.png)", ""]))
+    with atomic_file(out / "curves.png", "wb") as handle:
+        plot_stage_curves({label: result[label].get("curves", []) for label in ("method", "baseline")}).savefig(
+            handle, dpi=110, format="png")
+    write_text(out / "comparison.md", "\n".join([*report_lines(result), "", "![comparison](comparison.png)", "",
+                                                 "Along training (the stages' own evaluations):", "",
+                                                 "![curves](curves.png)", ""]))
     write_json(out / "comparison.json", {**result, **({"command": command} if command else {})})
     return out
 

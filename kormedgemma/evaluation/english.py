@@ -9,7 +9,9 @@ the harness joins them) and `subject`) or from the Hub: MedQA from the harness's
 PubMedQA's 1,000 labelled questions from `qiaojin/PubMedQA`, because the harness's
 `bigbio/pubmed_qa` (its 500-question fold-0 test split) is a loading script that current
 `datasets` no longer runs. A drop of more than `evaluation.retention_tolerance` against the
-base model is flagged.
+base model is flagged, and so is English bits per character on held-out text rising more than
+`evaluation.english_bits_tolerance`: a small model answers the benchmarks near chance, and its
+forgetting shows in the text first.
 """
 from __future__ import annotations
 
@@ -139,6 +141,13 @@ def retention_table(results: dict[str, dict[str, Any]], tolerance: float) -> lis
     return rows
 
 
+def text_retention(perplexity: dict[str, dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """English bits per character, base vs adapted: the relative rise, flagged above `tolerance`."""
+    base, adapted = perplexity["base"]["bits_per_char"], perplexity["adapted"]["bits_per_char"]
+    rise = round(adapted / base - 1, 4)
+    return {"base": base, "adapted": adapted, "rise": rise, "tolerance": tolerance, "flagged": rise > tolerance}
+
+
 def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     """5.02: English benchmarks and English bits per character, base vs instruction-tuned model."""
     from kormedgemma.core.artifacts import artifact_path, require
@@ -166,13 +175,14 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
         del model
         free_memory()
     table = retention_table(results, spec.retention_tolerance)
+    text = text_retention(ppl, spec.english_bits_tolerance)
     summary = {"models": models, "tolerance": spec.retention_tolerance, "retention": table, "perplexity": ppl,
-               "bad_rows": [b for _, (_, bad) in benchmarks.items() for b in bad],
-               "flagged": [r["benchmark"] for r in table if r["flagged"]],
+               "text_retention": text, "bad_rows": [b for _, (_, bad) in benchmarks.items() for b in bad],
+               "flagged": [r["benchmark"] for r in table if r["flagged"]] + (["English bits/char"] if text["flagged"] else []),
                "benchmarks": {name: {label: {k: v for k, v in r.items() if k != "predictions"} for label, r in by.items()}
                               for name, by in results.items()}}
     keys = ["evaluation.english_benchmarks", "evaluation.english_local_path", "evaluation.english_max_questions",
-            "evaluation.retention_tolerance", "evaluation.perplexity_seq_len", "evaluation.perplexity_max_texts", "base.model"]
+            "evaluation.retention_tolerance", "evaluation.english_bits_tolerance", "evaluation.perplexity_seq_len", "evaluation.perplexity_max_texts", "base.model"]
     with write_artifact(artifact_path(config, "eval_english"), "5.02", config, keys, inputs) as out:
         write_json(out.path / "results.json", summary)
         plot_retention(summary, out.path / "retention.png")
@@ -182,9 +192,15 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
 
 
 def retention_warnings(summary: dict[str, Any]) -> list[str]:
-    return [f"WARNING: English {r['benchmark']} accuracy fell {r['drop']:.1%} ({r['base']:.1%} → {r['adapted']:.1%} on "
-            f"{r['n']} questions), more than the tolerated {summary['tolerance']:.1%}" for r in summary["retention"]
-            if r["flagged"]]
+    warnings = [f"WARNING: English {r['benchmark']} accuracy fell {r['drop']:.1%} ({r['base']:.1%} → {r['adapted']:.1%} "
+                f"on {r['n']} questions), more than the tolerated {summary['tolerance']:.1%}" for r in summary["retention"]
+                if r["flagged"]]
+    text = summary.get("text_retention")
+    if text and text["flagged"]:
+        warnings.append(f"WARNING: English bits per character rose {text['rise']:.1%} ({text['base']} → {text['adapted']} "
+                        f"on held-out English text), more than the tolerated {text['tolerance']:.1%}: the model is "
+                        "forgetting English (more English replay, or shorter stages 6-7)")
+    return warnings
 
 
 def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
@@ -213,5 +229,5 @@ def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
 def english_eval_headline(metrics: dict[str, Any]) -> str:
     """5.02's line: each benchmark base → adapted, English bits/char, what dropped too far."""
     retention = ", ".join(f"{r['benchmark']} {r['base']:.1%} → {r['adapted']:.1%}" for r in metrics.get("retention", []))
-    flagged = f"; ⚠ dropped beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""
+    flagged = f"; ⚠ beyond tolerance: {', '.join(metrics['flagged'])}" if metrics.get("flagged") else ""
     return f"{retention}; English bits/char {metrics.get('bits_per_char')}{flagged}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -202,6 +202,7 @@ class StageData:
     train: Any  # PackedBlocks: indexed by a list of block numbers, gives [k, seq_len] ids
     english_share: float
     valid: dict[str, torch.Tensor]  # language → [m, ≤seq_len] blocks
+    valid_tokens_per_char: dict[str, float] = field(default_factory=dict)  # language → of those blocks
 
 
 def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: int) -> StageData:
@@ -214,12 +215,15 @@ def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: i
     store.check_tokenizer(tokenizer)
     train = PackedBlocks.build(store.stream("korean", "train"), store.stream("english", "train"), spec.seq_len,
                                spec.english_replay_fraction, seed)
-    valid = {}
+    valid, per_char = {}, {}
     for language in ("korean", "english"):
         blocks = leading_blocks(store.stream(language, "valid"), spec.seq_len, spec.eval_blocks)
         if blocks is not None:
             valid[language] = blocks
-    return StageData(train, train.english_share, valid)
+            chars = store.prefix_chars(language, "valid", blocks.numel())
+            if chars:
+                per_char[language] = blocks.numel() / chars
+    return StageData(train, train.english_share, valid, per_char)
 
 
 # --------------------------------------------------------------------------- hardware choices
@@ -324,7 +328,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     order = BlockOrder(len(data.train), hyper.micro_batch_size, seed)
     tokens_per_step = hyper.micro_batch_size * hyper.seq_len * hyper.grad_accum * world
     if progress.step == 0 and data.valid:
-        progress.evals.append({"step": 0, **_evaluate(module, data.valid, accelerator, hyper.micro_batch_size)})
+        progress.evals.append({"step": 0, **_evaluate(module, data, accelerator, hyper.micro_batch_size)})
     bar = tqdm(total=hyper.max_steps, initial=progress.step, desc=f"stage {number}", unit="step",
                disable=not (progress_bar and accelerator.is_local_main_process), mininterval=2.0)
     if device.type == "cuda":
@@ -352,7 +356,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
             bar.update(1)
             if data.valid and (progress.step % hyper.eval_every == 0 or progress.step == hyper.max_steps):
                 progress.evals.append({"step": progress.step,
-                                       **_evaluate(module, data.valid, accelerator, hyper.micro_batch_size)})
+                                       **_evaluate(module, data, accelerator, hyper.micro_batch_size)})
             if progress.step % hyper.save_every == 0 and progress.step < hyper.max_steps:
                 save_checkpoint(accelerator, folder, progress, fingerprint, hyper.keep_checkpoints)
             crash_if_asked(progress.step)
@@ -397,11 +401,22 @@ def _write_skipped_stage(config: ProjectConfig, number: int, inputs: dict[str, P
     return metrics
 
 
-def _evaluate(module: Any, valid: dict[str, torch.Tensor], accelerator: Any, batch_size: int) -> dict[str, float]:
-    """Mean token loss on each language's valid blocks, split across processes."""
-    return {f"{language}_valid_loss": mean_loss(module, [{"input_ids": blocks[start:start + batch_size]}
-                                                         for start in range(0, len(blocks), batch_size)], accelerator)
-            for language, blocks in valid.items()}
+def _evaluate(module: Any, data: StageData, accelerator: Any, batch_size: int) -> dict[str, float]:
+    """Mean token loss on each language's valid blocks, split across processes, and the same in
+    bits per character: a loss per token does not compare across tokenizers (a merged token
+    carries more text), so the method and the no-expansion baseline meet only in bits per char."""
+    figures: dict[str, float] = {}
+    for language, blocks in data.valid.items():
+        loss = mean_loss(module, [{"input_ids": blocks[start:start + batch_size]}
+                                  for start in range(0, len(blocks), batch_size)], accelerator)
+        figures[f"{language}_valid_loss"] = loss
+        if loss is not None and language in data.valid_tokens_per_char:
+            figures[f"{language}_valid_bits_per_char"] = bits_per_char(loss, data.valid_tokens_per_char[language])
+    return figures
+
+
+def bits_per_char(nats_per_token: float, tokens_per_char: float) -> float:
+    return round(nats_per_token * tokens_per_char / math.log(2), 5)
 
 
 def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: StageData, progress: Progress, accelerator: Any,
@@ -413,6 +428,7 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
     return {
         "stage": number, "name": STAGES[number].name, "steps": progress.step, "tokens": progress.tokens,
         "train_blocks": len(data.train), "english_share": round(data.english_share, 4),
+        "valid_tokens_per_char": {k: round(v, 5) for k, v in data.valid_tokens_per_char.items()},
         "epochs": round(progress.step * hyper.micro_batch_size * hyper.grad_accum * accelerator.num_processes / len(data.train), 3),
         "trainable_parameters": sum(trainable_parameters(trained).values()),
         "first_loss": progress.history[0]["loss"] if progress.history else None,

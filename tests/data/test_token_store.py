@@ -55,6 +55,19 @@ def test_stage_blocks_from_the_store_equal_blocks_built_from_text(tiny_phase1):
     assert data.valid["korean"].tolist() == valid
 
 
+def test_prefix_chars_counts_whole_documents_exactly_and_the_cut_one_by_its_token_share(tiny_phase1):
+    config, _, _ = tiny_phase1
+    tokenizer = _tokenizer(config)
+    store = TokenStore(artifact_path(config, "token_store"))
+    texts = read_split(artifact_path(config, "korean"), "valid")
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts]  # <bos> … <eos>
+    assert store.prefix_chars("korean", "valid", 0) == 0.0
+    assert store.prefix_chars("korean", "valid", lengths[0]) == len(texts[0])
+    assert store.prefix_chars("korean", "valid", lengths[0] + lengths[1]) == len(texts[0]) + len(texts[1])
+    assert store.prefix_chars("korean", "valid", lengths[0] + 3) == pytest.approx(len(texts[0]) + len(texts[1]) * 3 / lengths[1])
+    assert store.prefix_chars("korean", "valid", sum(lengths)) == sum(map(len, texts))
+
+
 def test_a_store_made_under_another_tokenizer_is_refused(tiny_phase1):
     from kormedgemma.modeling.base_model import load_tokenizer
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from kormedgemma.evaluation.english import load_benchmark, prompt_and_choices, retention_table
+from kormedgemma.evaluation.english import load_benchmark, prompt_and_choices, retention_table, retention_warnings, text_retention
 
 
 def test_prompts_follow_the_harness_tasks():
@@ -43,6 +43,21 @@ def test_a_drop_beyond_the_tolerance_is_flagged():
                "pubmedqa": {"base": {"n": 100, "accuracy": 0.70}, "adapted": {"n": 100, "accuracy": 0.69}}}
     table = retention_table(results, tolerance=0.02)
     assert [(r["benchmark"], r["drop"], r["flagged"]) for r in table] == [("medqa", 0.03, True), ("pubmedqa", 0.01, False)]
+
+
+def test_english_bits_per_char_rising_beyond_the_tolerance_is_flagged_and_warned():
+    # the real 270M's no-expansion run: PubMedQA accuracy rose, held-out English bits/char more than doubled
+    ppl = {"base": {"bits_per_char": 0.75686}, "adapted": {"bits_per_char": 1.74264}}
+    text = text_retention(ppl, tolerance=0.02)
+    assert (text["rise"], text["flagged"]) == (1.3025, True)
+    summary = {"tolerance": 0.02, "retention": [{"benchmark": "pubmedqa", "n": 500, "base": 0.396, "adapted": 0.448,
+                                                 "drop": -0.052, "flagged": False}], "text_retention": text}
+    assert retention_warnings(summary) == [
+        "WARNING: English bits per character rose 130.2% (0.75686 → 1.74264 on held-out English text), more than the "
+        "tolerated 2.0%: the model is forgetting English (more English replay, or shorter stages 6-7)"]
+    within = text_retention({"base": {"bits_per_char": 1.0}, "adapted": {"bits_per_char": 1.015}}, tolerance=0.02)
+    assert (within["rise"], within["flagged"]) == (0.015, False)
+    assert text_retention({"base": {"bits_per_char": 1.0}, "adapted": {"bits_per_char": 0.9}}, 0.02)["rise"] == -0.1
 
 
 def test_hub_benchmarks_fail_clearly_offline():
@@ -90,7 +105,11 @@ def test_retention_drop_is_measured_on_two_models_whose_answers_are_known(tiny_p
         assert row["n"] == len(rows[name]) and row["base"] == 1.0
         assert row["adapted"] == pytest.approx(agree, abs=1e-4) and row["drop"] == pytest.approx(1 - agree, abs=1e-4)
         assert row["flagged"] == (1 - agree > tolerance)
-    assert summary["flagged"] == [r["benchmark"] for r in summary["retention"] if r["flagged"]]
+    text = summary["text_retention"]
+    assert text["rise"] == pytest.approx(summary["perplexity"]["adapted"]["bits_per_char"]
+                                         / summary["perplexity"]["base"]["bits_per_char"] - 1, abs=1e-4)
+    assert summary["flagged"] == ([r["benchmark"] for r in summary["retention"] if r["flagged"]]
+                                  + (["English bits/char"] if text["flagged"] else []))
     assert set(summary["perplexity"]) == {"base", "adapted"}
     assert all(0 < v["bits_per_char"] < 100 for v in summary["perplexity"].values())
     # the plot draws those accuracies: base bars, then adapted bars, in benchmark order

@@ -101,7 +101,7 @@ def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(base
                  "--baseline-root", str(baseline_config.paths.root), "--max-texts", "4", "--seq-len", "64",
                  "--out", str(out)]) == 0
     assert "| stage 7 |" in capsys.readouterr().out
-    assert (out / "notes.txt").read_text(encoding="utf-8") == "a researcher's own file"  # only its three files written
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "a researcher's own file"  # only its own files written
     result = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
     method, plain = result["method"]["trajectory"], result["baseline"]["trajectory"]
     assert [r["model"] for r in method] == [r["model"] for r in plain] == [
@@ -121,6 +121,27 @@ def test_the_method_and_the_baseline_side_by_side_on_the_same_held_out_text(base
     for ax, key in zip(axes, ("korean_bits_per_char", "english_bits_per_char")):
         assert line_data(ax) == {"method": [r[key] for r in method], "baseline": [r[key] for r in plain]}
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    # along training: every stage evaluation, at the run's cumulative tokens, in bits per character
+    import math
+
+    from kormedgemma.evaluation.compare import plot_stage_curves
+    from kormedgemma.training.stage import read_metrics
+
+    for label, config in (("method", method_config), ("baseline", baseline_config)):
+        stages = [read_metrics(config, k) for k in range(1, 8)]
+        trained = [m for m in stages if m["steps"]]
+        expected = [(m["stage"], sum(p["tokens"] for p in trained[:i]) + e["step"] * m["tokens"] // m["steps"],
+                     round(e["korean_valid_loss"] * m["valid_tokens_per_char"]["korean"] / math.log(2), 5))
+                    for i, m in enumerate(trained) for e in m["evals"] if i == 0 or e["step"]]
+        curve = result[label]["curves"]
+        assert [(r["stage"], r["tokens"]) for r in curve] == [e[:2] for e in expected]
+        # (tokens per character is recorded to 5 decimals)
+        assert [r["korean_bits_per_char"] for r in curve] == pytest.approx([e[2] for e in expected], rel=2e-5)
+        assert [r["stage"] for r in curve][0] == (1 if label == "method" else 6)
+        assert curve[-1]["train_seconds"] == pytest.approx(sum(m["train_seconds"] for m in trained), abs=0.1)
+    drawn = line_data(plot_stage_curves({k: result[k]["curves"] for k in ("method", "baseline")}).axes[0])
+    assert drawn["method"] == [r["korean_bits_per_char"] for r in result["method"]["curves"]]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # swapped roots are refused before anything is measured, and the folder already written stays
     assert main(["compare", "--method-root", str(baseline_config.paths.root), "--baseline-root",
                  str(method_config.paths.root), "--out", str(out)]) == 2

@@ -114,6 +114,34 @@ def test_korean_valid_loss_falls_in_every_stage(tiny_phase3):
         assert m["tokens"] == m["steps"] * 4 * 128  # tiny: micro-batch 4 × seq 128 × accum 1
 
 
+def test_stage_evals_give_bits_per_char_of_the_valid_blocks(tiny_phase3):
+    """Loss per token × the valid blocks' tokens per character / ln 2, the characters counted from
+    the valid texts themselves: the figure the method and the no-expansion baseline compare in."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from kormedgemma.data.readers import read_split
+    from kormedgemma.training.stage import stage_config
+
+    config, metrics = tiny_phase3
+    tokenizer = AutoTokenizer.from_pretrained(artifact_path(config, "merged_tokenizer"))
+    for language in ("korean", "english"):
+        spec = stage_config(config, 1)
+        texts = read_split(artifact_path(config, language), "valid")
+        lengths = [len(tokenizer.encode(t, add_special_tokens=False)) + 2 for t in texts]
+        tokens = min(spec.eval_blocks, sum(lengths) // spec.seq_len) * spec.seq_len or sum(lengths)
+        chars, left = 0.0, tokens
+        for text, length in zip(texts, lengths):
+            chars += len(text) * min(1.0, left / length)
+            left -= min(left, length)
+        for m in metrics.values():
+            assert m["valid_tokens_per_char"][language] == pytest.approx(tokens / chars, abs=1e-5)
+            for e in m["evals"]:
+                assert e[f"{language}_valid_bits_per_char"] == pytest.approx(
+                    e[f"{language}_valid_loss"] * tokens / chars / math.log(2), abs=1e-4)
+
+
 def test_stage1_leaves_english_valid_loss_untouched(tiny_phase3):
     """English text uses no new token, and stage 1 moves only new input rows."""
     _, metrics = tiny_phase3
