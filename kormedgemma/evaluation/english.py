@@ -182,7 +182,8 @@ def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
                "benchmarks": {name: {label: {k: v for k, v in r.items() if k != "predictions"} for label, r in by.items()}
                               for name, by in results.items()}}
     keys = ["evaluation.english_benchmarks", "evaluation.english_local_path", "evaluation.english_max_questions",
-            "evaluation.retention_tolerance", "evaluation.english_bits_tolerance", "evaluation.perplexity_seq_len", "evaluation.perplexity_max_texts", "base.model"]
+            "evaluation.retention_tolerance", "evaluation.english_bits_tolerance", "evaluation.perplexity_seq_len",
+            "evaluation.perplexity_max_texts", "base.model"]
     with write_artifact(artifact_path(config, "eval_english"), "5.02", config, keys, inputs) as out:
         write_json(out.path / "results.json", summary)
         plot_retention(summary, out.path / "retention.png")
