@@ -652,9 +652,12 @@ def gemma3_270m() -> ProjectConfig:
     weights and the real 262,144-piece Gemma 3 tokenizer, data from the Hub as on a5000
     (benchmarks/gemma3_270m_local.yaml reads ../shared/data instead).
 
-    Starting values, not yet tuned on this model (issue 26 tunes them): 512-token blocks, 32 a step
-    (the rough sketch's shape); new rows at 1e-3 (the sketch's new-rows phase), whole matrices at
-    5e-5 (its best continued-pretraining rate); bf16 LoRA, no 4-bit (268M parameters fit any card)."""
+    512-token blocks, 32 a step (the rough sketch's shape); new rows at 1e-3 (the sketch's new-rows
+    phase), whole matrices at 5e-5 (its best continued-pretraining rate); bf16 LoRA, no 4-bit (268M
+    parameters fit any card). Stages 6 and 7 are as long as the first GPU run measured useful
+    (benchmarks/results/gemma3_270m_gpu_attempt2_h200.json: stage 6's Korean bits/char were best at
+    step 100 of 300 and its held-out English rose from step 50; 100 steps of stage 7 improved
+    neither language), on 3.6M characters of Korean: a larger corpus carries longer stages."""
     block = lambda lr, steps: StageConfig(learning_rate=lr, max_steps=steps, seq_len=512,  # noqa: E731
                                           micro_batch_size=32, grad_accum=1, warmup_ratio=0.05,
                                           english_replay_fraction=0.25, eval_every=50, save_every=100,
@@ -669,8 +672,8 @@ def gemma3_270m() -> ProjectConfig:
         staged=StagedTrainingConfig(
             stage1=block(1e-3, 150), stage2=block(1e-3, 150), stage3=block(1e-3, 150),
             stage4=block(5e-5, 150), stage5=block(5e-5, 150),
-            stage6=replace(block(1e-4, 300), lora=LoraConfig()),
-            stage7=replace(block(2e-5, 100), lora=LoraConfig()),
+            stage6=replace(block(1e-4, 150), lora=LoraConfig()),
+            stage7=replace(block(2e-5, 50), lora=LoraConfig()),
             save_full_model=False,
         ),
         instruct=InstructConfig(micro_batch_size=16, grad_accum=1, gradient_checkpointing=False),

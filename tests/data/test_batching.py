@@ -45,3 +45,12 @@ def test_too_little_text_is_a_clear_error():
         PackedBlocks.build(_stream([[5, 6]]), _stream([]), seq_len=64, english_fraction=0.0, seed=0)
     with pytest.raises(ValueError, match="English corpus holds fewer"):
         PackedBlocks.build(_stream([[5] * 200]), _stream([[7]]), seq_len=16, english_fraction=0.1, seed=0)
+
+
+def test_english_repeats_count_how_often_a_pass_shows_each_english_block():
+    korean, english = np.arange(160, dtype=np.uint32), np.arange(8, dtype=np.uint32)  # 40 and 2 blocks of 4
+    blocks = PackedBlocks.build(korean, english, seq_len=4, english_fraction=0.25, seed=0)
+    assert int(blocks.is_english.sum()) == 13  # round(40 × 0.25 / 0.75)
+    assert blocks.english_repeats == 6.5
+    assert PackedBlocks.build(korean, english, seq_len=4, english_fraction=0.0, seed=0).english_repeats == 0.0
+

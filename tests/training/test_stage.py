@@ -348,3 +348,24 @@ def test_a_stage_on_torchaos_8bit_optimizer_writes_its_metrics(tiny_phase3, tmp_
     saved = json.loads((artifact_path(private, "stage4") / "metrics.json").read_text())
     assert [type(h["lr"]) for h in saved["history"]] == [float, float]
     assert saved["history"] == json.loads(json.dumps(metrics["history"]))
+
+
+def test_a_stage_that_replays_a_small_english_set_too_often_says_so():
+    import numpy as np
+
+    from config.training_config import StageConfig
+    from kormedgemma.data.batching import PackedBlocks
+    from kormedgemma.training.stage import StageData, replay_notice
+
+    korean, english = np.arange(160, dtype=np.uint32), np.arange(8, dtype=np.uint32)
+    blocks = PackedBlocks.build(korean, english, seq_len=4, english_fraction=0.25, seed=0)
+    data = StageData(blocks, blocks.english_share, {})
+    # 53 blocks a pass, 6.5 showings of each English block a pass: 8 steps × 4 blocks = 0.6 passes → 3.9
+    short = StageConfig(max_steps=8, micro_batch_size=4, grad_accum=1, seq_len=4)
+    assert replay_notice(data, short, 6) is None
+    long = StageConfig(max_steps=20, micro_batch_size=4, grad_accum=1, seq_len=4)  # 80 blocks: 1.5 passes → 9.8 showings
+    assert replay_notice(data, long, 6) == (
+        "stage 6 shows each of its 2 English replay blocks 10 times: held-out English will over-fit and rise (on the "
+        "real Gemma 3 270M it passed the base's bits/char after ~7 passes); add English text (data.sources), shorten "
+        "the stage (staged.stage6.max_steps) or lower staged.stage6.english_replay_fraction")
+    assert replay_notice(data, short, 6, world=2) is not None  # two processes read twice the blocks a step
