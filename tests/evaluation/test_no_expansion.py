@@ -195,5 +195,5 @@ def test_the_comparison_notebook_reads_both_runs_and_shows_its_plot(baseline, ti
     assert result["method"]["new_tokens"] > 0 and result["baseline"]["new_tokens"] == 0
     images = [output for cell in json.loads(executed.read_text(encoding="utf-8"))["cells"]
               for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
-    assert len(images) == 1  # plot_comparison's figure, shown as a picture
+    assert len(images) == 2  # plot_comparison's and plot_stage_curves' figures, shown as pictures
     assert png_size(base64.b64decode(images[0]["data"]["image/png"]))[0] >= 600
