@@ -117,21 +117,30 @@ class TagSplit(PipelineStep):
     name = "train/valid split"
     type = "🔀 - SPLIT"
 
-    def __init__(self, valid_fraction: float, seed: int) -> None:
+    def __init__(self, valid_fraction: float, seed: int, train_share: float = 1.0) -> None:
         super().__init__()
-        self.valid_fraction, self.seed = valid_fraction, seed
+        self.valid_fraction, self.seed, self.train_share = valid_fraction, seed, train_share
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
-            split = split_of(doc.text, self.valid_fraction, self.seed)
+            split = split_of(doc.text, self.valid_fraction, self.seed, self.train_share)
+            self.stat_update(split or "unused")
+            if split is None:
+                continue
             doc.metadata["split"] = split
-            self.stat_update(split)
             yield doc
 
 
-def split_of(text: str, valid_fraction: float, seed: int) -> str:
+def split_of(text: str, valid_fraction: float, seed: int, train_share: float = 1.0) -> Optional[str]:
+    """'valid' or 'train' from the text's hash; None for a train document beyond `train_share` of
+    the train split. The hash decides all three, so a smaller share keeps the same held-out
+    documents and a subset of the larger share's training documents: a corpus-size sweep whose
+    runs differ only in how much they train on."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=seed.to_bytes(8, "little")).digest()
-    return "valid" if int.from_bytes(digest, "little") / 2 ** 64 < valid_fraction else "train"
+    position = int.from_bytes(digest, "little") / 2 ** 64
+    if position < valid_fraction:
+        return "valid"
+    return "train" if (position - valid_fraction) / (1 - valid_fraction) < train_share else None
 
 
 class RecordLengths(PipelineStep):

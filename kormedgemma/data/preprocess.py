@@ -103,7 +103,8 @@ def clean_corpus(raw: Path, out: Path, spec: PreprocessConfig, *, korean: bool, 
     if leakage is not None:
         tail.append(cleaning.Leakage(leakage, exclusion_writer=JsonlWriter(
             str(leaks_folder), output_filename="${rank}.jsonl", compression=None, adapter=cleaning.leak_adapter)))
-    tail += [cleaning.TagSplit(spec.valid_fraction, spec.seed), cleaning.RecordLengths(str(work / "lengths")),
+    tail += [cleaning.TagSplit(spec.valid_fraction, spec.seed, spec.korean_train_share if korean else 1.0),
+             cleaning.RecordLengths(str(work / "lengths")),
              JsonlWriter(str(out), output_filename="${split}/${rank}.jsonl", compression=None,
                          adapter=cleaning.row_adapter)]
     stages = [
@@ -195,6 +196,9 @@ def _filter_counts(stats: Any) -> dict[str, int]:
             counts[f"dropped_{reason}"] = by_name[name].get("dropped", 0)
     dedup = next((v for k, v in by_name.items() if "stage 4" in k), {})
     counts["dropped_near_duplicate"] = dedup.get("dropped", 0)
+    unused = by_name.get("train/valid split", {}).get("unused", 0)
+    if unused:
+        counts["left_out_by_train_share"] = unused
     return counts
 
 

@@ -117,6 +117,36 @@ def test_train_valid_split_is_a_pure_function_of_the_text():
     assert splits != [split_of(t, 0.1, seed=4) for t in texts]
 
 
+def test_a_smaller_korean_train_share_keeps_the_held_out_documents_and_a_subset_of_the_training_ones():
+    texts = [f"문장 번호 {i}: 혈압을 재고 기록한다." for i in range(2000)]
+    by_share = {share: [split_of(t, 0.1, seed=3, train_share=share) for t in texts] for share in (0.25, 0.5, 1.0)}
+    assert by_share[1.0] == [split_of(t, 0.1, seed=3) for t in texts]
+    valid = {i for i, s in enumerate(by_share[1.0]) if s == "valid"}
+    train = {share: {i for i, s in enumerate(splits) if s == "train"} for share, splits in by_share.items()}
+    for splits in by_share.values():
+        assert {i for i, s in enumerate(splits) if s == "valid"} == valid
+    assert train[0.25] < train[0.5] < train[1.0]
+    assert 0.2 < len(train[0.25]) / len(train[1.0]) < 0.3 and 0.45 < len(train[0.5]) / len(train[1.0]) < 0.55
+
+
+def test_korean_train_share_applies_to_korean_only_and_counts_what_it_left_out(tmp_path):
+    import random
+    from dataclasses import replace
+
+    rng = random.Random(5)  # distinct texts: near-duplicates would go to MinHash first
+    words = [chr(0xAC00 + i) + chr(0xAC00 + 7 * i % 11172) for i in range(0, 11172, 5)]
+    texts = [" ".join(rng.choice(words) for _ in range(30)) for _ in range(200)]
+    half = replace(SPEC, korean_train_share=0.5)
+    result, kept = _clean(tmp_path / "ko", texts, spec=half)
+    expected = [t for t in texts if split_of(t, SPEC.valid_fraction, SPEC.seed, 0.5) is not None]
+    assert sorted(kept) == sorted(expected) and len(kept) < len(texts)
+    assert result.counts["left_out_by_train_share"] == len(texts) - len(expected)
+    vocabulary = [a + b + c for a in "bcdfgklmnp" for b in "aeiou" for c in "rstvxz"]  # letters: MinHash folds digits
+    english = [" ".join(rng.choice(vocabulary) for _ in range(30)) for _ in range(200)]
+    _, kept_english = _clean(tmp_path / "en", english, spec=half, korean=False)
+    assert sorted(kept_english) == sorted(english)
+
+
 def test_the_same_corpus_gives_the_same_split_with_one_or_two_workers(tmp_path):
     import random
 
