@@ -1,11 +1,12 @@
 """What a GPU run of the real Gemma 3 270M brought back, as one results file and the curve plot.
 
-    python benchmarks/gemma3_270m_collect.py --run UNPACKED_G270_TGZ --local-root LOCAL \
+    python benchmarks/gemma3_270m_collect.py --run UNPACKED_G270_TGZ [--local-root LOCAL] \
         --out benchmarks/results/gemma3_270m_gpu_attempt2_h200.json
 
 `benchmarks/gemma3_270m_device.sh` returns each run's logs, manifests and metrics (no weights) in
-$OUT/g270.tgz. This reads them: the time of every notebook, each stage's losses, phase 4 and what
-phase 5 finished. Stage metrics written before the stages recorded bits per character carry only
+$OUT/g270.tgz: `method` and `baseline`, or the variants of `G270_VARIANTS`. This reads every run
+there: the time of every notebook, each stage's losses, phase 4 and what phase 5 finished. Stage
+metrics written before the stages recorded bits per character carry only
 losses per token, which do not compare across tokenizers; their valid blocks' tokens per
 character come from the same run's phases 0.00-1.04 rebuilt on this machine (LOCAL/method and
 LOCAL/baseline, `python -m kormedgemma run ... --to 1.04`, deterministic: the rebuilt new pieces
@@ -113,7 +114,8 @@ def phase5(run: Path, label: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="the unpacked g270.tgz")
-    parser.add_argument("--local-root", required=True, type=Path, help="LOCAL/{method,baseline}: phases 0.00-1.04 rebuilt")
+    parser.add_argument("--local-root", type=Path, default=None,
+                        help="LOCAL/{method,baseline}: phases 0.00-1.04 rebuilt, for stage metrics without bits per character")
     parser.add_argument("--config", dest="config_file", default=str(REPO / "benchmarks/gemma3_270m_local.yaml"))
     parser.add_argument("--gguf", default=None, help="base.model of the local rebuild (the assembled GGUF)")
     parser.add_argument("--out", required=True, type=Path)
@@ -127,21 +129,27 @@ def main() -> None:
                                       "stages) and plain continued pretraining (tokenizer.expand=false), run at once",
                               "note": args.note, "command": " ".join(sys.argv), "runs": {}}
     curves = {}
-    for label, overrides in RUNS.items():
-        if not (args.run / label).is_dir():
-            continue
-        config = load_config("gemma3_270m", config_file=args.config_file,
-                             overrides={**overrides, "paths.root": str(args.local_root / label),
-                                        **({"base.model": args.gguf} if args.gguf else {})})
-        if label == "method":
-            returned = (args.run / label / "models/tokenizer/new_tokens.json").read_bytes()
-            rebuilt = (args.local_root / label / "models/tokenizer/new_tokens.json").read_bytes()
-            if returned != rebuilt:
+    labels = sorted(p.parent.parent.name for p in args.run.glob("*/models/staged_training"))
+    for label in sorted(labels, key=lambda name: (name not in RUNS, list(RUNS).index(name) if name in RUNS else 0, name)):
+        per_char: dict[str, float] = {}
+        trained = [json.loads(f.read_text(encoding="utf-8"))
+                   for f in (args.run / label / "models/staged_training").glob("stage*/metrics.json")]
+        if not all("valid_tokens_per_char" in m for m in trained if m.get("steps")):
+            if label not in RUNS or args.local_root is None:
+                sys.exit(f"{label}: its stage metrics predate bits per character; rebuild its phases 0.00-1.04 "
+                         "locally and pass --local-root")
+            config = load_config("gemma3_270m", config_file=args.config_file,
+                                 overrides={**RUNS[label], "paths.root": str(args.local_root / label),
+                                            **({"base.model": args.gguf} if args.gguf else {})})
+            returned = args.run / label / "models/tokenizer/new_tokens.json"
+            rebuilt = args.local_root / label / "models/tokenizer/new_tokens.json"
+            if returned.is_file() and returned.read_bytes() != rebuilt.read_bytes():
                 sys.exit("the local rebuild chose other new pieces than the GPU run: rebuild it with the run's settings")
-        per_char = valid_tokens_per_char(config)
+            per_char = valid_tokens_per_char(config)
         stages = stage_metrics(args.run, label, per_char)
         curves[label] = stage_curves(stages)
         log = args.run / f"{label}.log"
+        per_char = per_char or next((m["valid_tokens_per_char"] for m in stages if m.get("steps")), {})
         result["runs"][label] = {"valid_tokens_per_char": {k: round(v, 5) for k, v in per_char.items()},
                                  "notebooks": notebook_seconds(log) if log.is_file() else {},
                                  "stages": stage_rows(stages), "phase5": phase5(args.run, label),

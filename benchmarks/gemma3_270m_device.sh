@@ -9,6 +9,10 @@
 # G270_SPEED_ONLY=1: only the method run's 0.00-2.02, then benchmarks/gemma3_270m_speed.py on it.
 # G270_ABLATION="hybrid eeve ...": also the init ablation through stage 3 beside the runs, with
 # G270_ABLATION_SET's overrides (e.g. shorter stages) on top of the profile's.
+# G270_VARIANTS="method;baseline:tokenizer.expand=false,staged.stage6.max_steps=300;method_k25:data.preprocess.korean_train_share=0.25":
+# instead of the two paths, these runs to G270_TO (3.07), G270_PARALLEL (3) at a time, through
+# benchmarks/gemma3_270m_variants.py (variants that differ only in stage settings share phases 0-2).
+# Whatever ran comes back; `python benchmarks/gemma3_270m_collect.py --run <unpacked g270.tgz>` reads it.
 #
 # A device command carries at most 64 MiB, so the GGUF (242 MB) and what the machine lacks come
 # over several back-to-back commands as ignored folders .dev/a .. .dev/e, each copied to
@@ -18,9 +22,14 @@
 # reassembles the GGUF and refuses it unless its sha256 is the package's.
 #
 # The machine goes back 30 s after a command ends and its files with it: send each --watch at once
-# after the last. Measured on the first attempt (benchmarks/results/gemma3_270m_gpu_attempt1_h200.json):
-# 0.00-2.02 take ~6.5 minutes (0.00 dequantises the GGUF on the CPU: 105 s; 2.02 trains fastText
-# vectors for WECHSEL: 148 s), stage 1 93 s with its compilation, stage 2 49 s.
+# after the last, and give the last one a --watch that ends before the session's device time does
+# (what it has not copied to $OUT by then is lost). Measured (benchmarks/results/gemma3_270m_gpu_attempt2_h200.json):
+# a machine's start costs ~3 minutes of device time; 0.00-2.02 ~6.5 minutes (0.00 dequantises the
+# GGUF on the CPU: 97 s; 2.02 trains fastText vectors for WECHSEL: 158 s); the method's stages 1-7
+# 60-170 s each with the baseline beside it; 4.01 ~4 minutes; 5.01 ~5 minutes (before 5-shot
+# log-likelihood was dropped). Both paths to 4.01 took 24 minutes; the shorter stages 6-7, two
+# instruction epochs and the baseline's 300 steps now are meant to fit 0.00-6.02 and compare in one
+# session.
 #
 # Both runs go in one detached process session, at once on the one GPU (a 270M model leaves most of
 # an H200 idle; run one after the other they would not fit one session's device time), so each
@@ -72,6 +81,14 @@ else
             --set deploy.serve_backend=transformers ${G270_SET:-})
     [ -f data/pubmedqa_local/english/pubmedqa_abstracts.jsonl ] ||
       python3 -m kormedgemma pubmedqa-local --src ../shared/data/pubmedqa --out data/pubmedqa_local
+    if [ -n "${G270_VARIANTS:-}" ]; then  # the tuning runs instead of the two paths
+      variants=(); IFS=";" read -ra items <<< "$G270_VARIANTS"; for v in "${items[@]}"; do variants+=(--variant "$v"); done
+      python3 benchmarks/gemma3_270m_variants.py --root $ROOT --set base.model=$STAGE/base.gguf \
+        --set deploy.serve_backend=transformers --to ${G270_TO:-3.07} --parallel ${G270_PARALLEL:-3} "${variants[@]}" \
+        > $ROOT/variants.log 2>&1
+      echo "== $(date +%T) variants ended: $?"
+      exit 0
+    fi
     steps=${G270_BASELINE_STAGE6_STEPS:-300}
     echo "== $(date +%T) baseline stage 6 steps: $steps"
     python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/method ${G270_SPEED_ONLY:+--to 2.02} > $ROOT/method.log 2>&1 &
@@ -107,13 +124,14 @@ done
 # What comes back: the daemon's log, each run's notebook lines, reports, per-notebook figures and
 # every artifact manifest (metrics), the comparison; executed notebooks of failed steps.
 cp "$ROOT/daemon.log" "$OUT/" 2>/dev/null
-for run in method baseline; do
+for run in $(cd "$ROOT" && ls -d */runs 2>/dev/null | cut -d/ -f1); do
   grep -E '^\[|^run |pipeline finished|rror' "$ROOT/$run.log" 2>/dev/null | tail -30 | sed "s/^/$run: /"
 done
 tail -3 "$ROOT/compare.log" 2>/dev/null; tail -12 "$ROOT/speed.log" 2>/dev/null; cp "$ROOT"/results/*.json "$OUT/" 2>/dev/null
 (cd "$ROOT" && tar -czf "$OUT/g270.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.gguf' \
    --exclude='*/step-*' --exclude='*/data/raw' --exclude='*/data/processed' --exclude='*.model' --exclude='tokenizer.json' \
-   -- *.log comparison results ablation/*.json ablation/*.png ablation/variants/*.json method/runs baseline/runs $(cd "$ROOT" && ls -d method/models/*/ baseline/models/*/ 2>/dev/null) 2>/dev/null)
+   -- *.log variants.json comparison results ablation/*.json ablation/*.png ablation/variants/*.json */runs \
+   $(cd "$ROOT" && ls -d */models/*/ 2>/dev/null) 2>/dev/null)
 ls -la "$OUT"
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 df -h "$ROOT" | tail -1

@@ -62,10 +62,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from kormedgemma.core.artifacts import artifact_path, link_upstream
-    from kormedgemma.core.config import load_config
+    from kormedgemma.core.config import load_config, parse_overrides
     from kormedgemma.training.stage import train_stage
 
-    overrides = dict(item.split("=", 1) for item in args.overrides)
+    overrides = parse_overrides(args.overrides)
     config = load_config("gemma3_270m", overrides={**overrides, "paths.root": args.root}, config_file=args.config_file)
     root = Path(args.root).resolve() / "speed"
     scratch = dataclasses.replace(config, paths=dataclasses.replace(config.paths, root=str(root)))

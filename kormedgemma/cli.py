@@ -7,20 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """`--set key=value`: the value is read as YAML, so numbers, booleans and null work."""
-    import yaml
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value (e.g. tokenizer.min_frequency=3)")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return overrides
+from kormedgemma.core.config import parse_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
         for step in STEPS:
             print(f"{step.id}  {step.notebook}  — {step.title}")
         return 0
-    outcomes = run_pipeline(args.profile, args.start, args.stop, args.force, _parse_set(args.overrides),
+    outcomes = run_pipeline(args.profile, args.start, args.stop, args.force, parse_overrides(args.overrides),
                             args.config_file)
     ran = sum(o.status == "ran" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
@@ -286,7 +275,7 @@ def _train_stage(args: argparse.Namespace) -> int:
     from kormedgemma.core.config import load_config
     from kormedgemma.training.stage import merge_stages, train_stage
 
-    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    config = load_config(args.profile, overrides=parse_overrides(args.overrides), config_file=args.config_file)
     metrics = train_stage(config, args.stage)
     if args.stage == 7 and os.environ.get("RANK", "0") == "0":
         merge_stages(config)
@@ -303,7 +292,7 @@ def _train_instruct(args: argparse.Namespace) -> int:
     from kormedgemma.core.config import load_config
     from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
-    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    config = load_config(args.profile, overrides=parse_overrides(args.overrides), config_file=args.config_file)
     train_instruct(config)
     if os.environ.get("RANK", "0") == "0":
         metrics = read_instruct_metrics(config)
@@ -367,7 +356,7 @@ def _init_ablation(args: argparse.Namespace) -> int:
 
     if not 0 <= args.stages <= 3:
         raise ValueError(f"--stages {args.stages}: 0 (step 0 only) or 1-3 (EEVE's rows-only stages)")
-    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    config = load_config(args.profile, overrides=parse_overrides(args.overrides), config_file=args.config_file)
     methods, outputs = args.methods or METHODS, args.outputs or OUTPUT_ROWS
     progress = sys.stderr.isatty()
     # the held-out texts and WECHSEL's word vectors once for both parts, not once each
@@ -403,7 +392,7 @@ def _compare(args: argparse.Namespace) -> int:
     for name in ("max_texts", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
-    overrides = _parse_set(args.overrides)
+    overrides = parse_overrides(args.overrides)
     method = load_config(args.profile, overrides={**overrides, "paths.root": args.method_root},
                          config_file=args.config_file)
     baseline = load_config(args.profile, overrides={**overrides, "paths.root": args.baseline_root,
@@ -454,7 +443,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kormedgemma.core.config import load_config
     from kormedgemma.deploy.serve import ServerProcess, require_key_for, serve_transformers, server_command, server_env
 
-    config = load_config(args.profile, overrides=_parse_set(args.overrides), config_file=args.config_file)
+    config = load_config(args.profile, overrides=parse_overrides(args.overrides), config_file=args.config_file)
     deploy = config.deploy
     model = Path(args.model)
     if not (model / "config.json").is_file():

@@ -14,7 +14,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from config.training_config import PROFILES, ConfigError, ProjectConfig
 
@@ -42,6 +42,19 @@ def load_config(profile: str = "tiny", overrides: Optional[Mapping[str, Any]] = 
     if overrides:
         config = apply_overrides(config, overrides)
     return config
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`--set key=value` items: each value is read as YAML, so numbers, booleans and null work."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value (e.g. tokenizer.min_frequency=3)")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return overrides
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

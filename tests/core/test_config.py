@@ -58,9 +58,9 @@ def test_overrides_apply_and_integers_widen_to_float():
 
 
 def test_learning_rates_written_as_exponents_are_numbers(tmp_path):
-    from kormedgemma.cli import _parse_set
+    from kormedgemma.core.config import parse_overrides
 
-    overrides = _parse_set(["staged.stage4.learning_rate=2e-5", "staged.stage5.learning_rate=5E-05"])
+    overrides = parse_overrides(["staged.stage4.learning_rate=2e-5", "staged.stage5.learning_rate=5E-05"])
     assert overrides["staged.stage4.learning_rate"] == "2e-5"  # what YAML 1.1 hands over: a string
     config = load_config("tiny", overrides=overrides)
     assert config.staged.stage4.learning_rate == 2e-5 and config.staged.stage5.learning_rate == 5e-5

@@ -1,0 +1,161 @@
+"""Several runs of one profile side by side, each to a chosen notebook, sharing what they can.
+
+    python benchmarks/gemma3_270m_variants.py --root ROOT [--profile gemma3_270m] [--config YAML] \
+        [--set KEY=VALUE ...] [--to 3.07] [--parallel 3] \
+        --variant method --variant "baseline:tokenizer.expand=false,staged.stage6.max_steps=300" \
+        --variant "method_short:staged.stage1.max_steps=50,staged.stage2.max_steps=50" \
+        --variant "method_k25:data.preprocess.korean_train_share=0.25"
+
+Issue 26's tuning questions (stage lengths, corpus size) are answered by runs that differ in a few
+settings; on a GPU session of 30 minutes they must not each redo phases 0-2 (6.5 minutes at 270M,
+mostly CPU). Each variant runs `python -m kormedgemma run` under ROOT/<name> (its log in
+ROOT/<name>.log) with --set KEY=VALUE for both all variants and its own settings. A variant whose
+own settings are all `staged.*` links every artifact made before 3.01 from the first plain variant
+with the same `tokenizer.expand` (once that one's 2.02 has sealed the initialised model) and trains
+only its stages; any other variant links the base model (0.00) from the first variant and builds
+the rest. `core.artifacts.link_upstream` links, the runner skips what is fresh. ROOT/variants.json
+records each variant's settings, exit status and seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class Variant:
+    name: str
+    settings: dict[str, str]
+    source: Optional["Variant"] = None  # where its upstream artifacts come from
+    before: str = ""  # link artifacts made before this step
+    done: threading.Event = field(default_factory=threading.Event)
+    rc: Optional[int] = None
+
+
+def parse_variant(text: str) -> Variant:
+    name, _, rest = text.partition(":")
+    settings = dict(item.split("=", 1) for item in rest.split(",") if item.strip())
+    if not name or "/" in name:
+        raise SystemExit(f"--variant {text!r}: NAME[:KEY=VALUE,...], NAME a folder name")
+    return Variant(name.strip(), {k.strip(): v.strip() for k, v in settings.items()})
+
+
+def expands(variant: Variant) -> bool:
+    return variant.settings.get("tokenizer.expand", "true").lower() not in ("false", "0", "no")
+
+
+def upstream_settings(variant: Variant) -> dict[str, str]:
+    """The settings phases 0-2 read: everything but the stages'."""
+    return {k: v for k, v in variant.settings.items() if not k.startswith("staged.")}
+
+
+def plan(variants: list[Variant]) -> None:
+    """Which variant each one shares upstream artifacts with, and from which step on it builds:
+    phases 0-2 from the first earlier variant whose other settings are the same, else the base
+    model from the first variant (unless its own base differs)."""
+    for index, variant in enumerate(variants):
+        same = next((v for v in variants[:index] if upstream_settings(v) == upstream_settings(variant)), None)
+        if same is not None:
+            variant.source, variant.before = same, "3.01"
+        elif index and not any(k.startswith("base.") for k in variant.settings):
+            variant.source, variant.before = variants[0], "0.01"
+
+
+def depth(variant: Variant) -> int:
+    return 0 if variant.source is None else 1 + depth(variant.source)
+
+
+def config_for(args: argparse.Namespace, variant: Variant):
+    from kormedgemma.core.config import load_config, parse_overrides
+
+    overrides = {**parse_overrides(args.overrides), **parse_overrides([f"{k}={v}" for k, v in variant.settings.items()]),
+                 "paths.root": str(args.root / variant.name)}
+    return load_config(args.profile, overrides=overrides, config_file=args.config_file or None)
+
+
+def wait_for(args: argparse.Namespace, variant: Variant) -> bool:
+    """Until the source has sealed what this variant links (or has failed)."""
+    from kormedgemma.core.artifacts import ARTIFACTS, artifact_path
+
+    key = "initialized_model" if variant.before == "3.01" else "base_model"
+    assert ARTIFACTS[key].producer < variant.before
+    manifest = artifact_path(config_for(args, variant.source), key) / "manifest.json"
+    while not manifest.is_file():
+        if variant.source.done.is_set():
+            return manifest.is_file()
+        time.sleep(5)
+    return True
+
+
+def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
+    from kormedgemma.core.artifacts import link_upstream
+
+    started = time.time()
+    log = args.root / f"{variant.name}.log"
+    try:
+        if variant.source is not None:
+            if not wait_for(args, variant):
+                log.write_text(f"{variant.source.name} failed before making what {variant.name} shares\n", encoding="utf-8")
+                variant.rc = 3
+                return summary(variant, started)
+            link_upstream(config_for(args, variant.source), config_for(args, variant), variant.before)
+        command = [sys.executable, "-m", "kormedgemma", "run", "--profile", args.profile, "--to", args.to]
+        command += ["--config", args.config_file] if args.config_file else []
+        for item in [*args.overrides, *(f"{k}={v}" for k, v in variant.settings.items()),
+                     f"paths.root={args.root / variant.name}"]:
+            command += ["--set", item]
+        with open(log, "w", encoding="utf-8") as handle:
+            variant.rc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+    finally:
+        variant.done.set()
+    return summary(variant, started)
+
+
+def summary(variant: Variant, started: float) -> dict:
+    return {"name": variant.name, "settings": variant.settings, "rc": variant.rc,
+            "shares": None if variant.source is None else {"from": variant.source.name, "before": variant.before},
+            "seconds": round(time.time() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--profile", default="gemma3_270m")
+    parser.add_argument("--config", dest="config_file", default=str(REPO / "benchmarks/gemma3_270m_local.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME[:KEY=VALUE,...]")
+    parser.add_argument("--to", default="3.07", help="last notebook of every variant")
+    parser.add_argument("--parallel", type=int, default=3, help="variants running at once")
+    args = parser.parse_args()
+    args.root = args.root.resolve()
+    args.root.mkdir(parents=True, exist_ok=True)
+    variants = [parse_variant(v) for v in args.variant]
+    if len({v.name for v in variants}) != len(variants):
+        raise SystemExit("two variants share a name")
+    plan(variants)
+    for variant in variants:
+        shared = f"links what is made before {variant.before} from {variant.source.name}" if variant.source else "builds all"
+        print(f"{variant.name}: {variant.settings or 'the profile as it is'}; {shared}", flush=True)
+    # sources first: a variant waiting for its source holds a worker, so sources must never wait behind it
+    order = sorted(variants, key=depth)
+    with ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
+        results = list(pool.map(lambda v: run_variant(args, v), order))
+    (args.root / "variants.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    for r in results:
+        print(f"{r['name']}: exit {r['rc']} after {r['seconds']} s", flush=True)
+    sys.exit(max((r["rc"] or 0) for r in results))
+
+
+if __name__ == "__main__":
+    main()
