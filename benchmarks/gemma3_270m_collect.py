@@ -73,13 +73,15 @@ def stage_rows(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for m in stages:
         evals = m.get("evals", [])
-        row = {k: m.get(k) for k in ("stage", "name", "steps", "tokens", "epochs", "train_seconds", "tokens_per_second",
-                                     "trainable_parameters", "peak_gpu_allocated_gb")}
-        if evals:
-            for language in ("korean", "english"):
-                key = f"{language}_valid_bits_per_char"
-                best = min(evals, key=lambda e: e[key])
-                row[language] = {"start": evals[0][key], "end": evals[-1][key], "best": best[key], "best_step": best["step"]}
+        row = {k: m.get(k) for k in ("stage", "name", "steps", "tokens", "epochs", "train_blocks", "english_share",
+                                     "train_seconds", "tokens_per_second", "trainable_parameters", "peak_gpu_allocated_gb")}
+        for language in ("korean", "english"):
+            key = f"{language}_valid_bits_per_char"
+            measured = [e for e in evals if e.get(key) is not None]  # a stage resumed across versions may lack some
+            if measured:
+                best = min(measured, key=lambda e: e[key])
+                row[language] = {"start": measured[0][key], "end": measured[-1][key], "best": best[key],
+                                 "best_step": best["step"]}
         rows.append(row)
     return rows
 
@@ -161,7 +163,7 @@ def main() -> None:
     for label, run in result["runs"].items():
         print(f"== {label}: valid tokens/char {run['valid_tokens_per_char']}")
         for row in run["stages"]:
-            if row.get("korean"):
+            if row.get("korean") and row.get("english"):
                 print(f"  stage {row['stage']} ({row['steps']} steps, {row['train_seconds']} s): Korean bits/char "
                       f"{row['korean']['start']} → {row['korean']['end']} (best {row['korean']['best']} at step "
                       f"{row['korean']['best_step']}), English {row['english']['start']} → {row['english']['end']}")

@@ -84,9 +84,9 @@ else
     if [ -n "${G270_VARIANTS:-}" ]; then  # the tuning runs instead of the two paths
       variants=(); IFS=";" read -ra items <<< "$G270_VARIANTS"; for v in "${items[@]}"; do variants+=(--variant "$v"); done
       python3 benchmarks/gemma3_270m_variants.py --root $ROOT --set base.model=$STAGE/base.gguf \
-        --set deploy.serve_backend=transformers --to ${G270_TO:-3.07} --parallel ${G270_PARALLEL:-3} "${variants[@]}" \
+        --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-3.07} --parallel ${G270_PARALLEL:-3} "${variants[@]}" \
         > $ROOT/variants.log 2>&1
-      echo "== $(date +%T) variants ended: $?"
+      rc=$?; echo "== $(date +%T) variants ended: $rc"
       exit 0
     fi
     steps=${G270_BASELINE_STAGE6_STEPS:-300}
@@ -100,19 +100,19 @@ else
       ( while [ ! -f $ROOT/method/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
         python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/method --stages 3 ${G270_ABLATION_SET:-} \
           --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
-        echo "== $(date +%T) ablation ended: $?" ) &
+        rc=$?; echo "== $(date +%T) ablation ended: $rc" ) &
       a=$!
     fi
-    wait $m; echo "== $(date +%T) method run ended: $?"
-    [ -n "${G270_SPEED_ONLY:-}" ] || { wait $b; echo "== $(date +%T) baseline run ended: $?"; }
+    wait $m; rc=$?; echo "== $(date +%T) method run ended: $rc"
+    [ -n "${G270_SPEED_ONLY:-}" ] || { wait $b; rc=$?; echo "== $(date +%T) baseline run ended: $rc"; }
     [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma compare --profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml \
       --set base.model=$STAGE/base.gguf --method-root $ROOT/method --baseline-root $ROOT/baseline \
       --out $ROOT/comparison > $ROOT/compare.log 2>&1
-    echo "== $(date +%T) compare ended: $?"
+    rc=$?; echo "== $(date +%T) compare ended: $rc"
     [ -n "${a:-}" ] && wait $a
     python3 benchmarks/gemma3_270m_speed.py --root $ROOT/method --set base.model=$STAGE/base.gguf --out $ROOT/results \
       --steps ${G270_SPEED_STEPS:-40} > $ROOT/speed.log 2>&1
-    echo "== $(date +%T) speed ended: $?"' g270 "$PWD" "$ROOT" "$STAGE" >> "$ROOT/daemon.log" 2>&1 < /dev/null &
+    rc=$?; echo "== $(date +%T) speed ended: $rc"' g270 "$PWD" "$ROOT" "$STAGE" >> "$ROOT/daemon.log" 2>&1 < /dev/null &
   echo $! > "$ROOT/daemon.pid"
   echo "started the runs (pid $!)"
 fi

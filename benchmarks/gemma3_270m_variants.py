@@ -9,12 +9,13 @@
 Issue 26's tuning questions (stage lengths, corpus size) are answered by runs that differ in a few
 settings; on a GPU session of 30 minutes they must not each redo phases 0-2 (6.5 minutes at 270M,
 mostly CPU). Each variant runs `python -m kormedgemma run` under ROOT/<name> (its log in
-ROOT/<name>.log) with --set KEY=VALUE for both all variants and its own settings. A variant whose
-own settings are all `staged.*` links every artifact made before 3.01 from the first plain variant
-with the same `tokenizer.expand` (once that one's 2.02 has sealed the initialised model) and trains
-only its stages; any other variant links the base model (0.00) from the first variant and builds
-the rest. `core.artifacts.link_upstream` links, the runner skips what is fresh. ROOT/variants.json
-records each variant's settings, exit status and seconds.
+ROOT/<name>.log) with --set KEY=VALUE for all variants and its own settings. A variant whose
+settings other than `staged.*` equal an earlier variant's links every artifact made before 3.01
+from it (once that one's 2.02 has sealed the initialised model) and trains only its stages; any
+other variant links the base model (0.00) from the first variant and builds the rest. Use a fresh
+ROOT: on a reused one a variant may link a source's old artifacts before the source rebuilds them.
+`core.artifacts.link_upstream` links, the runner skips what is fresh. ROOT/variants.json records
+each variant's settings, exit status and seconds.
 """
 from __future__ import annotations
 
@@ -45,14 +46,10 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     name, _, rest = text.partition(":")
-    settings = dict(item.split("=", 1) for item in rest.split(",") if item.strip())
+    settings = dict(item.split("=", 1) for item in rest.split(",") if item.strip())  # values hold no commas
     if not name or "/" in name:
         raise SystemExit(f"--variant {text!r}: NAME[:KEY=VALUE,...], NAME a folder name")
     return Variant(name.strip(), {k.strip(): v.strip() for k, v in settings.items()})
-
-
-def expands(variant: Variant) -> bool:
-    return variant.settings.get("tokenizer.expand", "true").lower() not in ("false", "0", "no")
 
 
 def upstream_settings(variant: Variant) -> dict[str, str]:
@@ -117,6 +114,10 @@ def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
             command += ["--set", item]
         with open(log, "w", encoding="utf-8") as handle:
             variant.rc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+    except Exception as error:  # a bad setting or a failed link: this variant fails, the others go on
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{variant.name} could not start: {type(error).__name__}: {error}\n")
+        variant.rc = 4
     finally:
         variant.done.set()
     return summary(variant, started)
@@ -154,7 +155,7 @@ def main() -> None:
     (args.root / "variants.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     for r in results:
         print(f"{r['name']}: exit {r['rc']} after {r['seconds']} s", flush=True)
-    sys.exit(max((r["rc"] or 0) for r in results))
+    sys.exit(1 if any(r["rc"] != 0 for r in results) else 0)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ class PackedBlocks:
     def english_repeats(self) -> float:
         """How often one pass over the blocks shows each English block: above 1, a small English
         corpus is replayed again and again, and held-out English over-fits."""
-        unique = len(self.english) // self.seq_len
-        return float(self.is_english.sum()) / unique if unique else 0.0
+        shown = int(self.is_english.sum())
+        unique = min(len(self.english) // self.seq_len, shown)  # a large English corpus lends only some blocks
+        return shown / unique if unique else 0.0
 
     def __getitem__(self, indices: Sequence[int]) -> torch.Tensor:
         rows = []

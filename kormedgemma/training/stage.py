@@ -221,8 +221,8 @@ def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: i
         if blocks is not None:
             valid[language] = blocks
             chars = store.prefix_chars(language, "valid", blocks.numel())
-            if chars:
-                per_char[language] = blocks.numel() / chars
+            if chars:  # the loss is per predicted token: a block's first token is context only
+                per_char[language] = (blocks.numel() - blocks.shape[0]) / chars
     return StageData(train, train.english_share, valid, per_char)
 
 
@@ -380,7 +380,7 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
 
 # Passes over the English replay blocks within one stage beyond which it warns. Measured on the real
 # Gemma 3 270M (benchmarks/results/gemma3_270m_gpu_attempt2_h200.json, 326 English blocks replayed at
-# 25 %): held-out English bits/char fell from 1.03 to 0.81 in the first ~2 passes, was back at the
+# 25 %): held-out English bits/char fell from 1.02 to 0.81 in the first ~2 passes, was back at the
 # base's after ~7 and reached 1.79 after ~26.
 ENGLISH_PASSES_WARNING = 4.0
 
@@ -393,7 +393,7 @@ def replay_notice(data: StageData, hyper: StageConfig, number: int, world: int =
     passes = data.train.english_repeats * hyper.max_steps * hyper.micro_batch_size * hyper.grad_accum * world / len(data.train)
     if passes <= ENGLISH_PASSES_WARNING:
         return None
-    unique = len(data.train.english) // data.train.seq_len
+    unique = min(len(data.train.english) // data.train.seq_len, int(data.train.is_english.sum()))
     return (f"stage {number} shows each of its {unique:,} English replay blocks {passes:.0f} times: held-out English "
             f"will over-fit and rise (on the real Gemma 3 270M it passed the base's bits/char after ~7 passes); add "
             f"English text (data.sources), shorten the stage (staged.stage{number}.max_steps) or lower "

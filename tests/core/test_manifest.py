@@ -210,3 +210,23 @@ def test_unsealed_files_are_read_once_per_process(tmp_path, monkeypatch):
         assert hash_path(tmp_path / folder) == _full_hash(tmp_path / folder)
         assert hash_path(tmp_path / folder) == _full_hash(tmp_path / folder)
     assert sorted(p.name for p in read) == ["corpus.jsonl", "model.bin"]
+
+
+def test_a_field_added_later_leaves_older_artifacts_fresh_at_its_old_behaviour(tmp_path):
+    """An artifact whose manifest hashed `data.preprocess` before `korean_train_share` existed stays
+    fresh while the field keeps its old behaviour (1.0), and goes stale at any other share."""
+    import json
+
+    from kormedgemma.core.config import config_hash, config_to_dict
+
+    config = load_config("tiny", overrides={"paths.root": str(tmp_path)})
+    source = tmp_path / "in.txt"
+    source.write_text("hello")
+    out = _make(tmp_path, config, source)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    older = {k: v for k, v in config_to_dict(config.data.preprocess).items() if k != "korean_train_share"}
+    assert manifest["config"]["data.preprocess"] == older  # as a manifest written before the field reads
+    assert manifest["config_hash"] == config_hash({"data.preprocess": older})
+    assert freshness(out, config)[0]
+    stale, reason = freshness(out, apply_overrides(config, {"data.preprocess.korean_train_share": 0.5}))
+    assert not stale and "config" in reason

@@ -53,4 +53,7 @@ def test_english_repeats_count_how_often_a_pass_shows_each_english_block():
     assert int(blocks.is_english.sum()) == 13  # round(40 × 0.25 / 0.75)
     assert blocks.english_repeats == 6.5
     assert PackedBlocks.build(korean, english, seq_len=4, english_fraction=0.0, seed=0).english_repeats == 0.0
+    # an English corpus larger than the plan needs lends 13 distinct blocks, each shown once a pass
+    plenty = PackedBlocks.build(korean, np.arange(400, dtype=np.uint32), seq_len=4, english_fraction=0.25, seed=0)
+    assert len(set(plenty.order[plenty.is_english].tolist())) == 13 and plenty.english_repeats == 1.0
 
