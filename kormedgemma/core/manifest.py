@@ -162,6 +162,7 @@ def _cached_records(manifest: str, size: int, mtime_ns: int) -> Optional[Mapping
 LATER_FIELDS: dict[str, Any] = {
     "data.preprocess.korean_train_share": 1.0,
     "evaluation.english_bits_tolerance": 0.02,
+    **{f"staged.stage{k}.eval_chars": None for k in range(1, 8)},
 }
 
 

@@ -179,6 +179,20 @@ class TokenStore:
             total += float(chars[whole]) * (tokens - start) / (end - start)
         return total
 
+    def tokens_for_chars(self, corpus: str, split: str, chars: float) -> int:
+        """The inverse of `prefix_chars`: how many leading ids hold the split's first `chars`
+        characters (all of it when the split is shorter)."""
+        offsets, lengths = self.offsets(corpus, split), self.chars(corpus, split)
+        if chars <= 0 or not len(lengths):
+            return 0
+        ends = np.cumsum(lengths, dtype=np.int64)
+        whole = int(np.searchsorted(ends, chars, side="right"))  # documents wholly within `chars`
+        if whole >= len(lengths):
+            return int(offsets[-1])
+        done = float(ends[whole - 1]) if whole else 0.0
+        start, end = int(offsets[whole]), int(offsets[whole + 1])
+        return start + round((chars - done) / float(lengths[whole]) * (end - start))
+
     def documents(self, corpus: str, split: str, limit: Optional[int] = None,
                   indices: Optional[Sequence[int]] = None) -> Iterator[np.ndarray]:
         """Each document's ids, `<bos>` and `<eos>` included: the first `limit` in corpus order, or

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from config.training_config import StageConfig
-from kormedgemma.core.config import ProjectConfig, config_to_dict
+from kormedgemma.core.config import ProjectConfig
 from kormedgemma.core.resources import reset_peak_gpu_memory
 from kormedgemma.data.batching import BlockOrder
 from kormedgemma.modeling.base_model import SHARD_SIZE, decoder_layers
@@ -217,7 +217,10 @@ def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: i
                                spec.english_replay_fraction, seed)
     valid, per_char = {}, {}
     for language in ("korean", "english"):
-        blocks = leading_blocks(store.stream(language, "valid"), spec.seq_len, spec.eval_blocks)
+        count = spec.eval_blocks
+        if spec.eval_chars is not None:  # the same text under any tokenizer, to the nearest whole block
+            count = max(1, round(store.tokens_for_chars(language, "valid", spec.eval_chars) / spec.seq_len))
+        blocks = leading_blocks(store.stream(language, "valid"), spec.seq_len, count)
         if blocks is not None:
             valid[language] = blocks
             chars = store.prefix_chars(language, "valid", blocks.numel())
@@ -254,7 +257,12 @@ def checkpoint_root(config: ProjectConfig, number: int) -> Path:
 
 
 def _fingerprint(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> str:
-    return run_fingerprint({"stage": config_to_dict(stage_config(config, number)), "seed": config.staged.seed}, inputs)
+    from kormedgemma.core.manifest import select_config
+
+    # select_config leaves out fields added later at their old behaviour's value, so a checkpoint
+    # written before such a field existed still resumes
+    stage = select_config(config, [f"staged.stage{number}"])[f"staged.stage{number}"]
+    return run_fingerprint({"stage": stage, "seed": config.staged.seed}, inputs)
 
 
 # --------------------------------------------------------------------------- the stage

@@ -68,6 +68,35 @@ def test_prefix_chars_counts_whole_documents_exactly_and_the_cut_one_by_its_toke
     assert store.prefix_chars("korean", "valid", sum(lengths)) == sum(map(len, texts))
 
 
+def test_tokens_for_chars_inverts_prefix_chars(tiny_phase1):
+    config, _, _ = tiny_phase1
+    store = TokenStore(artifact_path(config, "token_store"))
+    offsets = store.offsets("korean", "valid")
+    total_chars = int(store.chars("korean", "valid").sum())
+    assert store.tokens_for_chars("korean", "valid", 0) == 0
+    assert store.tokens_for_chars("korean", "valid", total_chars * 10) == int(offsets[-1])  # beyond the split: all
+    for boundary in offsets[1:4]:  # whole documents: exactly their ids
+        assert store.tokens_for_chars("korean", "valid", store.prefix_chars("korean", "valid", int(boundary))) == int(boundary)
+    for tokens in (5, 37, int(offsets[2]) + 3):
+        assert abs(store.tokens_for_chars("korean", "valid", store.prefix_chars("korean", "valid", tokens)) - tokens) <= 1
+
+
+def test_eval_chars_gives_blocks_covering_that_much_text(tiny_phase1):
+    from dataclasses import replace
+
+    from kormedgemma.training.stage import stage_config, stage_data
+
+    config, _, _ = tiny_phase1
+    tokenizer = _tokenizer(config)
+    store = TokenStore(artifact_path(config, "token_store"))
+    spec = replace(stage_config(config, 1), seq_len=16, eval_chars=120)
+    blocks = stage_data(config, tokenizer, spec, seed=11).valid["korean"]
+    covered = store.prefix_chars("korean", "valid", blocks.numel())
+    per_block = store.prefix_chars("korean", "valid", 16 * len(blocks)) / len(blocks)
+    assert abs(covered - 120) <= per_block / 2 + 1e-9  # to the nearest whole block
+    assert blocks.shape[1] == 16
+
+
 def test_a_store_made_under_another_tokenizer_is_refused(tiny_phase1):
     from kormedgemma.modeling.base_model import load_tokenizer
 

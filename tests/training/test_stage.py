@@ -371,3 +371,21 @@ def test_a_stage_that_replays_a_small_english_set_too_often_says_so():
         "real Gemma 3 270M it passed the base's bits/char after ~7 passes); add English text (data.sources), shorten "
         "the stage (staged.stage6.max_steps) or lower staged.stage6.english_replay_fraction")
     assert replay_notice(data, short, 6, world=2) is not None  # two processes read twice the blocks a step
+
+
+def test_a_checkpoint_fingerprint_ignores_fields_added_later_at_their_old_value(tmp_path):
+    """A stage checkpoint written before `eval_chars` existed must still resume."""
+    from dataclasses import replace
+
+    from kormedgemma.core.config import config_to_dict, load_config
+    from kormedgemma.training.loop import run_fingerprint
+    from kormedgemma.training.stage import _fingerprint
+
+    config = load_config("tiny", overrides={"paths.root": str(tmp_path)})
+    source = tmp_path / "input.bin"
+    source.write_bytes(b"ids")
+    inputs = {"token_store": source}
+    older = {k: v for k, v in config_to_dict(config.staged.stage1).items() if k != "eval_chars"}
+    assert _fingerprint(config, 1, inputs) == run_fingerprint({"stage": older, "seed": config.staged.seed}, inputs)
+    changed = replace(config, staged=replace(config.staged, stage1=replace(config.staged.stage1, eval_chars=1000)))
+    assert _fingerprint(changed, 1, inputs) != _fingerprint(config, 1, inputs)
