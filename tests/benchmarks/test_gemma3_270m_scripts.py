@@ -1,0 +1,76 @@
+"""The GPU benchmark scripts' own logic, on the CPU: which variant shares what, in what order, how a
+failed source releases the variants waiting for it, and how the collector reads the runner's lines."""
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def variants():
+    return _script("gemma3_270m_variants")
+
+
+def test_variants_share_phases_0_to_2_only_with_an_earlier_run_of_the_same_upstream_settings(variants):
+    runs = [variants.parse_variant(text) for text in (
+        "method", "baseline:tokenizer.expand=false,staged.stage6.max_steps=300",
+        "method_short:staged.stage1.max_steps=50,staged.stage2.max_steps=50",
+        "baseline_150:tokenizer.expand=false,staged.stage6.max_steps=150",
+        "method_k25:data.preprocess.korean_train_share=0.25",
+        "method_k25_short:data.preprocess.korean_train_share=0.25,staged.stage1.max_steps=50",
+        "other_base:base.model=/elsewhere.gguf")]
+    variants.plan(runs)
+    shares = {v.name: (v.source.name if v.source else None, v.before) for v in runs}
+    assert shares == {"method": (None, ""), "baseline": ("method", "0.01"), "method_short": ("method", "3.01"),
+                      "baseline_150": ("baseline", "3.01"), "method_k25": ("method", "0.01"),
+                      "method_k25_short": ("method_k25", "3.01"), "other_base": (None, "")}
+    assert runs[1].settings == {"tokenizer.expand": "false", "staged.stage6.max_steps": "300"}
+    # sources run before what waits on them, so a worker never waits behind its own dependant
+    order = [v.name for v in sorted(runs, key=variants.depth)]
+    for v in runs:
+        if v.source is not None:
+            assert order.index(v.source.name) < order.index(v.name)
+    with pytest.raises(SystemExit, match="NAME"):
+        variants.parse_variant("a/b:x=1")
+
+
+def test_a_failed_source_releases_the_variant_waiting_for_it(variants, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(root=tmp_path, profile="tiny", config_file=None, overrides=[], to="3.07")
+    source, waiting = variants.parse_variant("method"), variants.parse_variant("short:staged.stage1.max_steps=2")
+    variants.plan([source, waiting])
+    source.done.set()  # ended without sealing the initialised model
+    finished = threading.Event()
+    result = {}
+    thread = threading.Thread(target=lambda: (result.update(variants.run_variant(args, waiting)), finished.set()))
+    thread.start()
+    assert finished.wait(30)
+    assert result["rc"] == 3 and result["shares"] == {"from": "method", "before": "3.01"}
+    assert "failed before making what short shares" in (tmp_path / "short.log").read_text(encoding="utf-8")
+
+
+def test_the_collector_reads_each_notebooks_time_memory_and_gpu_from_the_runner_log(tmp_path):
+    collect = _script("gemma3_270m_collect")
+    log = tmp_path / "method.log"
+    log.write_text(
+        "run 20261203-132910: 23 notebook(s), profile gemma3_270m\n"
+        "[1/23] 0.00 environment check; builds the base model where the profile does: done in 97.3s (peak RSS 4.0 GB "
+        "(3.5 allocated), GPU 0.6 GB allocated / 0.6 reserved, wrote 0.6 GB)\n"
+        "[2/23] 0.01 data sources and licences: done in 3.2s (peak RSS 0.1 GB (0.1 allocated), wrote 0.0 GB)\n"
+        "[3/23] 0.02 collect Korean, English and KorMedMCQA: running phase0_data_preparation/02_collect_korean_medical.ipynb\n",
+        encoding="utf-8")
+    assert collect.notebook_seconds(log) == {"0.00": {"seconds": 97.3, "peak_rss_gb": 4.0, "gpu_allocated_gb": 0.6},
+                                             "0.01": {"seconds": 3.2, "peak_rss_gb": 0.1}}
