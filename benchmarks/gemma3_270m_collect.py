@@ -50,8 +50,20 @@ def valid_tokens_per_char(config: Any) -> dict[str, float]:
     return stage_data(config, tokenizer, stage_config(config, 1), seed=0).valid_tokens_per_char
 
 
+def evaluation_settings(run: Path, label: str) -> dict[str, Any]:
+    """The evaluation-block settings the run's stages were trained with (from the first trained
+    stage's manifest), as overrides of stage 1: the local rebuild must cut the same blocks, whatever
+    the profile says today."""
+    for manifest in sorted((run / label / "models/staged_training").glob("stage*/manifest.json")):
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        if recorded.get("metrics", {}).get("steps"):
+            stage = recorded["config"][f"staged.{manifest.parent.name}"]
+            return {f"staged.stage1.{key}": stage.get(key) for key in ("seq_len", "eval_blocks", "eval_chars")}
+    raise SystemExit(f"{run / label}: no trained stage's manifest came back")
+
+
 def stage_metrics(run: Path, label: str, per_char: dict[str, float]) -> list[dict[str, Any]]:
-    from kormedgemma.training.stage import bits_per_char
+    from kormedgemma.modeling.loss import bits_per_char
 
     stages = []
     for k in range(1, 8):
@@ -64,7 +76,7 @@ def stage_metrics(run: Path, label: str, per_char: dict[str, float]) -> list[dic
             for e in metrics.get("evals", []):
                 for language, ratio in per_char.items():
                     if e.get(f"{language}_valid_loss") is not None:
-                        e[f"{language}_valid_bits_per_char"] = bits_per_char(e[f"{language}_valid_loss"], ratio)
+                        e[f"{language}_valid_bits_per_char"] = bits_per_char(e[f"{language}_valid_loss"] * ratio, 1.0)
         stages.append(metrics)
     return stages
 
@@ -141,7 +153,8 @@ def main() -> None:
                 sys.exit(f"{label}: its stage metrics predate bits per character; rebuild its phases 0.00-1.04 "
                          "locally and pass --local-root")
             config = load_config("gemma3_270m", config_file=args.config_file,
-                                 overrides={**RUNS[label], "paths.root": str(args.local_root / label),
+                                 overrides={**RUNS[label], **evaluation_settings(args.run, label),
+                                            "paths.root": str(args.local_root / label),
                                             **({"base.model": args.gguf} if args.gguf else {})})
             returned = args.run / label / "models/tokenizer/new_tokens.json"
             rebuilt = args.local_root / label / "models/tokenizer/new_tokens.json"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from config.training_config import ProjectConfig
-from kormedgemma.modeling.loss import IGNORE
+from kormedgemma.modeling.loss import IGNORE, bits_per_char
 
 
 @dataclass
@@ -129,7 +129,7 @@ def perplexity(model: Any, tokenizer: Any, heldout: Heldout, seq_len: int = 1024
     return {"texts": len(heldout.texts), "chars": chars, "tokens": tokens, "ids_from": ids_from,
             "windows": len(windows), "stride": stride or max(1, seq_len // 2),
             "nll_per_token": round(nats / tokens, 5), "perplexity": round(math.exp(nats / tokens), 3),
-            "bits_per_char": round(nats / math.log(2) / chars, 5)}
+            "bits_per_char": bits_per_char(nats, chars)}
 
 
 def heldout_bits_per_char(model: Any, tokenizer: Any, heldout: dict[str, Heldout], seq_len: int, batch_size: int,

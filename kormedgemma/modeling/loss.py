@@ -10,6 +10,7 @@ micro-batches equally (`training.loop.optimizer_step`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Optional
 
 import torch
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kormedgemma.data.batching import IGNORE
+
+
+def bits_per_char(nats: float, chars: float) -> float:
+    """`nats` of loss spent on `chars` characters of text, in bits per character (5 decimals): the
+    one loss figure that compares models with different tokenizers."""
+    return round(nats / math.log(2) / chars, 5)
 
 
 def _inner(model: Any) -> Any:

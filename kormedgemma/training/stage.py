@@ -24,9 +24,11 @@ import torch
 
 from config.training_config import StageConfig
 from kormedgemma.core.config import ProjectConfig
+from kormedgemma.core.manifest import select_config
 from kormedgemma.core.resources import reset_peak_gpu_memory
 from kormedgemma.data.batching import BlockOrder
 from kormedgemma.modeling.base_model import SHARD_SIZE, decoder_layers
+from kormedgemma.modeling.loss import bits_per_char
 from kormedgemma.training.loop import (
     Progress,
     bitsandbytes_ready,
@@ -257,8 +259,6 @@ def checkpoint_root(config: ProjectConfig, number: int) -> Path:
 
 
 def _fingerprint(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> str:
-    from kormedgemma.core.manifest import select_config
-
     # select_config leaves out fields added later at their old behaviour's value, so a checkpoint
     # written before such a field existed still resumes
     stage = select_config(config, [f"staged.stage{number}"])[f"staged.stage{number}"]
@@ -443,12 +443,10 @@ def _evaluate(module: Any, data: StageData, accelerator: Any, batch_size: int) -
                                   for start in range(0, len(blocks), batch_size)], accelerator)
         figures[f"{language}_valid_loss"] = loss
         if loss is not None and language in data.valid_tokens_per_char:
-            figures[f"{language}_valid_bits_per_char"] = bits_per_char(loss, data.valid_tokens_per_char[language])
+            # nats per token × tokens per character: the nats spent on one character
+            figures[f"{language}_valid_bits_per_char"] = bits_per_char(loss * data.valid_tokens_per_char[language], 1.0)
     return figures
 
-
-def bits_per_char(nats_per_token: float, tokens_per_char: float) -> float:
-    return round(nats_per_token * tokens_per_char / math.log(2), 5)
 
 
 def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: StageData, progress: Progress, accelerator: Any,
