@@ -33,7 +33,8 @@
 #
 # Both runs go in one detached process session, at once on the one GPU (a 270M model leaves most of
 # an H200 idle; run one after the other they would not fit one session's device time), so each
-# run's stage seconds include the other's load. The baseline's stage 6 trains 300 steps
+# run's stage seconds include the other's load. They run through benchmarks/gemma3_270m_variants.py
+# as variants `method` and `baseline`, both to 6.02 (G270_TO), the baseline linking the method's 0.00. The baseline's stage 6 trains 300 steps
 # (G270_BASELINE_STAGE6_STEPS): the first GPU run gave it the method's whole step count (1,050, the
 # same tokens as the method's stages 1-6) and its Korean bits/char were best at step 300 while its
 # held-out English more than doubled by step 1,050 (benchmarks/results/gemma3_270m_gpu_attempt2_h200.json),
@@ -91,11 +92,14 @@ else
     fi
     steps=${G270_BASELINE_STAGE6_STEPS:-300}
     echo "== $(date +%T) baseline stage 6 steps: $steps"
-    python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/method ${G270_SPEED_ONLY:+--to 2.02} > $ROOT/method.log 2>&1 &
+    if [ -n "${G270_SPEED_ONLY:-}" ]; then
+      python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/method --to 2.02 > $ROOT/method.log 2>&1 &
+    else  # both paths to 6.02, the baseline linking 0.00 from the method (one GGUF dequantisation, not two)
+      python3 benchmarks/gemma3_270m_variants.py --root $ROOT --set base.model=$STAGE/base.gguf \
+        --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-6.02} --parallel 2 \
+        --variant method --variant "baseline:tokenizer.expand=false,staged.stage6.max_steps=$steps" > $ROOT/variants.log 2>&1 &
+    fi
     m=$!
-    [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma run "${common[@]}" --set paths.root=$ROOT/baseline --set tokenizer.expand=false \
-      --set staged.stage6.max_steps=$steps --to 5.02 > $ROOT/baseline.log 2>&1 &
-    b=$!
     if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3, once 2.01 has sealed the resized model
       ( while [ ! -f $ROOT/method/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
         python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/method --stages 3 ${G270_ABLATION_SET:-} \
@@ -103,8 +107,7 @@ else
         rc=$?; echo "== $(date +%T) ablation ended: $rc" ) &
       a=$!
     fi
-    wait $m; rc=$?; echo "== $(date +%T) method run ended: $rc"
-    [ -n "${G270_SPEED_ONLY:-}" ] || { wait $b; rc=$?; echo "== $(date +%T) baseline run ended: $rc"; }
+    wait $m; rc=$?; echo "== $(date +%T) runs ended: $rc"
     [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma compare --profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml \
       --set base.model=$STAGE/base.gguf --method-root $ROOT/method --baseline-root $ROOT/baseline \
       --out $ROOT/comparison > $ROOT/compare.log 2>&1

@@ -255,9 +255,13 @@ class WordVectorConfig:
     # Trained locally on at most this many train texts per language, sampled across the split:
     # gensim holds its sentences in RAM, and the whole a5000 corpus is ~20 GB of text.
     max_texts: int = 50000
+    # gensim's training threads. 1 gives the same vectors on every run (gensim's own condition for
+    # reproducible training); more train faster (a GPU box's idle cores) with run-to-run jitter.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         _require(self.dim >= 2, "dim", "must be ≥ 2")
+        _require(self.workers >= 1, "workers", "must be ≥ 1")
         _require(self.epochs >= 1, "epochs", "must be ≥ 1")
         _require(self.max_texts >= 1, "max_texts", "must be ≥ 1")
 
