@@ -5,7 +5,8 @@
 
 `benchmarks/gemma3_270m_device.sh` returns each run's logs, manifests and metrics (no weights) in
 $OUT/g270.tgz: `method` and `baseline`, or the variants of `G270_VARIANTS`. This reads every run
-there: the time of every notebook, each stage's losses, phase 4 and what phase 5 finished. Stage
+there: the time of every notebook, each stage's losses, phase 4, what phase 5 finished and
+6.01's bf16-against-4-bit comparison and 6.02's serving check where they ran. Stage
 metrics written before the stages recorded bits per character carry only
 losses per token, which do not compare across tokenizers; their valid blocks' tokens per
 character come from the same run's phases 0.00-1.04 rebuilt on this machine (LOCAL/method and
@@ -125,6 +126,26 @@ def phase5(run: Path, label: str) -> dict[str, Any]:
     return out
 
 
+def phase6(run: Path, label: str) -> dict[str, Any]:
+    """6.01's bf16-against-4-bit comparison and 6.02's serving check, where they ran."""
+    out: dict[str, Any] = {}
+    final = run / label / "models/final"
+    quantized = final / "korean_medgemma_awq/quantization.json"
+    if quantized.is_file():
+        result = json.loads(quantized.read_text(encoding="utf-8"))
+        out["awq"] = {"seconds": result["quantization"]["seconds"], "scheme": result["quantization"]["scheme"],
+                      "logits_relative_error": result.get("logits_relative_error"),
+                      **{side: {"bytes": m["bytes"], "korean_bits_per_char": m["perplexity"]["bits_per_char"],
+                                "kormedmcqa": m["kormedmcqa"]["overall"]["accuracy"],
+                                "unanswered": m["kormedmcqa"]["overall"]["unanswered"]}
+                         for side, m in result["compare"].items()}}
+    check = final / "serve_check/check.json"
+    if check.is_file():
+        result = json.loads(check.read_text(encoding="utf-8"))
+        out["serve"] = {k: result.get(k) for k in ("backend", "startup_s", "question", "answer", "latency_s")}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="the unpacked g270.tgz")
@@ -168,6 +189,7 @@ def main() -> None:
         result["runs"][label] = {"valid_tokens_per_char": {k: round(v, 5) for k, v in per_char.items()},
                                  "notebooks": notebook_seconds(log) if log.is_file() else {},
                                  "stages": stage_rows(stages), "phase5": phase5(args.run, label),
+                                 "phase6": phase6(args.run, label),
                                  "curves": curves[label]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

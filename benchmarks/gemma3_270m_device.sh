@@ -12,7 +12,9 @@
 # G270_VARIANTS="method;baseline:tokenizer.expand=false,staged.stage6.max_steps=300;method_k25:data.preprocess.korean_train_share=0.25":
 # instead of the two paths, these runs to G270_TO (3.07), G270_PARALLEL (3) at a time, through
 # benchmarks/gemma3_270m_variants.py (variants that differ only in stage settings share phases 0-2).
-# Whatever ran comes back; `python benchmarks/gemma3_270m_collect.py --run <unpacked g270.tgz>` reads it.
+# Whatever ran comes back; `python benchmarks/gemma3_270m_collect.py --run <unpacked g270.tgz>` reads it,
+# and `python -m kormedgemma compare --recorded --method-root <it>/method --baseline-root <it>/baseline`
+# compares the two paths from it on the CPU when the session ended before the comparison.
 #
 # A device command carries at most 64 MiB, so the GGUF (242 MB) and what the machine lacks come
 # over several back-to-back commands as ignored folders .dev/a .. .dev/e, each copied to
@@ -108,6 +110,10 @@ else
       a=$!
     fi
     wait $m; rc=$?; echo "== $(date +%T) runs ended: $rc"
+    # first from what the stages recorded (seconds, no model loaded), then with the models measured
+    [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma compare --recorded --profile gemma3_270m \
+      --config benchmarks/gemma3_270m_local.yaml --method-root $ROOT/method --baseline-root $ROOT/baseline \
+      --out $ROOT/comparison_recorded > $ROOT/compare_recorded.log 2>&1
     [ -n "${G270_SPEED_ONLY:-}" ] || python3 -m kormedgemma compare --profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml \
       --set base.model=$STAGE/base.gguf --method-root $ROOT/method --baseline-root $ROOT/baseline \
       --out $ROOT/comparison > $ROOT/compare.log 2>&1
@@ -133,7 +139,7 @@ done
 tail -3 "$ROOT/compare.log" 2>/dev/null; tail -12 "$ROOT/speed.log" 2>/dev/null; cp "$ROOT"/results/*.json "$OUT/" 2>/dev/null
 (cd "$ROOT" && tar -czf "$OUT/g270.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.gguf' \
    --exclude='*/step-*' --exclude='*/data/raw' --exclude='*/data/processed' --exclude='*.model' --exclude='tokenizer.json' \
-   -- *.log variants.json comparison results ablation/*.json ablation/*.png ablation/variants/*.json */runs \
+   -- *.log variants.json comparison comparison_recorded results ablation/*.json ablation/*.png ablation/variants/*.json */runs \
    $(cd "$ROOT" && ls -d */models/*/ 2>/dev/null) 2>/dev/null)
 ls -la "$OUT"
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader

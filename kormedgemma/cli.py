@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--method-root", required=True, metavar="DIR", help="paths.root of the expanded run")
     comparison.add_argument("--baseline-root", required=True, metavar="DIR",
                             help="paths.root of the tokenizer.expand=false run")
+    comparison.add_argument("--recorded", action="store_true",
+                            help="no model loaded: the trajectories the stages recorded on their evaluation blocks "
+                                 "(both runs need the same staged.stageN.eval_chars); runs on the CPU from a run's "
+                                 "metrics and manifests alone")
     comparison.add_argument("--max-texts", type=int, default=None, help="held-out texts per language")
     comparison.add_argument("--seq-len", type=int, default=None)
     comparison.add_argument("--out", required=True, metavar="DIR")
@@ -397,7 +401,8 @@ def _compare(args: argparse.Namespace) -> int:
                          config_file=args.config_file)
     baseline = load_config(args.profile, overrides={**overrides, "paths.root": args.baseline_root,
                                                     "tokenizer.expand": False}, config_file=args.config_file)
-    result = compare(method, baseline, args.max_texts, args.seq_len, progress=sys.stderr.isatty())
+    result = compare(method, baseline, args.max_texts, args.seq_len, progress=sys.stderr.isatty(),
+                     recorded=args.recorded)
     write_comparison(result, Path(args.out), "python -m kormedgemma " + " ".join(sys.argv[1:]))
     print("\n".join(report_lines(result)))
     print(f"\nwrote {args.out}/comparison.json, comparison.md, comparison.png")

@@ -6,6 +6,10 @@ finished run under its own `paths.root`, side by side.
 English text — the base, the initialised model, each stage, the instruction-tuned model — because
 per-token losses cannot compare tokenizers; `compare` puts two runs' trajectories beside their
 KorMedMCQA and English results (phase 5), Korean tokens per character and training GPU time.
+`recorded_trajectory` reads the same trajectory from what the stages measured as they trained
+(their evaluation blocks cover the same held-out characters on both paths when
+`staged.stageN.eval_chars` is set), so two runs compare without a GPU or their weights: a GPU
+session that ends before the comparison still leaves one.
 """
 from __future__ import annotations
 
@@ -59,6 +63,53 @@ def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: 
     rows.append(measure("instruct", *load_for_eval(require(config, "instruct_model"))))
     free_memory()
     return rows
+
+
+def recorded_trajectory(config: ProjectConfig, base: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """The trajectory as the stages recorded it on their evaluation blocks: the initialised model
+    (the first trained stage's step 0), each stage's last evaluation (a skipped stage repeats the
+    model before it), and `base`, the base model's row measured on the same blocks elsewhere (the
+    no-expansion run's step 0 is the base itself: untying copies the tied rows). The instruction-
+    tuned model is not evaluated on these blocks: its row holds no figures."""
+    from kormedgemma.training.stage import read_metrics
+
+    def figures(evaluation: dict[str, Any]) -> dict[str, Any]:
+        return {f"{language}_bits_per_char": evaluation.get(f"{language}_valid_bits_per_char") for language in LANGUAGES}
+
+    stages = [read_metrics(config, k) for k in range(1, 8)]
+    trained = [m for m in stages if m.get("steps") and m.get("evals")]
+    if not trained or not all(f"{language}_valid_bits_per_char" in trained[0]["evals"][0] for language in LANGUAGES):
+        raise ValueError(f"run under {config.paths.root}: its stages recorded no bits per character on their "
+                         "evaluation blocks (trained before they did); compare it with its models instead "
+                         "(drop --recorded)")
+    initialised = figures(trained[0]["evals"][0])
+    rows = [{"model": "base", **(base or ({} if config.tokenizer.expand else initialised))},
+            {"model": "initialised", **initialised}]
+    for number, metrics in enumerate(stages, start=1):
+        if not metrics.get("steps"):
+            rows.append({**rows[-1], "model": f"stage {number}", "skipped": True})
+            continue
+        rows.append({"model": f"stage {number}", **figures(metrics["evals"][-1])})
+    rows.append({"model": "instruct", **{f"{language}_bits_per_char": None for language in LANGUAGES},
+                 "unmeasured": True})
+    for row in rows:
+        for language in LANGUAGES:
+            row.setdefault(f"{language}_bits_per_char", None)
+    return rows
+
+
+def evaluation_blocks(config: ProjectConfig) -> dict[str, Any]:
+    """What the stages' evaluation blocks covered: equal on two runs, their recorded bits per
+    character measure the same held-out text."""
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.core.manifest import read_manifest
+    from kormedgemma.training.stage import read_metrics
+
+    for number in range(1, 8):
+        if read_metrics(config, number).get("steps"):
+            recorded = (read_manifest(require(config, f"stage{number}")) or {}).get("config", {}).get(f"staged.stage{number}", {})
+            return {key: recorded.get(key) for key in ("seq_len", "eval_blocks", "eval_chars")}
+    return {}
 
 
 def run_summary(config: ProjectConfig) -> dict[str, Any]:
@@ -145,8 +196,10 @@ def plot_stage_curves(curves: dict[str, list[dict[str, Any]]], path: Optional[Pa
 
 
 def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[int] = None,
-            seq_len: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
-    """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline)."""
+            seq_len: Optional[int] = None, progress: bool = True, recorded: bool = False) -> dict[str, Any]:
+    """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline).
+    `recorded`: the trajectories the stages measured as they trained (`recorded_trajectory`), no
+    model loaded; both runs' evaluation blocks must have covered the same characters."""
     from kormedgemma.evaluation.perplexity import read_run_heldout
 
     runs = {"method": method, "baseline": baseline}
@@ -159,16 +212,31 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
             raise ValueError(f"{label} run under {config.paths.root} added {expanded} tokens: the method run must "
                              "expand the vocabulary and the baseline must not (tokenizer.expand: false); were the "
                              "two roots swapped?")
-    heldout = {label: read_run_heldout(config, max_texts) for label, config in runs.items()}
-    for language in LANGUAGES:  # bits per character compare two runs only on the same text
-        chars = {label: texts[language].chars for label, texts in heldout.items()}
-        if chars["method"] != chars["baseline"]:
-            raise ValueError(f"the two runs' held-out {language} texts differ ({chars['method']:,} characters under "
-                             f"{method.paths.root}, {chars['baseline']:,} under {baseline.paths.root}): run both from "
-                             "the same data and data.preprocess settings, or bits per character do not compare")
+    if recorded:
+        blocks = {label: evaluation_blocks(config) for label, config in runs.items()}
+        if blocks["method"] != blocks["baseline"] or not blocks["method"].get("eval_chars"):
+            raise ValueError(f"the two runs' stage evaluations covered different text ({blocks['method']} under "
+                             f"{method.paths.root}, {blocks['baseline']} under {baseline.paths.root}): their recorded "
+                             "bits per character compare only with the same staged.stageN.eval_chars on both; "
+                             "compare their models instead (drop --recorded)")
+        trajectories = {"baseline": recorded_trajectory(baseline)}
+        base = {k: v for k, v in trajectories["baseline"][0].items() if k != "model"}
+        trajectories["method"] = recorded_trajectory(method, base)
+    else:
+        heldout = {label: read_run_heldout(config, max_texts) for label, config in runs.items()}
+        for language in LANGUAGES:  # bits per character compare two runs only on the same text
+            chars = {label: texts[language].chars for label, texts in heldout.items()}
+            if chars["method"] != chars["baseline"]:
+                raise ValueError(f"the two runs' held-out {language} texts differ ({chars['method']:,} characters "
+                                 f"under {method.paths.root}, {chars['baseline']:,} under {baseline.paths.root}): run "
+                                 "both from the same data and data.preprocess settings, or bits per character do "
+                                 "not compare")
+        trajectories = {label: trajectory(config, max_texts, seq_len, progress, heldout[label])
+                        for label, config in runs.items()}
     result: dict[str, Any] = {label: {"root": str(config.paths.root), **run_summary(config),
-                                      "trajectory": trajectory(config, max_texts, seq_len, progress, heldout[label])}
+                                      "trajectory": trajectories[label]}
                               for label, config in runs.items()}
+    result["measured"] = "recorded by the stages on their evaluation blocks" if recorded else "held-out texts, models loaded"
     for language in LANGUAGES:
         key = f"{language}_bits_per_char"
         ends = {label: next(r[key] for r in reversed(result[label]["trajectory"]) if r["model"] == "stage 7")
@@ -207,17 +275,37 @@ def _pct(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def _bits(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def phase5_bits_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 5's bits per character of both runs: 5.01 on every held-out Korean article (base,
+    stage 7, instruction-tuned), 5.02 on the held-out English (base, adapted)."""
+    rows = []
+    for language, key in (("Korean", "eval_korean"), ("English", "eval_english")):
+        figures = {label: {name: v.get("bits_per_char") for name, v in result[label].get(key, {}).get("perplexity", {}).items()}
+                   for label in ("method", "baseline")}
+        rows += [{"language": language, "model": name, "method": figures["method"].get(name),
+                  "baseline": figures["baseline"].get(name)}
+                 for name in dict.fromkeys([*figures["method"], *figures["baseline"]])]
+    return rows
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     """A Markdown page: the trajectories side by side, then what each run cost and saved."""
     method, baseline = result["method"], result["baseline"]
+    where = ("the stages' evaluation blocks, as the stages recorded them" if result.get("measured", "").startswith("recorded")
+             else "held-out texts")
     lines = ["# The method against plain continued pretraining", "",
-             "Held-out bits per character (lower is better), the same texts for both runs.", "",
+             f"Bits per character (lower is better) on {where}, the same text for both runs.", "",
              "| model | method: Korean | baseline: Korean | method: English | baseline: English |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for left, right in zip(method["trajectory"], baseline["trajectory"]):
-        skipped = " (skipped)" if right.get("skipped") else ""
-        lines.append(f"| {left['model']}{skipped} | {left['korean_bits_per_char']:.4f} | {right['korean_bits_per_char']:.4f} | "
-                     f"{left['english_bits_per_char']:.4f} | {right['english_bits_per_char']:.4f} |")
+        skipped = " (the baseline skips it)" if right.get("skipped") else ""
+        lines.append(f"| {left['model']}{skipped} | {_bits(left['korean_bits_per_char'])} | "
+                     f"{_bits(right['korean_bits_per_char'])} | {_bits(left['english_bits_per_char'])} | "
+                     f"{_bits(right['english_bits_per_char'])} |")
     lines += ["", "| | method | baseline |", "| --- | ---: | ---: |",
               f"| new tokens | {method['new_tokens']} | {baseline['new_tokens']} |",
               f"| Korean tokens per character | {method['korean_tokens_per_char']} | {baseline['korean_tokens_per_char']} |",
@@ -229,6 +317,11 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         lines += ["", "Phase 5 accuracy (KorMedMCQA: model_mode_shots; English: the base model and the adapted one).",
                   "", "| benchmark | run | method | baseline |", "| --- | --- | ---: | ---: |"]
         lines += [f"| {r['benchmark']} | {r['run']} | {_pct(r['method'])} | {_pct(r['baseline'])} |" for r in accuracies]
+    bits = phase5_bits_rows(result)
+    if bits:
+        lines += ["", "Phase 5 bits per character (5.01: every held-out Korean article; 5.02: the held-out English).",
+                  "", "| language | model | method | baseline |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {r['language']} | {r['model']} | {_bits(r['method'])} | {_bits(r['baseline'])} |" for r in bits]
     return lines
 
 
@@ -259,7 +352,8 @@ def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     for ax, language in zip(axes, LANGUAGES):
         for label, style in (("method", "-o"), ("baseline", "--s")):
             rows = result[label]["trajectory"]
-            ax.plot(range(len(rows)), [r[f"{language}_bits_per_char"] for r in rows], style, ms=4, label=label)
+            values = [r[f"{language}_bits_per_char"] for r in rows]  # an unmeasured model is a gap
+            ax.plot(range(len(rows)), [float("nan") if v is None else v for v in values], style, ms=4, label=label)
         names = [r["model"] for r in result["method"]["trajectory"]]
         ax.set_xticks(range(len(names)), [n.replace("stage ", "s") for n in names], rotation=45, fontsize=7)
         ax.set_title(f"{language}: held-out bits per character", fontsize=9)

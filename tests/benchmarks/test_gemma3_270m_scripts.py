@@ -74,3 +74,25 @@ def test_the_collector_reads_each_notebooks_time_memory_and_gpu_from_the_runner_
         encoding="utf-8")
     assert collect.notebook_seconds(log) == {"0.00": {"seconds": 97.3, "peak_rss_gb": 4.0, "gpu_allocated_gb": 0.6},
                                              "0.01": {"seconds": 3.2, "peak_rss_gb": 0.1}}
+
+
+def test_the_collector_reads_the_4bit_comparison_and_the_serving_check(tmp_path):
+    import json
+
+    collect = _script("gemma3_270m_collect")
+    final = tmp_path / "baseline/models/final"
+    (final / "korean_medgemma_awq").mkdir(parents=True)
+    (final / "serve_check").mkdir(parents=True)
+    side = lambda size, bpc, acc, missing: {"bytes": size, "perplexity": {"bits_per_char": bpc},  # noqa: E731
+                                            "kormedmcqa": {"overall": {"accuracy": acc, "unanswered": missing}}}
+    (final / "korean_medgemma_awq/quantization.json").write_text(json.dumps({
+        "quantization": {"seconds": 100.23, "scheme": "W4A16"}, "logits_relative_error": 0.2617,
+        "compare": {"source": side(536223056, 2.5082, 0.2084, 2), "quantized": side(387000000, 3.0191, 0.21, 27)}}))
+    (final / "serve_check/check.json").write_text(json.dumps({
+        "backend": "transformers", "startup_s": 23.6, "question": "q", "answer": "정답: A", "latency_s": 2.4, "url": "x"}))
+    assert collect.phase6(tmp_path, "baseline") == {
+        "awq": {"seconds": 100.23, "scheme": "W4A16", "logits_relative_error": 0.2617,
+                "source": {"bytes": 536223056, "korean_bits_per_char": 2.5082, "kormedmcqa": 0.2084, "unanswered": 2},
+                "quantized": {"bytes": 387000000, "korean_bits_per_char": 3.0191, "kormedmcqa": 0.21, "unanswered": 27}},
+        "serve": {"backend": "transformers", "startup_s": 23.6, "question": "q", "answer": "정답: A", "latency_s": 2.4}}
+    assert collect.phase6(tmp_path, "method") == {}  # 6.01 never ran there
