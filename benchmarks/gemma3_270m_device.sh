@@ -25,13 +25,17 @@
 #
 # The machine goes back 30 s after a command ends and its files with it: send each --watch at once
 # after the last, and give the last one a --watch that ends before the session's device time does
-# (what it has not copied to $OUT by then is lost). Measured (benchmarks/results/gemma3_270m_gpu_attempt2_h200.json):
-# a machine's start costs ~3 minutes of device time; 0.00-2.02 ~6.5 minutes (0.00 dequantises the
-# GGUF on the CPU: 97 s; 2.02 trains fastText vectors for WECHSEL: 158 s); the method's stages 1-7
-# 60-170 s each with the baseline beside it; 4.01 ~4 minutes; 5.01 ~5 minutes (before 5-shot
-# log-likelihood was dropped). Both paths to 4.01 took 24 minutes; the shorter stages 6-7, two
-# instruction epochs and the baseline's 300 steps now are meant to fit 0.00-6.02 and compare in one
-# session.
+# (what it has not copied to $OUT by then is lost). Measured (benchmarks/results/gemma3_270m_gpu_attempt3_h200.json,
+# both paths at once): the machine's start and the five carried pieces ~2.5 minutes of device time;
+# the method's 0.00-2.02 ~6 minutes (0.00 dequantises the GGUF on the CPU: 93 s; 2.02 trains fastText
+# vectors for WECHSEL: 117 s in 8 threads), its stages 1-7 59-126 s each, 4.01 193 s, 5.01 332 s,
+# 5.02 43 s, 6.01 ~240 s, 6.02 ~40 s: ~30 minutes in all, more than one session's device time with
+# the start. The baseline's whole path took 25 minutes beside it. What a session does not finish,
+# `compare --recorded` compares on the CPU from what came back (benchmarks/results/gemma3_270m_runs_attempt3.tar.gz
+# holds attempt 3's runs, metrics and manifests only).
+#
+# The carried pieces: bash benchmarks/gpu_carry.sh builds .dev/a .. .dev/e (benchmarks/gpusite.txt
+# lists the wheels).
 #
 # Both runs go in one detached process session, at once on the one GPU (a 270M model leaves most of
 # an H200 idle; run one after the other they would not fit one session's device time), so each

@@ -18,7 +18,18 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from config.training_config import ProjectConfig
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.environment import free_memory
+from kormedgemma.core.io import atomic_file, write_json, write_text
+from kormedgemma.core.manifest import read_manifest
+from kormedgemma.core.plots import new_figure, saved
+from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
+from kormedgemma.modeling.base_model import base_model_ref, load_for_eval
+from kormedgemma.training.results import StageMetrics
+from kormedgemma.training.stage import apply_trained, load_stage_model, read_metrics
 
 LANGUAGES = ("korean", "english")
 
@@ -28,13 +39,6 @@ def trajectory(config: ProjectConfig, max_texts: Optional[int] = None, seq_len: 
     """Held-out bits per character of the base, the initialised model, stages 1-7 and the
     instruction-tuned model of one run (a stage that was skipped repeats the model before it);
     `heldout`: `read_run_heldout`'s texts when the caller has read them already."""
-    import torch
-
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.core.environment import free_memory
-    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
-    from kormedgemma.modeling.base_model import base_model_ref, load_for_eval
-    from kormedgemma.training.stage import apply_trained, load_stage_model, read_metrics
 
     spec = config.evaluation
     seq_len = seq_len or spec.perplexity_seq_len
@@ -71,7 +75,6 @@ def recorded_trajectory(config: ProjectConfig, base: Optional[dict[str, Any]] = 
     model before it), and `base`, the base model's row measured on the same blocks elsewhere (the
     no-expansion run's step 0 is the base itself: untying copies the tied rows). The instruction-
     tuned model is not evaluated on these blocks: its row holds no figures."""
-    from kormedgemma.training.stage import read_metrics
 
     def figures(evaluation: dict[str, Any]) -> dict[str, Any]:
         return {f"{language}_bits_per_char": evaluation.get(f"{language}_valid_bits_per_char") for language in LANGUAGES}
@@ -101,9 +104,6 @@ def recorded_trajectory(config: ProjectConfig, base: Optional[dict[str, Any]] = 
 def evaluation_blocks(config: ProjectConfig) -> dict[str, Any]:
     """What the stages' evaluation blocks covered: equal on two runs, their recorded bits per
     character measure the same held-out text."""
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.core.manifest import read_manifest
-    from kormedgemma.training.stage import read_metrics
 
     for number in range(1, 8):
         if read_metrics(config, number).get("steps"):
@@ -114,9 +114,6 @@ def evaluation_blocks(config: ProjectConfig) -> dict[str, Any]:
 
 def run_summary(config: ProjectConfig) -> dict[str, Any]:
     """What phases 1-5 of one run recorded: tokens per character, training GPU time, phase 5 results."""
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.manifest import read_manifest
-    from kormedgemma.training.stage import read_metrics
 
     merged = read_manifest(artifact_path(config, "merged_tokenizer")) or {}
     stages = [read_metrics(config, k) for k in range(1, 8)]
@@ -138,7 +135,7 @@ def run_summary(config: ProjectConfig) -> dict[str, Any]:
     return summary
 
 
-def stage_curves(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def stage_curves(stages: list[StageMetrics]) -> list[dict[str, Any]]:
     """Every evaluation of stages 1-7 (their metrics, in order) as one curve: bits per character of
     the valid blocks against the run's cumulative optimizer steps, tokens and training seconds.
     The stage evaluations come every `eval_every` steps at no extra cost, so this shows where a run
@@ -171,7 +168,6 @@ def stage_curves(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def plot_stage_curves(curves: dict[str, list[dict[str, Any]]], path: Optional[Path] = None) -> Any:
     """Korean and English bits per character of the valid blocks against training tokens, one line
     per run (`{label: stage_curves(...)}`), each stage's start marked on the first run's line."""
-    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((9, 3.6))
     axes = figure.subplots(1, 2)
@@ -200,7 +196,6 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
     """Both runs' trajectories and summaries, and the final Korean / English gap (method - baseline).
     `recorded`: the trajectories the stages measured as they trained (`recorded_trajectory`), no
     model loaded; both runs' evaluation blocks must have covered the same characters."""
-    from kormedgemma.evaluation.perplexity import read_run_heldout
 
     runs = {"method": method, "baseline": baseline}
     for label, config in runs.items():
@@ -246,8 +241,6 @@ def compare(method: ProjectConfig, baseline: ProjectConfig, max_texts: Optional[
 
 
 def _added_tokens(config: ProjectConfig) -> Optional[int]:
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.manifest import read_manifest
 
     merged = read_manifest(artifact_path(config, "merged_tokenizer"))
     return None if merged is None else int(merged.get("metrics", {}).get("new_pieces") or 0)
@@ -328,7 +321,6 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] = None) -> Path:
     """comparison.json, comparison.md and comparison.png in `out/`, each written whole and renamed
     into place; anything else in `out/` is left alone (it may be a run's folder)."""
-    from kormedgemma.core.io import atomic_file, write_json, write_text
 
     out = Path(out)
     with atomic_file(out / "comparison.png", "wb") as handle:
@@ -345,7 +337,6 @@ def write_comparison(result: dict[str, Any], out: Path, command: Optional[str] =
 
 def plot_comparison(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Korean and English bits per character along each run, the method and the baseline."""
-    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((9, 3.6))
     axes = figure.subplots(1, 2)

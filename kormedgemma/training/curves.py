@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from kormedgemma.training.results import StageMetrics
 
-def plot_stage(metrics: dict[str, Any], ax: Any) -> None:
+
+def plot_stage(metrics: StageMetrics, ax: Any) -> None:
     history, evals = metrics["history"], metrics["evals"]
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train", color="0.5")
     for language, colour in (("korean", "tab:blue"), ("english", "tab:orange")):
@@ -23,14 +25,14 @@ def plot_stage(metrics: dict[str, Any], ax: Any) -> None:
     ax.legend(fontsize=7)
 
 
-def evals_table(metrics: dict[str, Any]) -> Any:
+def evals_table(metrics: StageMetrics) -> Any:
     """A stage's valid losses by step (empty for a stage that was skipped)."""
     import pandas as pd
 
     return pd.DataFrame(metrics["evals"], columns=None if metrics["evals"] else ["step"]).set_index("step")
 
 
-def save_stage_plot(metrics: dict[str, Any], path: Path) -> None:
+def save_stage_plot(metrics: StageMetrics, path: Path) -> None:
     from kormedgemma.core.plots import new_figure  # no pyplot: leaves a notebook's backend alone
 
     figure = new_figure((5, 3.2))
@@ -39,7 +41,7 @@ def save_stage_plot(metrics: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def plot_all_stages(all_metrics: Sequence[dict[str, Any]]) -> Any:
+def plot_all_stages(all_metrics: Sequence[StageMetrics]) -> Any:
     """Valid losses across the stages, on one step axis (stage boundaries dashed).
 
     A pyplot figure, unlike the other helpers' (`kormedgemma.core.plots`): notebook 3.07 draws it and

@@ -17,19 +17,43 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+from accelerate.utils import set_seed
+from transformers import get_scheduler
 
 from config.training_config import InstructConfig
-from kormedgemma.core.config import ProjectConfig
-from kormedgemma.core.resources import reset_peak_gpu_memory
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.config import ProjectConfig, config_to_dict, resolve_input, resolve_path
+from kormedgemma.core.hub import hub_access, is_hub_id
+from kormedgemma.core.io import read_jsonl
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.core.plots import new_figure, saved
 from kormedgemma.data.batching import BlockOrder, collate
 from kormedgemma.data.kormedmcqa import doc_to_text, letter
-from kormedgemma.modeling.loss import IGNORE
+from kormedgemma.data.leakage import LeakageIndex, heldout_questions
+from kormedgemma.data.text import normalize_text
+from kormedgemma.modeling.base_model import SHARD_SIZE, load_for_eval, save_tokenizer
+from kormedgemma.modeling.loss import IGNORE, CausalLMLoss
+from kormedgemma.training.loop import (
+    Progress,
+    Recipe,
+    distributed_kind,
+    make_optimizer,
+    mean_loss,
+    open_accelerator,
+    peak_memory_gb,
+    prepare_run,
+    read_extra,
+    run_fingerprint,
+    seal,
+    train_loop,
+)
+from kormedgemma.training.results import InstructMetrics
+from kormedgemma.training.stages import with_lora
 
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "models/final/checkpoints/instruct"
@@ -92,22 +116,18 @@ class InstructData:
 
 def heldout_index(mcqa_root: Path, spec: Any) -> Any:
     """Every dev/test/fewshot question as a leakage index (phase 0's rule and settings)."""
-    from kormedgemma.data.leakage import LeakageIndex, heldout_questions
 
     return LeakageIndex(heldout_questions(mcqa_root), ngram_chars=spec.leakage_ngram_chars,
                         min_share=spec.leakage_min_share, min_span_chars=spec.leakage_min_span_chars)
 
 
 def leaks(index: Any, messages: Sequence[dict[str, str]]) -> bool:
-    from kormedgemma.data.text import normalize_text
 
     return index.overlaps(normalize_text("\n".join(m["content"] for m in messages)))
 
 
 def build_instruct_data(config: ProjectConfig, tokenizer: Any) -> InstructData:
     """Encoded train and dev examples; leaking and over-long examples are counted, never trained."""
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.core.io import read_jsonl
 
     spec = config.instruct
     mcqa = require(config, "kormedmcqa")
@@ -146,9 +166,6 @@ def build_instruct_data(config: ProjectConfig, tokenizer: Any) -> InstructData:
 
 def _extra_rows(config: ProjectConfig, ref: str) -> Iterable[tuple[int, list[dict[str, str]]]]:
     """Rows of one extra instruction dataset: a local JSONL file or a Hub dataset's train split."""
-    from kormedgemma.core.config import resolve_input
-    from kormedgemma.core.hub import hub_access, is_hub_id
-    from kormedgemma.core.io import read_jsonl
 
     local = resolve_input(config, ref)
     if local.is_file():
@@ -177,14 +194,11 @@ def _lora_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_root(config: ProjectConfig) -> Path:
-    from kormedgemma.core.config import resolve_path
 
     return resolve_path(config, CHECKPOINTS)
 
 
 def _fingerprint(config: ProjectConfig, inputs: dict[str, Path]) -> str:
-    from kormedgemma.core.config import config_to_dict
-    from kormedgemma.training.loop import run_fingerprint
 
     return run_fingerprint({"instruct": config_to_dict(config.instruct),
                             "subsets": list(config.data.kormedmcqa.subsets)}, inputs)
@@ -194,46 +208,83 @@ def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad_id:
     return [collate(examples[start:start + size], pad_id) for start in range(0, len(examples), size)]
 
 
+class InstructRecipe(Recipe):
+    """Instruction tuning in the shared loop: padded chat examples in a fresh permutation each
+    epoch, steps weighted by their answer tokens, the dev loss after each evaluation keeping the
+    best adapter so far (saved with every checkpoint) and stopping after `early_stopping_patience`
+    evaluations without a better one."""
+
+    name = "instruction tuning"
+
+    def __init__(self, spec: InstructConfig, data: InstructData, steps: int, pad: int,
+                 dev: list[dict[str, torch.Tensor]]) -> None:
+        self.spec, self.data, self.pad, self.dev = spec, data, pad, dev
+        self.steps, self.eval_every, self.save_every = steps, spec.eval_every, spec.save_every
+        self.keep_checkpoints, self.max_grad_norm = spec.keep_checkpoints, spec.max_grad_norm
+        self.order = BlockOrder(len(data.train), spec.micro_batch_size, spec.seed)
+        self.best: dict[str, Any] = {}
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    def bind(self, model: Any, module: Any, accelerator: Any, progress: Progress, checkpoint: Optional[Path]) -> None:
+        """The prepared module, and where the best adapter so far comes from: the checkpoint
+        resumed from, or (a fresh start) the untrained adapter, scored on dev at step 0."""
+        self.model, self.module, self.accelerator = model, module, accelerator
+        if checkpoint is not None:
+            self.best_state = read_extra(checkpoint)
+        else:
+            first = mean_loss(module, self.dev, accelerator)
+            progress.evals.append({"step": 0, "dev_loss": first})
+            progress.extra = {"best_step": 0, "best_dev_loss": first, "stale": 0, "stopped_early": False}
+            self.best_state = _lora_state(model)
+        self.best = progress.extra  # checkpointed with the progress
+
+    def micro_batches(self, step: int, accelerator: Any) -> list[dict[str, torch.Tensor]]:
+        world, first = accelerator.num_processes, step * self.spec.grad_accum
+        return [collate([self.data.train[i] for i in self.order.blocks((first + m) * world + accelerator.process_index)],
+                        self.pad) for m in range(self.spec.grad_accum)]
+
+    def step_tokens(self, batches: Sequence[dict[str, torch.Tensor]], accelerator: Any) -> int:
+        local = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))], device=accelerator.device)
+        return int(accelerator.reduce(local, reduction="sum")[0])
+
+    def history_fields(self, step_tokens: int, answer_tokens: int) -> dict[str, Any]:
+        return {"tokens": step_tokens, "answer_tokens": answer_tokens}
+
+    def evaluate(self, step: int) -> Optional[dict[str, Any]]:
+        if not self.dev:
+            return None
+        figure = mean_loss(self.module, self.dev, self.accelerator)
+        if figure < self.best["best_dev_loss"]:
+            self.best.update(best_step=step, best_dev_loss=figure, stale=0)
+            self.best_state = _lora_state(self.model)
+        else:
+            self.best["stale"] += 1
+            self.best["stopped_early"] = self.best["stale"] >= self.spec.early_stopping_patience
+        return {"dev_loss": figure}
+
+    def stopped(self) -> bool:
+        return bool(self.best.get("stopped_early"))
+
+    def checkpoint_extra(self) -> Optional[dict[str, torch.Tensor]]:
+        return self.best_state
+
+    def out_of_memory(self) -> str:
+        spec = self.spec
+        return (f"instruction tuning ran out of GPU memory at micro_batch_size={spec.micro_batch_size}, "
+                f"seq_len={spec.seq_len}: lower instruct.micro_batch_size (raise grad_accum to keep the batch) or "
+                "instruct.seq_len, and keep gradient_checkpointing on.")
+
+
 def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/.
 
-    The loop is phase 3's (`training.loop`): every answer token of an optimizer step weighs the same
-    across micro-batches and processes, a kill resumes from the newest checkpoint (which also holds
-    the best adapter so far), and `torchrun`/`accelerate launch` spread it over GPUs."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.environment import cap_gpu_memory, prefer_expandable_segments
-    from kormedgemma.modeling.base_model import load_for_eval
-    from kormedgemma.modeling.loss import CausalLMLoss
-    from kormedgemma.training.loop import (
-        Progress,
-        crash_if_asked,
-        distributed_kind,
-        keep_trainable,
-        latest_checkpoint,
-        make_accelerator,
-        make_optimizer,
-        mean_loss,
-        optimizer_step,
-        peak_memory_gb,
-        prepare_module,
-        read_extra,
-        resume,
-        save_checkpoint,
-        seal,
-    )
-    from kormedgemma.training.stages import with_lora
-
+    The loop is phase 3's (`training.loop.train_loop`): every answer token of an optimizer step
+    weighs the same across micro-batches and processes, a kill resumes from the newest checkpoint
+    (which also holds the best adapter so far), and `torchrun`/`accelerate launch` spread it over GPUs."""
     spec: InstructConfig = config.instruct
     inputs = {"merged_model": require(config, "merged_model"), "kormedmcqa": require(config, "kormedmcqa")}
-    prefer_expandable_segments()  # before the model reaches CUDA
-    accelerator = make_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm,
-                                   config.base.torch_dtype)
+    accelerator = open_accelerator(spec.grad_accum, spec.micro_batch_size, spec.max_grad_norm, config.base.torch_dtype)
     device, world = accelerator.device, accelerator.num_processes
-    cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
     set_seed(spec.seed)
     model, tokenizer = load_for_eval(inputs["merged_model"], device=str(device), dtype=config.base.torch_dtype)
     data = build_instruct_data(config, tokenizer)
@@ -254,77 +305,20 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     steps = min(steps, spec.max_steps) if spec.max_steps else steps
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=math.ceil(spec.warmup_ratio * steps),
                               num_training_steps=steps)
-    module, optimizer = prepare_module(accelerator, CausalLMLoss(model), optimizer)
-    progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-    accelerator.register_save_state_pre_hook(keep_trainable)
-
-    folder = checkpoint_root(config)
-    fingerprint = _fingerprint(config, inputs)
-    checkpoint = resume(accelerator, module, folder, fingerprint, spec.resume, "instruction tuning", "instruct.resume")
-    pad = tokenizer.pad_token_id
-    dev = _batches(data.dev, spec.micro_batch_size, pad)
-    if checkpoint is not None:
-        best_state = read_extra(checkpoint)
-    else:
-        first = mean_loss(module, dev, accelerator)
-        progress.evals.append({"step": 0, "dev_loss": first})
-        progress.extra = {"best_step": 0, "best_dev_loss": first, "stale": 0, "stopped_early": False}
-        best_state = _lora_state(model)
-    best = progress.extra
-    order = BlockOrder(len(data.train), spec.micro_batch_size, spec.seed)  # a fresh permutation each epoch
-    bar = tqdm(total=steps, initial=progress.step, desc="instruction tuning", unit="step",
-               disable=not (progress_bar and accelerator.is_local_main_process))
-    if device.type == "cuda":
-        reset_peak_gpu_memory(device)
-    module.train()
-    try:
-        while progress.step < steps and not best["stopped_early"]:
-            started = time.perf_counter()
-            first_micro = progress.step * spec.grad_accum
-            batches = [collate([data.train[i] for i in order.blocks((first_micro + m) * world + accelerator.process_index)],
-                               pad) for m in range(spec.grad_accum)]
-            loss, grad_norm, tokens = optimizer_step(accelerator, module, optimizer, batches, parameters,
-                                                     spec.max_grad_norm)
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - started
-            progress.step += 1
-            local = torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))], device=device)
-            step_tokens = int(accelerator.reduce(local, reduction="sum")[0])
-            progress.tokens += step_tokens
-            progress.train_seconds += seconds
-            progress.history.append({"step": progress.step, "loss": round(loss, 5), "tokens": step_tokens,
-                                     "answer_tokens": tokens,
-                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
-                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
-            if dev and (progress.step % spec.eval_every == 0 or progress.step == steps):
-                figure = mean_loss(module, dev, accelerator)
-                progress.evals.append({"step": progress.step, "dev_loss": figure})
-                if figure < best["best_dev_loss"]:
-                    best.update(best_step=progress.step, best_dev_loss=figure, stale=0)
-                    best_state = _lora_state(model)
-                else:
-                    best["stale"] += 1
-                    best["stopped_early"] = best["stale"] >= spec.early_stopping_patience
-            if progress.step % spec.save_every == 0 and progress.step < steps and not best["stopped_early"]:
-                save_checkpoint(accelerator, folder, progress, fingerprint, spec.keep_checkpoints, extra=best_state)
-            crash_if_asked(progress.step)
-    except torch.OutOfMemoryError as error:
-        raise MemoryError(f"instruction tuning ran out of GPU memory at micro_batch_size={spec.micro_batch_size}, "
-                          f"seq_len={spec.seq_len}: lower instruct.micro_batch_size (raise grad_accum to keep the "
-                          "batch) or instruct.seq_len, and keep gradient_checkpointing on. Re-running resumes from "
-                          f"{latest_checkpoint(folder) or 'the start'}.") from error
-    finally:
-        bar.close()
+    folder, fingerprint = checkpoint_root(config), _fingerprint(config, inputs)
+    module, optimizer, progress, checkpoint = prepare_run(
+        accelerator, CausalLMLoss(model), optimizer, scheduler, folder, fingerprint, spec.resume,
+        "instruction tuning", "instruct.resume")
+    dev = _batches(data.dev, spec.micro_batch_size, tokenizer.pad_token_id)
+    recipe = InstructRecipe(spec, data, steps, tokenizer.pad_token_id, dev)
+    recipe.bind(model, module, accelerator, progress, checkpoint)
+    train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint, progress_bar)
+    best, best_state = recipe.best, recipe.best_state
     if not dev:  # nothing to choose by: the last adapter is the one kept
         best.update(best_step=progress.step, best_dev_loss=None)
         best_state = _lora_state(model)
     history, timed = progress.history, [h["seconds"] for h in progress.history[1:]]
-    metrics = {
+    metrics: InstructMetrics = {
         "examples": len(data.train), "examples_per_source": data.counts, "dev_examples": len(data.dev),
         "refused_leakage": data.refused, "too_long": data.too_long, "planned_steps": steps, "steps": progress.step,
         "epochs": round(progress.step * per_step / len(data.train), 3), "stopped_early": best["stopped_early"],
@@ -346,10 +340,7 @@ def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
 
 
 def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Tensor], tokenizer: Any,
-                    inputs: dict[str, Path], metrics: dict[str, Any]) -> None:
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import SHARD_SIZE, save_tokenizer
+                    inputs: dict[str, Path], metrics: InstructMetrics) -> None:
 
     with torch.no_grad():
         named = dict(model.named_parameters())
@@ -370,9 +361,8 @@ def _write_instruct(config: ProjectConfig, model: Any, state: dict[str, torch.Te
         out.metrics["refused_leakage"] = len(metrics["refused_leakage"])
 
 
-def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> Any:
+def save_instruct_plot(metrics: InstructMetrics, path: Optional[Path] = None) -> Any:
     """Train loss per step and dev loss per evaluation, the kept (best) step marked."""
-    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((6, 3.2))
     ax = figure.subplots()
@@ -391,13 +381,12 @@ def save_instruct_plot(metrics: dict[str, Any], path: Optional[Path] = None) -> 
     return saved(figure, path)
 
 
-def read_instruct_metrics(config: ProjectConfig) -> dict[str, Any]:
-    from kormedgemma.core.artifacts import require
+def read_instruct_metrics(config: ProjectConfig) -> InstructMetrics:
 
     return json.loads((require(config, "instruct_model") / METRICS_FILE).read_text(encoding="utf-8"))
 
 
-def instruct_headline(metrics: dict[str, Any]) -> str:
+def instruct_headline(metrics: InstructMetrics) -> str:
     """4.01's line: examples, early stopping, the step kept."""
     stopped = ", stopped early" if metrics.get("stopped_early") else ""
     return (f"{metrics.get('examples', 0):,} examples ({metrics.get('refused_leakage', 0)} refused as leakage), "

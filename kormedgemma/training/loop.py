@@ -1,4 +1,5 @@
-"""The training machinery phases 3 and 4 share: accelerator, optimizer, weighted steps, resume.
+"""The training machinery phases 3 and 4 share: accelerator, optimizer, weighted steps, resume,
+and the one loop (`train_loop`) both recipes run, each bringing a `Recipe` for what differs.
 
 Both phases run on `accelerate` (one process, DDP under `torchrun`/`accelerate launch`, DeepSpeed
 ZeRO-2 with `config/accelerate_zero2.yaml`), and both must survive a kill during a days-long run
@@ -15,15 +16,27 @@ tokens, both weightings are the same.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from kormedgemma.core.config import config_hash
+from kormedgemma.core.environment import cap_gpu_memory, prefer_expandable_segments
+from kormedgemma.core.manifest import hash_path
+from kormedgemma.core.resources import reset_peak_gpu_memory
 from kormedgemma.modeling.loss import IGNORE
 
 # Test hook: the process dies (os._exit, no clean-up) right after this optimizer step, like `kill -9`.
@@ -114,8 +127,6 @@ def make_accelerator(grad_accum: int, micro_batch_size: int, max_grad_norm: floa
     """The run's accelerator. Under DeepSpeed its config's batch sizes and clipping are the stage's,
     and its precision is the model's (`base.torch_dtype`): the engine casts the module to bf16 when
     told to, so a bf16 flag on an fp32 model (the tiny profile) would quietly train another model."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     deepspeed, cuda = deepspeed_requested(), torch.cuda.is_available()
     # cpu=True on a machine without CUDA is what makes `torchrun` there run gloo DDP, not N copies.
@@ -178,7 +189,6 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"peak_gpu_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
                 "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 2)}
-    import resource
 
     return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
@@ -242,8 +252,6 @@ def mean_loss(module: Any, batches: Sequence[dict[str, torch.Tensor]], accelerat
 # --------------------------------------------------------------------------- checkpoints
 def run_fingerprint(settings: dict[str, Any], inputs: dict[str, Path]) -> str:
     """What a checkpoint must match to be resumed: the run's settings and its inputs' hashes."""
-    from kormedgemma.core.config import config_hash
-    from kormedgemma.core.manifest import hash_path
 
     return config_hash({**settings, "inputs": {name: hash_path(path) for name, path in inputs.items()}})
 
@@ -265,7 +273,6 @@ def keep_trainable(models: list[Any], weights: list[dict[str, torch.Tensor]], _o
 def save_checkpoint(accelerator: Any, folder: Path, progress: Progress, fingerprint: str, keep: int,
                     extra: Optional[dict[str, torch.Tensor]] = None) -> None:
     """`folder/step-N`, whole or not at all; `extra` tensors (phase 4's best adapter) go beside it."""
-    from safetensors.torch import save_file
 
     target = folder / f"step-{progress.step:06d}"
     partial = folder / f".partial-step-{progress.step:06d}"
@@ -295,7 +302,6 @@ def check_checkpoint_keys(module: Any, checkpoint: Path, fresh_start: str) -> No
     Checkpoints hold only the trainable tensors (`keep_trainable`), so they load with
     `strict=False`, which alone would also accept a checkpoint whose names drifted (another peft or
     transformers version, another stage) and load nothing from it, silently."""
-    from safetensors import safe_open
 
     file = Path(checkpoint) / "model.safetensors"
     deepspeed = Path(checkpoint) / "pytorch_model" / "mp_rank_00_model_states.pt"
@@ -357,7 +363,6 @@ def _is_deepspeed(accelerator: Any) -> bool:
 
 
 def read_extra(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
 
     file = Path(checkpoint) / EXTRA_FILE
     return load_file(str(file)) if file.is_file() else {}
@@ -365,7 +370,6 @@ def read_extra(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def seal(accelerator: Any, folder: Path) -> None:
     """The run is written: its resume points are spent."""
-    import contextlib
 
     if accelerator.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
@@ -373,3 +377,119 @@ def seal(accelerator: Any, folder: Path) -> None:
             folder.parent.rmdir()  # only when no other run has checkpoints there
     accelerator.wait_for_everyone()
 
+
+
+# --------------------------------------------------------------------------- the one loop
+def open_accelerator(grad_accum: int, micro_batch_size: int, max_grad_norm: float, dtype: str) -> Any:
+    """A recipe's first act: the allocator set before anything touches CUDA, the accelerator, and
+    the memory cap a rehearsal of a smaller card asks for (KORMEDGEMMA_GPU_MEMORY_GB)."""
+    prefer_expandable_segments()
+    accelerator = make_accelerator(grad_accum, micro_batch_size, max_grad_norm, dtype)
+    cap_gpu_memory(accelerator.device)
+    return accelerator
+
+
+def prepare_run(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, folder: Path, fingerprint: str,
+                enabled: bool, what: str, key: str) -> tuple[Any, Any, Progress, Optional[Path]]:
+    """The module and optimizer prepared, the scheduler and a fresh `Progress` registered for
+    checkpointing (trainable tensors only), and the newest matching checkpoint loaded: (module,
+    optimizer, progress, the checkpoint resumed from or None)."""
+    module, optimizer = prepare_module(accelerator, module, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    checkpoint = resume(accelerator, module, folder, fingerprint, enabled, what, key)
+    return module, optimizer, progress, checkpoint
+
+
+class Recipe:
+    """What a training recipe (a phase-3 stage, phase-4 instruction tuning) brings to `train_loop`;
+    the loop does the rest, the same for both: optimizer steps, timing, the curve, evaluations every
+    `eval_every` steps and at the end, checkpoints, the crash hook, out-of-memory advice."""
+
+    name: str = "training"  # the progress bar's and the messages' name
+    steps: int = 0  # optimizer steps in all
+    eval_every: int = 1
+    save_every: int = 1
+    keep_checkpoints: int = 1
+    max_grad_norm: float = 1.0
+    show_speed: bool = False  # tokens per second in the progress bar
+
+    def micro_batches(self, step: int, accelerator: Any) -> list[dict[str, torch.Tensor]]:
+        """This process's grad_accum micro-batches of optimizer step `step` (0-based): a pure
+        function of the step, so a resumed run reads what an uninterrupted one would have."""
+        raise NotImplementedError
+
+    def step_tokens(self, batches: Sequence[dict[str, torch.Tensor]], accelerator: Any) -> int:
+        """Tokens the step trained on, every process's (`Progress.tokens` counts them)."""
+        raise NotImplementedError
+
+    def history_fields(self, step_tokens: int, answer_tokens: int) -> dict[str, Any]:
+        """What the recipe adds to each step's curve entry."""
+        return {}
+
+    def evaluate(self, step: int) -> Optional[dict[str, Any]]:
+        """Figures of the evaluation after `step` (None: nothing to evaluate on)."""
+        return None
+
+    def stopped(self) -> bool:
+        """True once the recipe has decided to stop early."""
+        return False
+
+    def checkpoint_extra(self) -> Optional[dict[str, torch.Tensor]]:
+        """Tensors saved beside a checkpoint (phase 4's best adapter so far)."""
+        return None
+
+    def out_of_memory(self) -> str:
+        """What to change when a step runs out of GPU memory."""
+        raise NotImplementedError
+
+
+def train_loop(recipe: Recipe, accelerator: Any, module: Any, optimizer: Any, scheduler: Any,
+               parameters: list[torch.nn.Parameter], progress: Progress, folder: Path, fingerprint: str,
+               progress_bar: bool = True) -> None:
+    """Optimizer steps from `progress.step` to `recipe.steps` (or the recipe's early stop), each
+    timed (the GPU synchronised) and recorded in `progress`; an evaluation every `eval_every` steps
+    and after the last; a checkpoint every `save_every` steps before the last, so a kill loses at
+    most that many. Out of GPU memory becomes a MemoryError that says what to lower and where a
+    re-run resumes."""
+    device = accelerator.device
+    bar = tqdm(total=recipe.steps, initial=progress.step, desc=recipe.name, unit="step", mininterval=2.0,
+               disable=not (progress_bar and accelerator.is_local_main_process))
+    if device.type == "cuda":
+        reset_peak_gpu_memory(device)
+    module.train()
+    try:
+        while progress.step < recipe.steps and not recipe.stopped():
+            started = time.perf_counter()
+            batches = recipe.micro_batches(progress.step, accelerator)
+            loss, grad_norm, answer_tokens = optimizer_step(accelerator, module, optimizer, batches, parameters,
+                                                            recipe.max_grad_norm)
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            tokens = recipe.step_tokens(batches, accelerator)
+            progress.step += 1
+            progress.tokens += tokens
+            progress.train_seconds += seconds
+            progress.history.append({"step": progress.step, "loss": round(loss, 5),
+                                     **recipe.history_fields(tokens, answer_tokens),
+                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
+                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
+            postfix = {"loss": f"{loss:.3f}", **({"tok_s": f"{tokens / seconds:,.0f}"} if recipe.show_speed else {})}
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if progress.step % recipe.eval_every == 0 or progress.step == recipe.steps:
+                figures = recipe.evaluate(progress.step)
+                if figures is not None:
+                    progress.evals.append({"step": progress.step, **figures})
+            if progress.step % recipe.save_every == 0 and progress.step < recipe.steps and not recipe.stopped():
+                save_checkpoint(accelerator, folder, progress, fingerprint, recipe.keep_checkpoints,
+                                extra=recipe.checkpoint_extra())
+            crash_if_asked(progress.step)
+    except torch.OutOfMemoryError as error:
+        raise MemoryError(f"{recipe.out_of_memory()} Re-running resumes from "
+                          f"{latest_checkpoint(folder) or 'the start'}.") from error
+    finally:
+        bar.close()

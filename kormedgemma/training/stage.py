@@ -15,40 +15,44 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import set_seed
+from safetensors import safe_open
+from transformers import AutoTokenizer, BitsAndBytesConfig, get_scheduler
 
 from config.training_config import StageConfig
-from kormedgemma.core.config import ProjectConfig
-from kormedgemma.core.manifest import select_config
-from kormedgemma.core.resources import reset_peak_gpu_memory
-from kormedgemma.data.batching import BlockOrder
-from kormedgemma.modeling.base_model import SHARD_SIZE, decoder_layers
-from kormedgemma.modeling.loss import bits_per_char
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.config import ProjectConfig, resolve_path
+from kormedgemma.core.environment import free_memory, limit_compile_workers
+from kormedgemma.core.io import stream_safetensors
+from kormedgemma.core.manifest import select_config, write_artifact
+from kormedgemma.data.batching import BlockOrder, PackedBlocks, leading_blocks
+from kormedgemma.data.token_store import TokenStore
+from kormedgemma.modeling.base_model import SHARD_SIZE, check_tokenizer_matches_model, decoder_layers, model_class, save_tokenizer
+from kormedgemma.modeling.loss import CausalLMLoss, bits_per_char, logit_chunks
+from kormedgemma.modeling.rows import merge_row_deltas
+from kormedgemma.training.curves import save_stage_plot
 from kormedgemma.training.loop import (
     Progress,
+    Recipe,
     bitsandbytes_ready,
-    crash_if_asked,
     deepspeed_notice,
     distributed_kind,
-    keep_trainable,
-    latest_checkpoint,
-    make_accelerator,
     make_optimizer,
     mean_loss,
-    optimizer_step,
+    open_accelerator,
     peak_memory_gb,
-    prepare_module,
-    resume,
+    prepare_run,
     run_fingerprint,
-    save_checkpoint,
     seal,
+    train_loop,
 )
-from kormedgemma.training.stages import STAGES, StageSpec, apply_stage
+from kormedgemma.training.results import EvalRecord, StageMetrics
+from kormedgemma.training.stages import STAGES, StageSpec, apply_stage, trainable_parameters
 
 TRAINED_FILE = "trained.safetensors"
 ADAPTER_DIR = "adapter"
@@ -66,7 +70,6 @@ def stage_config(config: ProjectConfig, number: int) -> StageConfig:
 
 def new_token_rows(config: ProjectConfig) -> tuple[int, int]:
     """(first id, count) of the new tokens, from phase 2's report."""
-    from kormedgemma.core.artifacts import require
 
     report = json.loads((require(config, "initialized_model") / "init_report.json").read_text(encoding="utf-8"))
     ids = report["new_ids"]
@@ -82,10 +85,7 @@ def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] 
                      device: Optional[torch.device] = None) -> tuple[Any, Any]:
     """(model, tokenizer) after stage `upto` (0: the initialised model); `extra` is one more stage
     folder to apply (a stage's own output before it is sealed)."""
-    from transformers import AutoTokenizer
 
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.modeling.base_model import check_tokenizer_matches_model, model_class
 
     folders = [require(config, f"stage{k}") for k in range(1, upto + 1)] + ([Path(extra)] if extra else [])
     initialized = require(config, "initialized_model")
@@ -108,7 +108,6 @@ def load_stage_model(config: ProjectConfig, upto: int, *, extra: Optional[Path] 
 def apply_trained(model: Any, folder: Path, merge_adapter: bool = True) -> Any:
     """Write a stage's trained rows into `model` and merge its LoRA adapter, if any (with
     `merge_adapter=False` the adapter stays a separate module, as it was during training)."""
-    from safetensors import safe_open
 
     file = Path(folder) / TRAINED_FILE
     if file.is_file():
@@ -169,7 +168,6 @@ def write_dequantised_weights(layers: dict[str, Any], file: Path) -> int:
     MedGemma-4B shape, never in RAM at once); returns the bytes written."""
     import bitsandbytes as bnb
 
-    from kormedgemma.core.io import stream_safetensors
 
     def dequantised(key: str) -> torch.Tensor:
         weight = layers[key].weight
@@ -182,7 +180,6 @@ def write_dequantised_weights(layers: dict[str, Any], file: Path) -> int:
 def trained_tensors(model: Any, spec: StageSpec, first: int, count: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The rows a stage trained, deltas folded in, as (tensors, safetensors metadata); the tensors
     are views of the model's weights, where they live (`stream_safetensors` copies one at a time)."""
-    from kormedgemma.modeling.rows import merge_row_deltas
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     merge_row_deltas(inner)
@@ -209,9 +206,6 @@ class StageData:
 
 def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: int) -> StageData:
     """Blocks from the token store (step 1.04): views over memory maps, never the corpus in RAM."""
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.data.batching import PackedBlocks, leading_blocks
-    from kormedgemma.data.token_store import TokenStore
 
     store = TokenStore(require(config, "token_store"))
     store.check_tokenizer(tokenizer)
@@ -233,7 +227,6 @@ def stage_data(config: ProjectConfig, tokenizer: Any, spec: StageConfig, seed: i
 
 # --------------------------------------------------------------------------- hardware choices
 def _bnb_config(dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype,
@@ -253,7 +246,6 @@ def _optimizer(spec: StageConfig, parameters: list[torch.nn.Parameter], notices:
 
 # --------------------------------------------------------------------------- checkpoints
 def checkpoint_root(config: ProjectConfig, number: int) -> Path:
-    from kormedgemma.core.config import resolve_path
 
     return resolve_path(config, f"{CHECKPOINTS}/stage{number}")
 
@@ -268,7 +260,6 @@ def _fingerprint(config: ProjectConfig, number: int, inputs: dict[str, Path]) ->
 # --------------------------------------------------------------------------- the stage
 def stage_inputs(config: ProjectConfig, number: int) -> dict[str, Path]:
     """Artifacts stage `number` reads; a missing one fails naming the notebook that makes it."""
-    from kormedgemma.core.artifacts import require
 
     if number > 1:
         require(config, f"stage{number - 1}")  # the predecessor first: its notebook is the one to name
@@ -278,24 +269,54 @@ def stage_inputs(config: ProjectConfig, number: int) -> dict[str, Path]:
     return inputs
 
 
-def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -> dict[str, Any]:
-    """Train stage `number` (resuming from its newest checkpoint) and write its folder. Returns metrics."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+class StageRecipe(Recipe):
+    """Stage `number` in the shared loop: packed blocks in a seeded order, the fixed tokens of a
+    step, both languages' valid blocks evaluated (loss and bits per character)."""
 
-    from kormedgemma.core.environment import cap_gpu_memory, limit_compile_workers, prefer_expandable_segments
+    show_speed = True
 
+    def __init__(self, number: int, hyper: StageConfig, data: StageData, seed: int) -> None:
+        self.name, self.hyper, self.data = f"stage {number}", hyper, data
+        self.steps, self.eval_every, self.save_every = hyper.max_steps, hyper.eval_every, hyper.save_every
+        self.keep_checkpoints, self.max_grad_norm = hyper.keep_checkpoints, hyper.max_grad_norm
+        self.order = BlockOrder(len(data.train), hyper.micro_batch_size, seed)
+        self.module: Any = None  # the prepared module, once there is one
+
+    def micro_batches(self, step: int, accelerator: Any) -> list[dict[str, torch.Tensor]]:
+        world, first = accelerator.num_processes, step * self.hyper.grad_accum
+        return [{"input_ids": self.data.train[self.order.blocks((first + micro) * world + accelerator.process_index)]}
+                for micro in range(self.hyper.grad_accum)]
+
+    def step_tokens(self, batches: Any, accelerator: Any) -> int:
+        hyper = self.hyper
+        return hyper.micro_batch_size * hyper.seq_len * hyper.grad_accum * accelerator.num_processes
+
+    def evaluate(self, step: int) -> Optional[dict[str, Any]]:
+        if not self.data.valid:
+            return None
+        return _evaluate(self.module, self.data, self._accelerator, self.hyper.micro_batch_size)
+
+    def out_of_memory(self) -> str:
+        hyper, number = self.hyper, self.name.split()[-1]
+        return (f"{self.name} ran out of GPU memory at micro_batch_size={hyper.micro_batch_size}, "
+                f"seq_len={hyper.seq_len}: lower staged.stage{number}.micro_batch_size (raise grad_accum to keep "
+                f"the batch), keep gradient_checkpointing on, or for stage 6 keep load_in_4bit and an 8-bit optimizer.")
+
+    def bind(self, module: Any, accelerator: Any) -> None:
+        self.module, self._accelerator = module, accelerator
+
+
+def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -> StageMetrics:
+    """Train stage `number` (resuming from its newest checkpoint) and write its folder: setup
+    (model, trainable tensors, data, optimizer, resume), the shared loop, save. Returns its metrics."""
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
     if skipped_without_expansion(config, spec):
         return _write_skipped_stage(config, number, inputs)
-    prefer_expandable_segments()  # before anything here touches CUDA
     limit_compile_workers()  # before anything compiles: the layers, torchao's optimizer step
-    accelerator = make_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm,
+    accelerator = open_accelerator(hyper.grad_accum, hyper.micro_batch_size, hyper.max_grad_norm,
                                    config.base.torch_dtype)
     device = accelerator.device
-    cap_gpu_memory(device)  # KORMEDGEMMA_GPU_MEMORY_GB: rehearse a smaller card
     notices: list[str] = []
     quantize = hyper.load_in_4bit and bitsandbytes_ready(
         "4-bit QLoRA (load_in_4bit)", "plain LoRA on the unquantised model", notices)
@@ -314,70 +335,23 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
     data = stage_data(config, tokenizer, hyper, seed)
     if notice := replay_notice(data, hyper, number, accelerator.num_processes):
         notices.append(notice)
-    from kormedgemma.modeling.loss import CausalLMLoss
-
     parameters = [p for p in trained.parameters() if p.requires_grad]
-    module = CausalLMLoss(trained)
     optimizer = _optimizer(hyper, parameters, notices)
     if notice := deepspeed_notice(accelerator, config.base.torch_dtype):
         notices.append(notice)
     scheduler = get_scheduler(hyper.lr_scheduler, optimizer, num_warmup_steps=math.ceil(hyper.warmup_ratio * hyper.max_steps),
                               num_training_steps=hyper.max_steps)
-    module, optimizer = prepare_module(accelerator, module, optimizer)
-    progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-    accelerator.register_save_state_pre_hook(keep_trainable)
+    folder, fingerprint = checkpoint_root(config, number), _fingerprint(config, number, inputs)
+    module, optimizer, progress, checkpoint = prepare_run(
+        accelerator, CausalLMLoss(trained), optimizer, scheduler, folder, fingerprint, config.staged.resume,
+        f"stage {number}", "staged.resume")
     for notice in notices:
         accelerator.print(f"notice: {notice}")
-
-    folder = checkpoint_root(config, number)
-    fingerprint = _fingerprint(config, number, inputs)
-    checkpoint = resume(accelerator, module, folder, fingerprint, config.staged.resume, f"stage {number}",
-                        "staged.resume")
-    world = accelerator.num_processes
-    order = BlockOrder(len(data.train), hyper.micro_batch_size, seed)
-    tokens_per_step = hyper.micro_batch_size * hyper.seq_len * hyper.grad_accum * world
-    if progress.step == 0 and data.valid:
-        progress.evals.append({"step": 0, **_evaluate(module, data, accelerator, hyper.micro_batch_size)})
-    bar = tqdm(total=hyper.max_steps, initial=progress.step, desc=f"stage {number}", unit="step",
-               disable=not (progress_bar and accelerator.is_local_main_process), mininterval=2.0)
-    if device.type == "cuda":
-        reset_peak_gpu_memory(device)
-    module.train()
-    try:
-        while progress.step < hyper.max_steps:
-            started = time.perf_counter()
-            first_micro = progress.step * hyper.grad_accum
-            batches = [{"input_ids": data.train[order.blocks((first_micro + micro) * world + accelerator.process_index)]}
-                       for micro in range(hyper.grad_accum)]
-            loss, grad_norm, _ = optimizer_step(accelerator, module, optimizer, batches, parameters,
-                                                     hyper.max_grad_norm)
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - started
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            progress.train_seconds += seconds
-            progress.history.append({"step": progress.step, "loss": round(loss, 5),
-                                     "lr": float(scheduler.get_last_lr()[0]), "seconds": round(seconds, 4),
-                                     "grad_norm": None if grad_norm is None else round(grad_norm, 4)})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}", refresh=False)
-            bar.update(1)
-            if data.valid and (progress.step % hyper.eval_every == 0 or progress.step == hyper.max_steps):
-                progress.evals.append({"step": progress.step,
-                                       **_evaluate(module, data, accelerator, hyper.micro_batch_size)})
-            if progress.step % hyper.save_every == 0 and progress.step < hyper.max_steps:
-                save_checkpoint(accelerator, folder, progress, fingerprint, hyper.keep_checkpoints)
-            crash_if_asked(progress.step)
-    except torch.OutOfMemoryError as error:
-        raise MemoryError(
-            f"stage {number} ran out of GPU memory at micro_batch_size={hyper.micro_batch_size}, "
-            f"seq_len={hyper.seq_len}: lower staged.stage{number}.micro_batch_size (raise grad_accum to keep the "
-            f"batch), keep gradient_checkpointing on, or for stage 6 keep load_in_4bit and an 8-bit optimizer. "
-            f"Re-running resumes from {latest_checkpoint(folder) or 'the start'}.") from error
-    finally:
-        bar.close()
+    recipe = StageRecipe(number, hyper, data, seed)
+    recipe.bind(module, accelerator)
+    if progress.step == 0 and (figures := recipe.evaluate(0)) is not None:
+        progress.evals.append({"step": 0, **figures})
+    train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint, progress_bar)
     resumed_from = checkpoint.name if checkpoint else None
     metrics = _metrics(config, number, hyper, data, progress, accelerator, device, resumed_from, notices, trained)
     unwrapped = accelerator.unwrap_model(module).model
@@ -415,13 +389,11 @@ def skipped_without_expansion(config: ProjectConfig, spec: StageSpec) -> bool:
     return not config.tokenizer.expand and spec.number <= 5
 
 
-def _write_skipped_stage(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> dict[str, Any]:
+def _write_skipped_stage(config: ProjectConfig, number: int, inputs: dict[str, Path]) -> StageMetrics:
     """A stage folder that trained nothing, sealed like any other so later stages and resumes read it."""
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.manifest import write_artifact
 
     note = "skipped: tokenizer.expand is false (no new tokens; plain continued pretraining)"
-    metrics = {"stage": number, "name": STAGES[number].name, "skipped": note, "steps": 0, "tokens": 0,
+    metrics: StageMetrics = {"stage": number, "name": STAGES[number].name, "skipped": note, "steps": 0, "tokens": 0,
                "trainable_parameters": 0, "first_loss": None, "last_loss": None, "tokens_per_second": None,
                "train_seconds": 0.0, "resumed_from": None, "processes": 1, "notices": [note], "history": [],
                "evals": []}
@@ -433,11 +405,11 @@ def _write_skipped_stage(config: ProjectConfig, number: int, inputs: dict[str, P
     return metrics
 
 
-def _evaluate(module: Any, data: StageData, accelerator: Any, batch_size: int) -> dict[str, float]:
+def _evaluate(module: Any, data: StageData, accelerator: Any, batch_size: int) -> EvalRecord:
     """Mean token loss on each language's valid blocks, split across processes, and the same in
     bits per character: a loss per token does not compare across tokenizers (a merged token
     carries more text), so the method and the no-expansion baseline meet only in bits per char."""
-    figures: dict[str, float] = {}
+    figures: dict[str, Any] = {}
     for language, blocks in data.valid.items():
         loss = mean_loss(module, [{"input_ids": blocks[start:start + batch_size]}
                                   for start in range(0, len(blocks), batch_size)], accelerator)
@@ -445,13 +417,11 @@ def _evaluate(module: Any, data: StageData, accelerator: Any, batch_size: int) -
         if loss is not None and language in data.valid_tokens_per_char:
             # nats per token × tokens per character: the nats spent on one character
             figures[f"{language}_valid_bits_per_char"] = bits_per_char(loss * data.valid_tokens_per_char[language], 1.0)
-    return figures
-
+    return EvalRecord(**figures)
 
 
 def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: StageData, progress: Progress, accelerator: Any,
-             device: torch.device, resumed_from: Optional[str], notices: list[str], trained: Any) -> dict[str, Any]:
-    from kormedgemma.training.stages import trainable_parameters
+             device: torch.device, resumed_from: Optional[str], notices: list[str], trained: Any) -> StageMetrics:
 
     timed = [h["seconds"] for h in progress.history[1:]] or [h["seconds"] for h in progress.history]
     tokens_per_step = progress.tokens // max(progress.step, 1)
@@ -474,13 +444,7 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
 
 
 def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec, first: int, count: int, tokenizer: Any,
-                 inputs: dict[str, Path], metrics: dict[str, Any], accelerator: Any) -> None:
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.environment import free_memory
-    from kormedgemma.core.io import stream_safetensors
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import save_tokenizer
-    from kormedgemma.training.curves import save_stage_plot
+                 inputs: dict[str, Path], metrics: StageMetrics, accelerator: Any) -> None:
 
     tensors, meta = trained_tensors(model, spec, first, count)
     if not accelerator.is_main_process:
@@ -516,9 +480,6 @@ def _write_stage(config: ProjectConfig, number: int, model: Any, spec: StageSpec
 
 def merge_stages(config: ProjectConfig) -> Path:
     """3.07: models/staged_training/merged/: the full model after stage 7, every LoRA merged."""
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import save_tokenizer
 
     inputs = {f"stage{k}": require(config, f"stage{k}") for k in range(1, 8)}
     inputs["initialized_model"] = require(config, "initialized_model")
@@ -542,7 +503,6 @@ def qlora_merge_gap(config: ProjectConfig, device: Optional[torch.device] = None
     mean KL divergence between their next-token distributions, and how often their top tokens
     agree; with a 4-bit base, `merged_into_originals` is the same comparison for the adapter
     merged into the unquantised originals (what this project did before)."""
-    from kormedgemma.core.artifacts import require
 
     hyper = stage_config(config, 6)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -564,7 +524,6 @@ def qlora_merge_gap(config: ProjectConfig, device: Optional[torch.device] = None
 
 
 def _compare(reference: Any, other: Any, valid: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    from kormedgemma.modeling.loss import logit_chunks
 
     figures = {}
     for language, blocks in valid.items():
@@ -605,7 +564,6 @@ def _swap_base(merged: Any, dequantised: Path, originals: Path) -> None:
 
 def read_tensor_names(file: Path) -> list[str]:
     """The tensor names of a safetensors file, the file closed again (see `_swap_base`)."""
-    from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
         return list(handle.keys())
@@ -622,7 +580,6 @@ def tensor_files(folder: Path) -> dict[str, Path]:
 
 def read_tensor(file: Path, key: str) -> torch.Tensor:
     """One tensor of a safetensors file, read and the file closed again (see `_swap_base`)."""
-    from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
         return handle.get_tensor(key)
@@ -640,13 +597,12 @@ def saved_names(model: Any, names: list[str]) -> dict[str, str]:
     return {name: renamed.get(name, name) for name in names}
 
 
-def read_metrics(config: ProjectConfig, number: int) -> dict[str, Any]:
-    from kormedgemma.core.artifacts import require
+def read_metrics(config: ProjectConfig, number: int) -> StageMetrics:
 
     return json.loads((require(config, f"stage{number}") / METRICS_FILE).read_text(encoding="utf-8"))
 
 
-def stage_headline(metrics: dict[str, Any]) -> str:
+def stage_headline(metrics: StageMetrics) -> str:
     """3.0N's line: steps, speed, train loss, the last valid losses."""
     final = metrics.get("final_eval") or {}
     resumed = f"; resumed from {metrics['resumed_from']}" if metrics.get("resumed_from") else ""

@@ -103,17 +103,17 @@ def test_when_dev_loss_only_rises_the_untrained_model_is_kept(tiny_phase3, tmp_p
 
     from kormedgemma.core.artifacts import artifact_path
     from kormedgemma.core.config import apply_overrides
-    from kormedgemma.training import loop as trainloop
+    from kormedgemma.training import instruct
     from kormedgemma.training.instruct import read_instruct_metrics, train_instruct
 
-    real_mean_loss, calls = trainloop.mean_loss, []
+    real_mean_loss, calls = instruct.mean_loss, []
 
     def rising(module, batches, accelerator):
         figure = real_mean_loss(module, batches, accelerator)
         calls.append(figure)
         return figure + 1000.0 * (len(calls) - 1)
 
-    monkeypatch.setattr(trainloop, "mean_loss", rising)
+    monkeypatch.setattr(instruct, "mean_loss", rising)  # the dev loss the instruction recipe reads
     config, _ = tiny_phase3
     wild = apply_overrides(config, {"paths.root": str(tmp_path), "instruct.learning_rate": 1e-2,
                                     "instruct.warmup_ratio": 0.0, "instruct.eval_every": 2,
