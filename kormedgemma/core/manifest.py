@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -196,7 +197,6 @@ def git_commit() -> Optional[str]:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
 
     versions = {"python": platform.python_version()}
     for name in ("kormedgemma", "torch", "transformers", "tokenizers", "sentencepiece", "datasets",
