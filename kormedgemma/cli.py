@@ -2,16 +2,10 @@
 
 Every sub-command exits non-zero with a one-line reason on bad input (unknown profile, bad key,
 missing artifact, failed notebook) instead of a traceback.
-
-The one module that imports inside functions, by measurement: each sub-command imports its phase
-when it runs. Imported at the top, the 19 phase modules the commands use take 7.3 s (torch,
-transformers, the quantiser) before `--help` or a bad argument could answer; this way `import
-kormedgemma.cli` takes 0.09 s (2 cores, this repository's .venv).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional, Sequence
 
@@ -255,6 +249,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_stats(args: argparse.Namespace) -> int:
+    import json
 
     from transformers import AutoTokenizer
 
@@ -278,6 +273,7 @@ def _tokenizer_stats(args: argparse.Namespace) -> int:
 
 
 def _train_stage(args: argparse.Namespace) -> int:
+    import json
     import os
 
     from kormedgemma.core.config import load_config
@@ -294,6 +290,7 @@ def _train_stage(args: argparse.Namespace) -> int:
 
 
 def _train_instruct(args: argparse.Namespace) -> int:
+    import json
     import os
 
     from kormedgemma.core.config import load_config
@@ -309,6 +306,7 @@ def _train_instruct(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from kormedgemma.evaluation.korean import chance_warning, run_evaluation
@@ -351,6 +349,7 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def _init_ablation(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from kormedgemma.core.config import load_config
@@ -411,6 +410,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _pubmedqa_local(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from kormedgemma.data.pubmedqa import write_local_pubmedqa
@@ -420,6 +420,7 @@ def _pubmedqa_local(args: argparse.Namespace) -> int:
 
 
 def _build_standins(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     from kormedgemma.core.config import repo_root

@@ -1,11 +1,9 @@
 """What the machine offers, checked against what the profile needs, before days of work start."""
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import shutil
-from importlib import metadata
 from typing import Any
 
 from config.training_config import ProjectConfig
@@ -19,6 +17,7 @@ A5000_VRAM_GB = 22
 
 def free_memory() -> None:
     """Drop a model's last references and hand cached CUDA blocks back before the next one loads."""
+    import gc
 
     import torch
 
@@ -157,6 +156,7 @@ def cap_gpu_memory(device: Any = None) -> float | None:
 
 
 def _version(name: str) -> str | None:
+    from importlib import metadata
 
     try:
         return metadata.version(name)

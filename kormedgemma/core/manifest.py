@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -197,6 +196,7 @@ def git_commit() -> Optional[str]:
 
 
 def library_versions() -> dict[str, str]:
+    from importlib import metadata
 
     versions = {"python": platform.python_version()}
     for name in ("kormedgemma", "torch", "transformers", "tokenizers", "sentencepiece", "datasets",

@@ -26,16 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from config.training_config import PreprocessConfig, ProjectConfig
-from kormedgemma.core.artifacts import artifact_path, require
-from kormedgemma.core.config import config_hash, config_to_dict, resolve_path
 from kormedgemma.core.io import read_jsonl, write_jsonl
-from kormedgemma.core.manifest import manifest_path, write_artifact
-from kormedgemma.core.plots import new_figure, saved
-from kormedgemma.data import cleaning
-from kormedgemma.data.leakage import LeakageIndex, heldout_questions
 from kormedgemma.data.readers import SPLITS
 from kormedgemma.data.sources import validate_mcqa_row
 
@@ -90,6 +83,7 @@ def clean_corpus(raw: Path, out: Path, spec: PreprocessConfig, *, korean: bool, 
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
+    from kormedgemma.data import cleaning
 
     files = raw_shards(raw)
     tasks = len(files)
@@ -154,6 +148,7 @@ def run_executor(executor: Any, desc: str, progress: bool = True) -> Any:
 
     The executor blocks until every task is done and reports through log lines only; a thread
     runs it while this one counts datatrove's completion markers for the bar."""
+    from tqdm.auto import tqdm
 
     outcome: dict[str, Any] = {}
 
@@ -229,6 +224,8 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
 def work_folder(config: ProjectConfig, key: str, raw: Path) -> Path:
     """Where the MinHash stages of one corpus keep their files until it is written; named by the
     config and the raw collection's manifest, so a changed input never reuses stale signatures."""
+    from kormedgemma.core.config import config_hash, config_to_dict, resolve_path
+    from kormedgemma.core.manifest import manifest_path
 
     manifest = manifest_path(raw)
     stamp = manifest.read_text(encoding="utf-8") if manifest.is_file() else str(sorted(p.name for p in raw.rglob("*")))
@@ -258,6 +255,7 @@ def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] =
     """Histogram of text lengths (characters, log scale) per corpus; saved to `path` if given."""
     from matplotlib.ticker import ScalarFormatter
 
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((5 * len(corpora), 3.2))
     axes = figure.subplots(1, len(corpora), squeeze=False)
@@ -278,6 +276,9 @@ def plot_length_histogram(corpora: dict[str, np.ndarray], path: Optional[Path] =
 
 def preprocess_all(config: ProjectConfig, progress: bool = True) -> dict[str, Any]:
     """Phase 0.04: processed Korean, English and KorMedMCQA artifacts; returns their statistics."""
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.data.leakage import LeakageIndex, heldout_questions
 
     spec = config.data.preprocess
     raw_korean, raw_english, raw_mcqa = (require(config, k) for k in ("raw_korean", "raw_english", "raw_kormedmcqa"))

@@ -24,15 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from config.training_config import ProjectConfig
-from kormedgemma.core.artifacts import artifact_path, link_upstream, require
-from kormedgemma.core.config import config_to_dict
-from kormedgemma.core.environment import free_memory
-from kormedgemma.core.io import write_json
-from kormedgemma.core.plots import new_figure, saved
-from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
-from kormedgemma.modeling.base_model import base_model_ref, load_for_eval, load_tokenizer
-from kormedgemma.training.stage import apply_trained, checkpoint_root, load_stage_model, train_stage
-from kormedgemma.vocab.embeddings import initialize_artifact, initialize_new_rows, wechsel_inputs_for
+from kormedgemma.core.artifacts import link_upstream
 
 METHODS = ("hybrid", "eeve", "wechsel", "mean", "plain_mean", "random")
 OUTPUT_ROWS = ("method", "subword_mean", "base_mean")
@@ -44,6 +36,11 @@ def init_ablation(config: ProjectConfig, methods: Sequence[str] = METHODS, outpu
     """Bits per character at step 0 for every (method, output rows) pair, and the base model's.
     `heldout` (`read_run_heldout`) and `wechsel` (`wechsel_inputs_for`): read once by a caller that
     also runs `trained_ablation`, instead of once each."""
+    from kormedgemma.core.artifacts import require
+    from kormedgemma.core.environment import free_memory
+    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
+    from kormedgemma.modeling.base_model import base_model_ref, load_for_eval, load_tokenizer
+    from kormedgemma.vocab.embeddings import initialize_new_rows, wechsel_inputs_for
 
     unknown = sorted(set(methods) - set(METHODS)) + sorted(set(outputs) - set(OUTPUT_ROWS))
     if unknown:
@@ -103,6 +100,13 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
     recorded under other settings are not reused)."""
     import torch
 
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.config import config_to_dict
+    from kormedgemma.core.environment import free_memory
+    from kormedgemma.core.io import write_json
+    from kormedgemma.evaluation.perplexity import heldout_bits_per_char, read_run_heldout
+    from kormedgemma.training.stage import apply_trained, checkpoint_root, load_stage_model, train_stage
+    from kormedgemma.vocab.embeddings import initialize_artifact, wechsel_inputs_for
 
     if not 1 <= stages <= 3:
         raise ValueError(f"stages={stages}: the trained ablation covers the rows-only stages 1-3 (EEVE's stages 1-3 "
@@ -153,6 +157,7 @@ def trained_ablation(config: ProjectConfig, methods: Sequence[str], outputs: Seq
 
 def plot_ablation(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Korean against English bits per character at step 0, one point per (method, output rows)."""
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((7, 4.5))
     ax = figure.subplots()
@@ -184,6 +189,7 @@ def trained_curves(result: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
 def plot_trained_ablation(result: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Korean and English bits per character from step 0 through the trained stages, one line per
     (method, output rows), the base model as a dotted line."""
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((10, 4))
     base = result["rows"][0]

@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 logger = logging.getLogger(__name__)
 # lm-evaluation-harness's fallback when neither config nor tokenizer names a context length.
@@ -141,6 +138,7 @@ class _Batch:
     the rows after it attend over its length."""
 
     def __init__(self, model: Any, prompts: list[list[int]], pad: int, device: Any) -> None:
+        from transformers import DynamicCache
 
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -159,6 +157,7 @@ class _Batch:
     @property
     def joinable(self) -> bool:
         """Only attention caches whose layers are plain tensors can be padded and stacked."""
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in self.cache.layers)
 
@@ -215,6 +214,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
     (a row stops at the step that completes one, and that step's token may run past it)."""
     from collections import deque
 
+    from tqdm.auto import tqdm
 
     limit = max_length or context_limit(model, tokenizer)
     encoded, truncated = [], []

@@ -19,16 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from kormedgemma.core.artifacts import artifact_path, require
-from kormedgemma.core.config import ProjectConfig, resolve_input
-from kormedgemma.core.environment import free_memory
-from kormedgemma.core.hub import hub_access
-from kormedgemma.core.io import read_jsonl, write_json
-from kormedgemma.core.manifest import write_artifact
-from kormedgemma.core.plots import new_figure, saved
-from kormedgemma.evaluation.korean import choice_logprobs
-from kormedgemma.evaluation.perplexity import perplexity, read_heldout
-from kormedgemma.modeling.base_model import base_model_ref, builds_base, load_for_eval
+from kormedgemma.core.config import ProjectConfig
 
 LETTERS = "ABCD"
 MMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
@@ -92,6 +83,9 @@ def _valid(row: dict[str, Any]) -> Optional[str]:
 
 def load_benchmark(config: ProjectConfig, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows, bad rows) of one benchmark: the local file when configured, else the Hub."""
+    from kormedgemma.core.config import resolve_input
+    from kormedgemma.core.hub import hub_access
+    from kormedgemma.core.io import read_jsonl
 
     spec, cap = config.evaluation, config.evaluation.english_max_questions
     if name not in BENCHMARKS:
@@ -124,6 +118,7 @@ def load_benchmark(config: ProjectConfig, name: str) -> tuple[list[dict[str, Any
 
 def score_benchmark(model: Any, tokenizer: Any, name: str, rows: Sequence[dict[str, Any]], batch_size: int = 8,
                     progress: bool = True) -> dict[str, Any]:
+    from kormedgemma.evaluation.korean import choice_logprobs
 
     pairs = [prompt_and_choices(name, row) for row in rows]
     scores = choice_logprobs(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size=batch_size,
@@ -155,6 +150,12 @@ def text_retention(perplexity: dict[str, dict[str, Any]], tolerance: float) -> d
 
 def evaluate_english(config: ProjectConfig, progress: bool = True) -> Path:
     """5.02: English benchmarks and English bits per character, base vs instruction-tuned model."""
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.environment import free_memory
+    from kormedgemma.core.io import write_json
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.evaluation.perplexity import perplexity, read_heldout
+    from kormedgemma.modeling.base_model import base_model_ref, builds_base, load_for_eval
 
     spec = config.evaluation
     inputs = {key: require(config, key) for key in ("instruct_model", "english", "token_store")}
@@ -205,6 +206,7 @@ def retention_warnings(summary: dict[str, Any]) -> list[str]:
 
 def plot_retention(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Grouped bars: base vs adapted accuracy per benchmark, chance dashed."""
+    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((6, 3.2))
     ax = figure.subplots()

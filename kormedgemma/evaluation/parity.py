@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-from kormedgemma.core.config import repo_root
-from kormedgemma.core.io import write_json
-from kormedgemma.data.kormedmcqa import build_prompt, exact_match, extract_choice, read_mcqa_folder
-from kormedgemma.data.sources import find_mcqa_file
-from kormedgemma.evaluation.english import BENCHMARKS, prompt_and_choices
-from kormedgemma.evaluation.korean import MAX_GEN_TOKS, TASK_VERSION, evaluate_mcqa
-from kormedgemma.modeling.base_model import load_for_eval
 
 LM_EVAL_VERSION = "0.4.13"
 TASK_PREFIX = "kormedmcqa_local_"
@@ -73,6 +64,7 @@ def hub_rows(path: Path) -> list[dict[str, Any]]:
 def build_local_task(source: Path, data: Path, out: Path, subsets: Sequence[str]) -> list[str]:
     """Copy the harness's task (template, answer filter, group) into `out`, each subset pointed at
     its `test` and `fewshot` rows written as JSONL in the Hub schema. Returns the task names."""
+    from kormedgemma.data.sources import find_mcqa_file
 
     if out.exists():
         shutil.rmtree(out)
@@ -163,14 +155,20 @@ def run_parity(model_ref: str, data_dir: Path, out_file: Path, *, python: str, s
                reuse_harness: bool = False) -> dict[str, Any]:
     """Both tools, each shot count; the comparison and the speed written to `out_file` (JSON). The
     harness's task folder and raw dumps go to `work` (default `runs/parity/`)."""
+    import platform
 
     import torch
 
+    from kormedgemma.core.io import write_json
+    from kormedgemma.data.kormedmcqa import build_prompt, read_mcqa_folder
+    from kormedgemma.evaluation.korean import MAX_GEN_TOKS, TASK_VERSION, evaluate_mcqa
+    from kormedgemma.modeling.base_model import load_for_eval
 
     data_dir = Path(data_dir).resolve()
     data = read_mcqa_folder(data_dir, subsets=subsets, max_questions=questions)
     names = list(data.test)
     if work is None:
+        from kormedgemma.core.config import repo_root
 
         work = repo_root() / "runs" / "parity"
     source = harness_task_source(python)
@@ -233,6 +231,7 @@ PLANTED = [("C", "C"), (" c", "C"), ("정답： C", "C"), ("정답: B", "B"), ("
 
 def planted_check(python: str, include: Path, task: str, work: Path) -> dict[str, Any]:
     """Each planted output scored by the harness's own filter and metric and by `data/kormedmcqa.py`."""
+    from kormedgemma.data.kormedmcqa import exact_match, extract_choice
 
     source = work / "planted.json"
     source.write_text(json.dumps([{"output": o, "gold": g} for o, g in PLANTED], ensure_ascii=False), encoding="utf-8")
@@ -280,6 +279,7 @@ def _point_at(yaml_text: str, data: Path, task: str) -> str:
 
 def english_prompt_check(python: str, work: Path) -> dict[str, Any]:
     """The harness's 0-shot context and continuations for each known row, next to `english.py`'s."""
+    from kormedgemma.evaluation.english import BENCHMARKS, prompt_and_choices
 
     source = harness_task_source(python).parent
     folder = work / "english_tasks"

@@ -19,14 +19,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from config.training_config import ProjectConfig
-from kormedgemma.core.artifacts import require
-from kormedgemma.data.batching import collate
-from kormedgemma.data.readers import sample_split
-from kormedgemma.data.token_store import TokenStore
-from kormedgemma.modeling.loss import IGNORE, bits_per_char, chunked_causal_lm_loss
+from kormedgemma.modeling.loss import IGNORE, bits_per_char
 
 
 @dataclass
@@ -63,6 +58,8 @@ def read_heldout(corpus: Path, max_texts: int, store: Optional[Path] = None, nam
                  seed: int = 0) -> Heldout:
     """`max_texts` texts sampled across a processed corpus's valid split (one streamed pass, never
     all of it in memory), with the token store folder that holds them under the merged tokenizer."""
+    from kormedgemma.data.readers import sample_split
+    from kormedgemma.data.token_store import TokenStore
 
     indices, texts = sample_split(Path(corpus), "valid", max_texts, seed)
     if not texts:
@@ -107,7 +104,10 @@ def perplexity(model: Any, tokenizer: Any, heldout: Heldout, seq_len: int = 1024
                progress: bool = True, desc: str = "perplexity", stride: Optional[int] = None) -> dict[str, Any]:
     """Total log-loss of every token after each document's `<bos>`, per token and per character
     (windows as `document_windows` cuts them)."""
+    from tqdm.auto import tqdm
 
+    from kormedgemma.data.batching import collate
+    from kormedgemma.modeling.loss import chunked_causal_lm_loss
 
     device = next(model.parameters()).device
     documents, ids_from = heldout.documents(tokenizer)
@@ -142,6 +142,7 @@ def heldout_bits_per_char(model: Any, tokenizer: Any, heldout: dict[str, Heldout
 
 def read_run_heldout(config: ProjectConfig, max_texts: Optional[int] = None) -> dict[str, Any]:
     """One run's held-out Korean and English texts, as its token store holds them."""
+    from kormedgemma.core.artifacts import require
 
     max_texts = max_texts or config.evaluation.perplexity_max_texts
     store = require(config, "token_store")

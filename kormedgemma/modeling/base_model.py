@@ -8,32 +8,14 @@ Every later phase therefore meets the same quirks on CPU that it meets on the re
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoTokenizer,
-    Gemma3Config,
-    Gemma3ForCausalLM,
-    Gemma3ForConditionalGeneration,
-    Gemma3TextConfig,
-    GemmaTokenizer,
-    SiglipVisionConfig,
-)
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
 from config.training_config import ProjectConfig, TinyModelConfig
-from kormedgemma.core.artifacts import artifact_path
-from kormedgemma.core.config import resolve_input, resolve_path
-from kormedgemma.core.environment import cap_gpu_memory
-from kormedgemma.core.hub import hub_access, is_hub_id, model_ref
-from kormedgemma.core.manifest import write_artifact
+from kormedgemma.core.config import resolve_input
+from kormedgemma.core.hub import model_ref
 
 # Gemma 3's fixed low ids, in its order: pad 0, eos 1, bos 2, unk 3, mask 4, [multimodal] 5.
 SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
@@ -83,6 +65,7 @@ def hf_tokenizer_from_sentencepiece(sp_model: Path, image_token: bool = True) ->
     `from_pretrained(folder, vocab_file=...)` runs the real conversion, so use that and verify.
     """
     import sentencepiece as spm
+    from transformers import GemmaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sp_model, Path(tmp) / "tokenizer.model")
@@ -109,6 +92,7 @@ def _match_whitespace_runs_after_normalising(tokenizer: Any) -> None:
     as added tokens matched in the raw text, where no '▁' occurs, so runs of spaces fell to BPE merges
     instead: 42 spaces became 16 + 26 where SentencePiece gives 31 + 11. Matched after the
     normaliser, the two agree (the Gemma 3 270M was trained on SentencePiece's: gguf_base)."""
+    import json
 
     from tokenizers import Tokenizer
 
@@ -123,6 +107,7 @@ def _match_whitespace_runs_after_normalising(tokenizer: Any) -> None:
 
 
 def tiny_model_config(tokenizer: Any, shape: TinyModelConfig) -> Any:
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     # Like the real checkpoint, rows exist past the tokenizer's last id (262,208 rows for 262,145
     # tokens in MedGemma-4B): round up to a multiple of 64.
@@ -157,6 +142,7 @@ def tiny_model_config(tokenizer: Any, shape: TinyModelConfig) -> Any:
 
 def medgemma_4b_config() -> Any:
     """MedGemma-4B's architecture (Gemma 3 4B: text + SigLIP tower), for random-weight benchmarks."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     text = Gemma3TextConfig(vocab_size=262_208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
@@ -171,6 +157,7 @@ def medgemma_4b_config() -> Any:
 def build_tiny_base(config: ProjectConfig, out_dir: Path) -> dict[str, Any]:
     """Write tokenizer + random-weight Gemma 3 model into `out_dir`; returns headline figures."""
     import torch
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
     shape = config.base.tiny
     corpus = resolve_input(config, config.base.tiny_tokenizer_corpus)
@@ -202,6 +189,8 @@ def model_class(folder_or_id: str | Path) -> Any:
     """The transformers class a Gemma 3 folder loads as: MedGemma-4B and the tiny default are
     image-text-to-text models (`Gemma3ForConditionalGeneration`), Gemma 3 270M/1B and
     MedGemma-27B-text plain causal LMs (`Gemma3ForCausalLM`); any other causal LM loads as one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     config = AutoConfig.from_pretrained(folder_or_id)
     return AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
@@ -221,7 +210,6 @@ BASE_FOLDER = "models/base"  # what step 0.00 writes where it builds the base (t
 def builds_base(config: ProjectConfig) -> bool:
     """True where step 0.00 writes the base model folder itself: the tiny default, or a GGUF file
     (`base.model: …gguf` or its package's name) materialised once as an ordinary folder."""
-    # gguf_base builds on this module's tokenizer helpers, so it is reached here, not at the top
     from kormedgemma.modeling.gguf_base import is_gguf_ref
 
     return config.base.build_tiny or is_gguf_ref(config.base.model)
@@ -238,6 +226,7 @@ def base_model_ref(config: ProjectConfig) -> str:
 
 
 def load_tokenizer(config: ProjectConfig, ref: str | None = None) -> Any:
+    from transformers import AutoTokenizer
 
     target = model_ref(config, ref or config.base.tokenizer or base_model_name(config), "base.tokenizer")
     return _from_pretrained(AutoTokenizer, target, config)
@@ -246,6 +235,7 @@ def load_tokenizer(config: ProjectConfig, ref: str | None = None) -> Any:
 def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
     import torch
 
+    from kormedgemma.core.hub import hub_access
 
     target = model_ref(config, ref, "base.model") if ref else base_model_ref(config)
     with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
@@ -255,6 +245,7 @@ def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
 
 
 def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any) -> Any:
+    from kormedgemma.core.hub import hub_access
 
     with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
                             "base.model (and base.tokenizer) to the local folder."):
@@ -263,6 +254,7 @@ def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any
 
 def base_tokenizer_folder(config: ProjectConfig) -> Path:
     """A local folder holding the base tokenizer's files (downloaded from the Hub if needed)."""
+    from kormedgemma.core.hub import hub_access
 
     ref = model_ref(config, config.base.tokenizer or base_model_name(config), "base.tokenizer")
     if Path(ref).is_dir():
@@ -279,6 +271,7 @@ def base_tokenizer_folder(config: ProjectConfig) -> Path:
 def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     """save_pretrained, plus the SentencePiece `tokenizer.model` of the folder it came from: the fast
     tokenizer does not write it back, and slow-tokenizer users (and GGUF converters) need it."""
+    import shutil
 
     tokenizer.save_pretrained(out_dir)
     source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
@@ -305,7 +298,10 @@ def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:
 def build_base_artifact(config: ProjectConfig) -> Path:
     """Phase 0.00 where the profile builds its base: models/base/ atomically, with its manifest —
     the tiny random-weight model, or a GGUF's weights and tokenizer as an ordinary folder."""
-    from kormedgemma.modeling.gguf_base import is_gguf_ref, materialise_gguf, resolve_gguf  # see builds_base
+    from kormedgemma.core.artifacts import artifact_path
+    from kormedgemma.core.config import resolve_path
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.gguf_base import is_gguf_ref, materialise_gguf, resolve_gguf
 
     if not builds_base(config):
         raise ValueError(f"profile {config.profile!r} uses {config.base.model}; only profiles with "
@@ -335,7 +331,10 @@ def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None 
     baseline too. Every phase that reads a finished model folder (4, 5, 6) loads it here.
     """
     import torch
+    from transformers import AutoTokenizer
 
+    from kormedgemma.core.environment import cap_gpu_memory
+    from kormedgemma.core.hub import hub_access, is_hub_id
 
     cap_gpu_memory()  # KORMEDGEMMA_GPU_MEMORY_GB: phases 4-6 rehearse a smaller card as training does
     local = Path(ref).expanduser()

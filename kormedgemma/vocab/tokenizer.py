@@ -25,15 +25,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from config.training_config import ProjectConfig, TokenizerConfig
-from kormedgemma.core.artifacts import artifact_path, require
-from kormedgemma.core.manifest import write_artifact
-from kormedgemma.core.plots import new_figure, saved
 from kormedgemma.data.readers import iter_split, sample_split, split_path
-from kormedgemma.modeling.base_model import base_tokenizer_folder
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -97,6 +91,7 @@ def count_piece_frequencies(sp_model: Path, texts: Iterable[str], num_threads: i
     which is what makes a 100 MB corpus a matter of seconds rather than hours.
     """
     import sentencepiece as spm
+    from tqdm.auto import tqdm
 
     processor = spm.SentencePieceProcessor(model_file=str(sp_model))
     counts = np.zeros(processor.get_piece_size(), dtype=np.int64)
@@ -295,7 +290,6 @@ INVARIANT_PROBES = (
 )
 
 
-
 def verify_merge(base: Any, merged: Any, korean_texts: Sequence[str], first_new_id: int,
                  probes: Sequence[str] = INVARIANT_PROBES) -> dict[str, Any]:
     """Check the merge invariants; raise with the first violation, else return the figures."""
@@ -366,6 +360,7 @@ def examples_table(base: Any, merged: Any, words: Sequence[str]) -> list[dict[st
 
 def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Optional[Path] = None) -> Any:
     """Rank-frequency curve of the Korean pieces with the threshold marked."""
+    from kormedgemma.core.plots import new_figure, saved
 
     ordered = np.sort(counts[counts > 0])[::-1]
     figure = new_figure((6.5, 3.6))
@@ -410,6 +405,8 @@ def sentencepiece_vocab_error(message: str, spec: TokenizerConfig) -> Optional[s
 
 def train_tokenizer_artifact(config: ProjectConfig) -> Path:
     """1.01: models/tokenizer/korean_sp/ from the processed Korean train split."""
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.manifest import write_artifact
 
     korean = require(config, "korean")
     train = split_path(korean, "train")
@@ -434,6 +431,9 @@ def train_tokenizer_artifact(config: ProjectConfig) -> Path:
 
 def filter_tokens_artifact(config: ProjectConfig) -> dict[str, Any]:
     """1.02: models/tokenizer/new_tokens.json: chosen pieces (with parents) and their frequencies."""
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import base_tokenizer_folder
 
     korean = require(config, "korean")
     train = split_path(korean, "train")
@@ -472,7 +472,11 @@ def load_new_pieces(path: Path) -> list[NewPiece]:
 
 def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
     """1.03: models/tokenizer/merged/, verified, with tokens-per-character before and after."""
+    from transformers import AutoTokenizer
 
+    from kormedgemma.core.artifacts import artifact_path, require
+    from kormedgemma.core.manifest import write_artifact
+    from kormedgemma.modeling.base_model import base_tokenizer_folder
 
     korean, english = require(config, "korean"), require(config, "english")
     new_tokens = require(config, "new_tokens")
