@@ -1,6 +1,7 @@
 """What the machine offers, checked against what the profile needs, before days of work start."""
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shutil
@@ -17,7 +18,6 @@ A5000_VRAM_GB = 22
 
 def free_memory() -> None:
     """Drop a model's last references and hand cached CUDA blocks back before the next one loads."""
-    import gc
 
     import torch
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from config.training_config import ProjectConfig
+from kormedgemma.core.artifacts import artifact_path
 from kormedgemma.core.config import resolve_input
 from kormedgemma.core.io import atomic_file
+from kormedgemma.core.manifest import write_artifact
 
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 DICTIONARY_FILE = "medical_ko_en.tsv"
@@ -126,8 +128,6 @@ def load_dictionary(path: Path) -> list[tuple[str, str, str]]:
 
 def build_dictionary_artifact(config: ProjectConfig) -> Path:
     """Phase 0.03: data/bilingual_dict/medical_ko_en.tsv with its manifest."""
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.manifest import write_artifact
 
     spec = config.data.dictionary
     inputs = {"bundled": resolve_input(config, spec.bundled)}

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from kormedgemma.core.io import MissingArtifactError, numbered_rows
+from kormedgemma.data.sources import find_mcqa_file, mcqa_looked_for, validate_mcqa_row
+
 LETTERS = "ABCDE"
 ANSWER_CUE = "정답："
 STOP_SEQUENCES = ("Q:", "</s>", "<|im_end|>", ".", "\n\n")
@@ -119,8 +122,6 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
     A row with no question, a missing option, a bad answer or a line that cannot be parsed is
     counted and listed, never fatal: one bad line must not cost a night's evaluation.
     """
-    from kormedgemma.core.io import MissingArtifactError
-    from kormedgemma.data.sources import find_mcqa_file, mcqa_looked_for
 
     root = Path(root)
     layout = f"<subset>/{split}.jsonl or .csv"
@@ -149,8 +150,6 @@ def read_mcqa_folder(root: Path, split: str = "test", subsets: Optional[Sequence
 
 
 def _read_rows(path: Path, subset: str, bad: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from kormedgemma.core.io import numbered_rows
-    from kormedgemma.data.sources import validate_mcqa_row
 
     rows, skipped = [], []
     for number, raw in numbered_rows(path, skipped):

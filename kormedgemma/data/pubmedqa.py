@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kormedgemma.core.io import write_jsonl
+
 LABELS = ["yes", "no", "maybe"]
 ABSTRACTS_FILE = "pubmedqa_abstracts.jsonl"
 BENCHMARK_FILE = "pubmedqa.jsonl"
@@ -45,7 +47,6 @@ def benchmark_row(pmid: str, row: dict[str, Any]) -> dict[str, Any]:
 def write_local_pubmedqa(folder: Path, out: Path) -> dict[str, int]:
     """`out/english/pubmedqa_abstracts.jsonl` (the non-test abstracts, {"text"}) and
     `out/english_mcqa/pubmedqa.jsonl` (the 500 test questions); returns the counts."""
-    from kormedgemma.core.io import write_jsonl
 
     rows, test_ids = read_pqal(folder)
     train = [{"text": abstract_text(row), "id": pmid} for pmid, row in sorted(rows.items()) if pmid not in test_ids]

@@ -14,9 +14,11 @@ from typing import Any, Iterable, Iterator, Optional
 from tqdm.auto import tqdm
 
 from config.training_config import KorMedMCQAConfig, ProjectConfig, SourceConfig
+from kormedgemma.core.artifacts import artifact_path
 from kormedgemma.core.config import resolve_input
 from kormedgemma.core.hub import hub_access
 from kormedgemma.core.io import numbered_rows, write_jsonl, write_jsonl_shards
+from kormedgemma.core.manifest import write_artifact
 
 MCQA_FIELDS = ("question", "A", "B", "C", "D", "E", "answer")
 
@@ -224,8 +226,6 @@ def validate_mcqa_row(row: dict[str, Any], subset: str) -> tuple[Optional[dict[s
 
 def collect_all(config: ProjectConfig) -> dict[str, Any]:
     """Phase 0.02: raw Korean and English text and KorMedMCQA, each an atomic artifact."""
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.manifest import write_artifact
 
     local_inputs = {name: resolve_input(config, s.local_path) for name, s in config.data.sources.items()
                     if s.enabled and s.local_path}

@@ -27,6 +27,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.data.readers import SPLITS, iter_split
+
 STORE_FILE = "store.json"
 ID_DTYPE = np.uint32
 
@@ -97,7 +101,6 @@ def build_token_store(tokenizer: Any, corpora: dict[str, Path], out_dir: Path, b
     """Tokenize every split of every corpus folder (`kormedgemma.data.readers` layout) into `out_dir`."""
     from tqdm.auto import tqdm
 
-    from kormedgemma.data.readers import SPLITS, iter_split
 
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no <bos>/<eos> token: the token store frames every document with them")
@@ -217,8 +220,6 @@ def token_store_artifact(config: Any, progress: bool = True) -> dict[str, Any]:
     """1.04: data/tokens/ from the processed corpora and the merged tokenizer."""
     from transformers import AutoTokenizer
 
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
 
     tokenizer_dir = require(config, "merged_tokenizer")
     corpora = {"korean": require(config, "korean"), "english": require(config, "english")}

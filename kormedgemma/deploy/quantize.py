@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -24,8 +25,18 @@ import numpy as np
 import torch
 
 from config.training_config import DeployConfig
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.environment import free_memory
 from kormedgemma.core.errors import UserError
+from kormedgemma.core.io import write_json, write_text
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.core.plots import new_figure, saved
 from kormedgemma.core.resources import reset_peak_gpu_memory
+from kormedgemma.data.kormedmcqa import read_mcqa_folder
+from kormedgemma.data.token_store import TokenStore
+from kormedgemma.evaluation.korean import chance_warning, check_shots, evaluate_with, write_results
+from kormedgemma.evaluation.perplexity import document_windows, perplexity, read_heldout
+from kormedgemma.modeling.base_model import SHARD_SIZE, load_for_eval
 
 # DeployConfig fields that only the running server reads (6.02 and `serve`), not 6.01's checkpoint or report.
 SERVER_ONLY_KEYS = {"serve_backend", "host", "port", "api_key_env", "served_model_name", "startup_timeout_s",
@@ -113,7 +124,6 @@ def _library_patches() -> contextlib.ExitStack:
       each redraw is a new output (thousands for 34 layers). Those are silenced; the per-layer
       calibration bars stay.
     """
-    import functools
     from unittest import mock
 
     from llmcompressor.modifiers.transform.awq import base
@@ -143,7 +153,6 @@ def quantize_llmcompressor(model_dir: Path, out_dir: Path, blocks: Sequence[Sequ
     # One line per module at INFO buries the notebook; without a GPU every layer also warns "No
     # accelerator available", so there only errors show. LLM_COMPRESSOR_LOG_LEVEL still overrides.
     configure_logger(LoggerConfig(console_log_level="WARNING" if torch.accelerator.is_available() else "ERROR"))
-    from kormedgemma.modeling.base_model import SHARD_SIZE, load_for_eval
 
     # On the CPU (in bf16 where a GPU exists): llm-compressor moves one decoder layer at a time to
     # the GPU, so the whole model never has to fit there beside the calibration activations.
@@ -176,7 +185,6 @@ def _restore_ignore_patterns(out_dir: Path, patterns: Sequence[str]) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     ignore = config["quantization_config"].setdefault("ignore", [])
     ignore.extend(p for p in patterns if p not in ignore)
-    from kormedgemma.core.io import write_json
 
     write_json(path, config)
 
@@ -345,15 +353,6 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     accuracy (the phase-5 evaluator) and logits error, plus the serving card's memory plan."""
     from transformers import AutoTokenizer
 
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.environment import free_memory
-    from kormedgemma.core.io import write_json, write_text
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.data.kormedmcqa import read_mcqa_folder
-    from kormedgemma.data.token_store import TokenStore
-    from kormedgemma.evaluation.korean import chance_warning, check_shots, evaluate_with, write_results
-    from kormedgemma.evaluation.perplexity import document_windows, perplexity, read_heldout
-    from kormedgemma.modeling.base_model import load_for_eval
 
     deploy, spec = config.deploy, config.evaluation
     inputs = {key: require(config, key) for key in ("instruct_model", "token_store", "korean", "kormedmcqa")}
@@ -458,7 +457,6 @@ def deployment_report(summary: dict[str, Any]) -> str:
 def plot_deployment(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Left: size on disk, source vs 4-bit. Right: the serving card's memory, stacked, against
     vLLM's budget (dashed) at full concurrency."""
-    from kormedgemma.core.plots import new_figure, saved
 
     figure = new_figure((10, 3.8))
     left, right = figure.subplots(1, 2)

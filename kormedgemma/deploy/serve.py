@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +41,13 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 import torch
 
 from config.training_config import DeployConfig
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.config import repo_root
 from kormedgemma.core.errors import UserError
+from kormedgemma.core.io import write_json
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.evaluation.decoding import MaskRowsPast, stop_token_ids
+from kormedgemma.modeling.base_model import load_for_eval
 
 
 class ServeError(UserError, RuntimeError):
@@ -115,7 +122,6 @@ def quantization_method(model_dir: Path) -> Optional[str]:
 
 def find_vllm() -> Optional[str]:
     """The `vllm` executable: on PATH, or in the serving environment `make serve-env` builds."""
-    from kormedgemma.core.config import repo_root
 
     found = shutil.which("vllm")
     if found:
@@ -174,7 +180,6 @@ def build_app(model: Any, tokenizer: Any, model_name: str, max_model_len: int,
     from pydantic import BaseModel, Field
     from transformers import GenerationConfig, LogitsProcessorList, TextIteratorStreamer
 
-    from kormedgemma.evaluation.decoding import MaskRowsPast, stop_token_ids
 
     class Message(BaseModel):
         role: Literal["system", "user", "assistant"]
@@ -343,7 +348,6 @@ def serve_transformers(model_dir: Path, deploy: DeployConfig, host: Optional[str
     serve it until interrupted; a non-loopback host without an API key is refused before loading."""
     import uvicorn
 
-    from kormedgemma.modeling.base_model import load_for_eval
 
     host = host or deploy.host
     key = require_key_for(host, deploy)
@@ -381,7 +385,6 @@ def _log_tail(log: Optional[Path], lines: int = 20) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    import socket
 
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -389,7 +392,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    import socket
 
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -534,9 +536,6 @@ def serve_check(config: Any, backend: Optional[str] = None, progress: bool = Tru
 
     With an API key in the environment the server enforces it and the client sends it; check.json
     records only whether one was required, and the refused requests include the two without it."""
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.io import write_json
-    from kormedgemma.core.manifest import write_artifact
 
     deploy = config.deploy
     backend = backend or deploy.serve_backend

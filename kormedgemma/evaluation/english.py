@@ -15,6 +15,8 @@ forgetting shows in the text first.
 """
 from __future__ import annotations
 
+# The project modules this one uses are imported inside the functions that need them: at the top
+# they would take its import from 0.08 s to 2.4 s (measured; docs/ARCHITECTURE.md).
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence

@@ -24,9 +24,26 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from kormedgemma.data.kormedmcqa import LETTERS, STOP_SEQUENCES, McqaSet, build_prompt, cut_at_stops, extract_choice, harness_choice, letter
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.environment import free_memory
+from kormedgemma.core.io import write_json, write_jsonl, write_text
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.core.plots import new_figure, saved
+from kormedgemma.data.kormedmcqa import (
+    LETTERS,
+    STOP_SEQUENCES,
+    McqaSet,
+    build_prompt,
+    cut_at_stops,
+    extract_choice,
+    harness_choice,
+    letter,
+    read_mcqa_folder,
+)
 from kormedgemma.evaluation.decoding import greedy_generate, varying_shape_attention
+from kormedgemma.evaluation.perplexity import perplexity, read_heldout
 from kormedgemma.modeling.base_model import base_model_ref, builds_base, load_for_eval
+from kormedgemma.vocab.tokenizer import efficiency_table
 
 Mode = Literal["generate", "loglikelihood", "chat"]
 MODES: tuple[str, ...] = ("generate", "loglikelihood", "chat")
@@ -228,7 +245,6 @@ def chance_warning(results: dict[str, Any], name: str = "model") -> Optional[str
 
 def write_results(out_dir: Path, results: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> Path:
     """predictions.jsonl, then results.json (each written whole, then renamed into place)."""
-    from kormedgemma.core.io import write_json, write_jsonl
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +259,6 @@ def run_evaluation(model_ref: str, data_dir: Path, out_dir: Path, *, shots: int 
                    subsets: Optional[Sequence[str]] = None, device: Optional[str] = None,
                    dtype: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """`python -m kormedgemma evaluate`: any model on any KorMedMCQA-schema folder, written to `out_dir`."""
-    from kormedgemma.data.kormedmcqa import read_mcqa_folder
 
     data = read_mcqa_folder(Path(data_dir), subsets=subsets, max_questions=max_questions)
     check_shots(data, shots)
@@ -268,7 +283,6 @@ def evaluate_with(model: Any, tokenizer: Any, data: McqaSet, spec: Any, shots: i
 # --------------------------------------------------------------------------- phase 5.01: the artifact
 def korean_models(config: Any) -> dict[str, str]:
     """The three models notebook 5.01 compares: base MedGemma, after stage 7, instruction-tuned."""
-    from kormedgemma.core.artifacts import require
 
     return {"base": base_model_ref(config),
             "stage7": str(require(config, "merged_model")), "instruct": str(require(config, "instruct_model"))}
@@ -278,13 +292,6 @@ def evaluate_korean(config: Any, progress: bool = True) -> Path:
     """5.01: KorMedMCQA per subset for each model and shot count, Korean bits per character and
     tokenizer efficiency, written to models/final/eval/korean/ (results.json, report.md, plots,
     and each run's predictions under runs/)."""
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.environment import free_memory
-    from kormedgemma.core.io import write_json, write_text
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.data.kormedmcqa import read_mcqa_folder
-    from kormedgemma.evaluation.perplexity import perplexity, read_heldout
-    from kormedgemma.vocab.tokenizer import efficiency_table
 
     spec = config.evaluation
     inputs = {key: require(config, key) for key in ("merged_model", "instruct_model", "kormedmcqa", "korean",
@@ -363,7 +370,6 @@ HATCHES = {"chat": "//", "loglikelihood": ".."}
 
 def plot_accuracy(summary: dict[str, Any], path: Optional[Path] = None) -> Any:
     """Bars per subset (and overall) for every run; chance (20%) dashed."""
-    from kormedgemma.core.plots import new_figure, saved
 
     runs = summary["runs"]
     groups = list(runs[0]["subsets"]) + ["overall"]

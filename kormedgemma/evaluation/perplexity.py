@@ -12,6 +12,8 @@ split, checked by their character counts.
 """
 from __future__ import annotations
 
+# The project modules this one uses are imported inside the functions that need them: at the top
+# they would take its import from 2.2 s to 2.6 s (measured; docs/ARCHITECTURE.md).
 import math
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,14 +8,19 @@ Every later phase therefore meets the same quirks on CPU that it meets on the re
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from config.training_config import ProjectConfig, TinyModelConfig
-from kormedgemma.core.config import resolve_input
-from kormedgemma.core.hub import model_ref
+from kormedgemma.core.artifacts import artifact_path
+from kormedgemma.core.config import resolve_input, resolve_path
+from kormedgemma.core.environment import cap_gpu_memory
+from kormedgemma.core.hub import hub_access, is_hub_id, model_ref
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.modeling.gguf_base import is_gguf_ref, materialise_gguf, resolve_gguf
 
 # Gemma 3's fixed low ids, in its order: pad 0, eos 1, bos 2, unk 3, mask 4, [multimodal] 5.
 SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
@@ -92,7 +97,6 @@ def _match_whitespace_runs_after_normalising(tokenizer: Any) -> None:
     as added tokens matched in the raw text, where no '▁' occurs, so runs of spaces fell to BPE merges
     instead: 42 spaces became 16 + 26 where SentencePiece gives 31 + 11. Matched after the
     normaliser, the two agree (the Gemma 3 270M was trained on SentencePiece's: gguf_base)."""
-    import json
 
     from tokenizers import Tokenizer
 
@@ -210,7 +214,6 @@ BASE_FOLDER = "models/base"  # what step 0.00 writes where it builds the base (t
 def builds_base(config: ProjectConfig) -> bool:
     """True where step 0.00 writes the base model folder itself: the tiny default, or a GGUF file
     (`base.model: …gguf` or its package's name) materialised once as an ordinary folder."""
-    from kormedgemma.modeling.gguf_base import is_gguf_ref
 
     return config.base.build_tiny or is_gguf_ref(config.base.model)
 
@@ -235,7 +238,6 @@ def load_tokenizer(config: ProjectConfig, ref: str | None = None) -> Any:
 def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
     import torch
 
-    from kormedgemma.core.hub import hub_access
 
     target = model_ref(config, ref, "base.model") if ref else base_model_ref(config)
     with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
@@ -245,7 +247,6 @@ def load_model(config: ProjectConfig, ref: str | None = None) -> Any:
 
 
 def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any) -> Any:
-    from kormedgemma.core.hub import hub_access
 
     with hub_access(target, "Log in (`hf auth login`) on a machine with network, or download it and set "
                             "base.model (and base.tokenizer) to the local folder."):
@@ -254,7 +255,6 @@ def _from_pretrained(cls: Any, target: str, config: ProjectConfig, **kwargs: Any
 
 def base_tokenizer_folder(config: ProjectConfig) -> Path:
     """A local folder holding the base tokenizer's files (downloaded from the Hub if needed)."""
-    from kormedgemma.core.hub import hub_access
 
     ref = model_ref(config, config.base.tokenizer or base_model_name(config), "base.tokenizer")
     if Path(ref).is_dir():
@@ -271,7 +271,6 @@ def base_tokenizer_folder(config: ProjectConfig) -> Path:
 def save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     """save_pretrained, plus the SentencePiece `tokenizer.model` of the folder it came from: the fast
     tokenizer does not write it back, and slow-tokenizer users (and GGUF converters) need it."""
-    import shutil
 
     tokenizer.save_pretrained(out_dir)
     source = Path(getattr(tokenizer, "name_or_path", "")) / "tokenizer.model"
@@ -298,10 +297,6 @@ def check_tokenizer_matches_model(tokenizer: Any, model: Any) -> None:
 def build_base_artifact(config: ProjectConfig) -> Path:
     """Phase 0.00 where the profile builds its base: models/base/ atomically, with its manifest —
     the tiny random-weight model, or a GGUF's weights and tokenizer as an ordinary folder."""
-    from kormedgemma.core.artifacts import artifact_path
-    from kormedgemma.core.config import resolve_path
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.gguf_base import is_gguf_ref, materialise_gguf, resolve_gguf
 
     if not builds_base(config):
         raise ValueError(f"profile {config.profile!r} uses {config.base.model}; only profiles with "
@@ -333,8 +328,6 @@ def load_for_eval(ref: str | Path, device: str | None = None, dtype: str | None 
     import torch
     from transformers import AutoTokenizer
 
-    from kormedgemma.core.environment import cap_gpu_memory
-    from kormedgemma.core.hub import hub_access, is_hub_id
 
     cap_gpu_memory()  # KORMEDGEMMA_GPU_MEMORY_GB: phases 4-6 rehearse a smaller card as training does
     local = Path(ref).expanduser()

@@ -24,6 +24,7 @@ from kormedgemma.core.errors import UserError
 from kormedgemma.core.io import MissingArtifactError, write_json
 from kormedgemma.core.manifest import freshness
 from kormedgemma.core.resources import GB, TRACK_CELL, TreeSampler, peaks_cell, tree_bytes
+from kormedgemma.pipeline.report import write_run_report
 from kormedgemma.pipeline.steps import Step, select_steps, step_by_id
 
 
@@ -115,7 +116,6 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
             echo(f"{head}: done in {outcomes[-1].seconds:.1f}s ({_resource_line(outcomes[-1].resources)})")
     finally:
         write_json(run_dir / "state.json", [o.__dict__ for o in outcomes])
-        from kormedgemma.pipeline.report import write_run_report
 
         write_run_report(config, run_dir, outcomes)
     return outcomes

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from kormedgemma.core.io import atomic_dir
+from kormedgemma.core.io import atomic_dir, numbered_rows
+from kormedgemma.modeling.base_model import (
+    GEMMA_TEXT_RULES,
+    check_tokenizer_matches_model,
+    hf_tokenizer_from_sentencepiece,
+    medgemma_4b_config,
+)
 from kormedgemma.vocab.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, load_sp_proto, new_sp_proto
 
 GEMMA3_PIECES = 262_144
@@ -112,7 +118,6 @@ def build_sentencepiece(layout: Sequence[LayoutToken], texts: Sequence[str], out
     """Write a `size`-piece SentencePiece BPE model with the layout's tokens at their ids."""
     import sentencepiece as spm
 
-    from kormedgemma.modeling.base_model import GEMMA_TEXT_RULES
 
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     if not lines:
@@ -173,7 +178,6 @@ def build_standin_tokenizer(side_files: Path, texts: Sequence[str], out_dir: Pat
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from kormedgemma.modeling.base_model import hf_tokenizer_from_sentencepiece
 
     side_files = Path(side_files)
     missing = [name for name in SIDE_FILES if not (side_files / name).is_file()]
@@ -227,7 +231,6 @@ def standin_texts(korean_jsonl: Path, dictionary_tsv: Path | None = None,
     trained pieces) the base already knew so much that phase 1 found 150 new pieces at
     min_frequency 20; every tenth (and 16,000) leaves 10,000 at min_frequency 5, the a5000 shape
     (272,145 tokens, Korean tokens/char 0.466 -> 0.407)."""
-    from kormedgemma.core.io import numbered_rows
 
     korean = [row["text"] for _, row in numbered_rows(Path(korean_jsonl))][::korean_every]
     english: list[str] = []
@@ -247,7 +250,6 @@ def build_standin_model(tokenizer_dir: Path, out_dir: Path, seed: int = 0, devic
     import torch
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
-    from kormedgemma.modeling.base_model import check_tokenizer_matches_model, medgemma_4b_config
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from kormedgemma.core.plots import new_figure  # no pyplot: leaves a notebook's backend alone
 from kormedgemma.training.results import StageMetrics
 
 
@@ -33,7 +34,6 @@ def evals_table(metrics: StageMetrics) -> Any:
 
 
 def save_stage_plot(metrics: StageMetrics, path: Path) -> None:
-    from kormedgemma.core.plots import new_figure  # no pyplot: leaves a notebook's backend alone
 
     figure = new_figure((5, 3.2))
     plot_stage(metrics, figure.subplots())

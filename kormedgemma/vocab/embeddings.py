@@ -20,6 +20,8 @@ sqrt(hidden) in the forward pass, and a mean of stored rows is a stored row.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import unicodedata
@@ -31,6 +33,21 @@ import numpy as np
 import torch
 
 from config.training_config import EmbeddingConfig, ProjectConfig
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.config import resolve_input
+from kormedgemma.core.hub import hub_access
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.data.dictionary import DICTIONARY_FILE, load_dictionary
+from kormedgemma.data.readers import sample_split
+from kormedgemma.modeling.base_model import (
+    SHARD_SIZE,
+    builds_base,
+    check_tokenizer_matches_model,
+    load_model,
+    load_tokenizer,
+    model_class,
+    save_tokenizer,
+)
 
 _WORD = re.compile(r"[\w\uac00-\ud7a3]+", re.UNICODE)
 
@@ -56,7 +73,6 @@ def is_untied(model: Any) -> bool:
 
 def rows_digest(rows: torch.Tensor) -> str:
     """sha256 of a block of rows' bytes: an exact "unchanged" check without a multi-GB copy."""
-    import hashlib
 
     data = rows.detach().contiguous().cpu()
     return hashlib.sha256(data.view(torch.uint8).numpy()).hexdigest()
@@ -125,8 +141,6 @@ def load_word_vectors(ref: str, config: ProjectConfig) -> Any:
     from gensim.models import KeyedVectors
     from gensim.models.fasttext import load_facebook_vectors
 
-    from kormedgemma.core.config import resolve_input
-    from kormedgemma.core.hub import hub_access
 
     path = resolve_input(config, ref)
     if not path.exists():
@@ -396,7 +410,6 @@ def _neighbour_table(base_tokenizer: Any, merged_tokenizer: Any, new_ids: Sequen
 
 # --------------------------------------------------------------------------- pipeline steps
 def _save_model_and_tokenizer(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    from kormedgemma.modeling.base_model import SHARD_SIZE, save_tokenizer
 
     model.save_pretrained(out_dir, max_shard_size=SHARD_SIZE)
     save_tokenizer(tokenizer, out_dir)
@@ -406,9 +419,6 @@ def resize_artifact(config: ProjectConfig) -> dict[str, Any]:
     """2.01: models/resized/: base model untied and grown to the merged vocabulary (rows not yet set)."""
     from transformers import AutoTokenizer
 
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import builds_base, check_tokenizer_matches_model, load_model, load_tokenizer
 
     merged_dir = require(config, "merged_tokenizer")
     inputs = {"merged_tokenizer": merged_dir}
@@ -442,9 +452,6 @@ def wechsel_inputs_for(config: ProjectConfig) -> tuple[dict[str, Any], dict[str,
     """What WECHSEL needs (word vectors on both sides, their alignment, the dictionary) and the
     artifacts it read: fastText vectors from `embeddings.word_vectors`, or trained on the project's
     own corpora, with the dictionary terms as extra sentences so every anchor word has a vector."""
-    from kormedgemma.core.artifacts import require
-    from kormedgemma.data.dictionary import DICTIONARY_FILE, load_dictionary
-    from kormedgemma.data.readers import sample_split
 
     spec = config.embeddings
     korean, english, dictionary_dir = (require(config, k) for k in ("korean", "english", "dictionary"))
@@ -471,13 +478,9 @@ def initialize_artifact(config: ProjectConfig,
     """2.02: models/initialized/: every new row initialised; report of coverage and neighbours.
     `wechsel`: `wechsel_inputs_for(config)` computed once by a caller that initialises many times
     (the trained ablation), instead of training the word vectors again for each."""
-    import json
 
     from transformers import AutoTokenizer
 
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import check_tokenizer_matches_model, load_tokenizer, model_class
 
     spec = config.embeddings
     resized = require(config, "resized_model")

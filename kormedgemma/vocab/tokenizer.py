@@ -27,7 +27,11 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from config.training_config import ProjectConfig, TokenizerConfig
+from kormedgemma.core.artifacts import artifact_path, require
+from kormedgemma.core.manifest import write_artifact
+from kormedgemma.core.plots import new_figure, saved
 from kormedgemma.data.readers import iter_split, sample_split, split_path
+from kormedgemma.modeling.base_model import base_tokenizer_folder
 
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -360,7 +364,6 @@ def examples_table(base: Any, merged: Any, words: Sequence[str]) -> list[dict[st
 
 def plot_frequencies(counts: np.ndarray, threshold: int, kept: int, path: Optional[Path] = None) -> Any:
     """Rank-frequency curve of the Korean pieces with the threshold marked."""
-    from kormedgemma.core.plots import new_figure, saved
 
     ordered = np.sort(counts[counts > 0])[::-1]
     figure = new_figure((6.5, 3.6))
@@ -405,8 +408,6 @@ def sentencepiece_vocab_error(message: str, spec: TokenizerConfig) -> Optional[s
 
 def train_tokenizer_artifact(config: ProjectConfig) -> Path:
     """1.01: models/tokenizer/korean_sp/ from the processed Korean train split."""
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
 
     korean = require(config, "korean")
     train = split_path(korean, "train")
@@ -431,9 +432,6 @@ def train_tokenizer_artifact(config: ProjectConfig) -> Path:
 
 def filter_tokens_artifact(config: ProjectConfig) -> dict[str, Any]:
     """1.02: models/tokenizer/new_tokens.json: chosen pieces (with parents) and their frequencies."""
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import base_tokenizer_folder
 
     korean = require(config, "korean")
     train = split_path(korean, "train")
@@ -474,9 +472,6 @@ def merge_artifact(config: ProjectConfig) -> dict[str, Any]:
     """1.03: models/tokenizer/merged/, verified, with tokens-per-character before and after."""
     from transformers import AutoTokenizer
 
-    from kormedgemma.core.artifacts import artifact_path, require
-    from kormedgemma.core.manifest import write_artifact
-    from kormedgemma.modeling.base_model import base_tokenizer_folder
 
     korean, english = require(config, "korean"), require(config, "english")
     new_tokens = require(config, "new_tokens")
