@@ -248,8 +248,8 @@ def test_merge_into_the_real_gemma3_tokenizer(tiny_phase1, tmp_path):
 def test_sentencepiece_vocabulary_errors_name_the_right_fix(tmp_path, monkeypatch):
     import re
 
-    from kormedgemma.core import artifacts
     from kormedgemma.core.config import load_config
+    from kormedgemma.vocab import tokenizer as tokenizer_module
     from kormedgemma.vocab.tokenizer import sentencepiece_vocab_error, train_korean_sentencepiece, train_tokenizer_artifact
 
     # 3,000 distinct Hangul syllables, all kept (coverage 1.0): SentencePiece needs one piece per
@@ -261,7 +261,7 @@ def test_sentencepiece_vocabulary_errors_name_the_right_fix(tmp_path, monkeypatc
                                                 for i in range(0, 3000, 10)), encoding="utf-8")
     config = load_config("tiny", overrides={"paths.root": str(tmp_path / "root"), "tokenizer.vocab_size": 1000,
                                             "tokenizer.character_coverage": 1.0, "tokenizer.num_threads": 1})
-    monkeypatch.setattr(artifacts, "require", lambda _config, key: korean)
+    monkeypatch.setattr(tokenizer_module, "require", lambda _config, key: korean)  # the corpus it trains on
     with pytest.raises(ValueError) as small:
         train_tokenizer_artifact(config)
     message = str(small.value)
@@ -270,7 +270,7 @@ def test_sentencepiece_vocabulary_errors_name_the_right_fix(tmp_path, monkeypatc
                               "with tokenizer.character_coverage=1.0 SentencePiece needs 3257 pieces")
     assert "Raise tokenizer.vocab_size to at least 3257 or lower tokenizer.character_coverage" in message
     assert "too large" not in message and "Lower tokenizer.vocab_size" not in message
-    assert not artifacts.artifact_path(config, "korean_sp").exists()
+    assert not tokenizer_module.artifact_path(config, "korean_sp").exists()
 
     # The opposite failure: a handful of lines cannot fill 5,000 pieces.
     with pytest.raises(RuntimeError) as high:
