@@ -52,15 +52,17 @@ def valid_tokens_per_char(config: Any) -> dict[str, float]:
 
 
 def evaluation_settings(run: Path, label: str) -> dict[str, Any]:
-    """The evaluation-block settings the run's stages were trained with (from the first trained
-    stage's manifest), as overrides of stage 1: the local rebuild must cut the same blocks, whatever
-    the profile says today."""
-    for manifest in sorted((run / label / "models/staged_training").glob("stage*/manifest.json")):
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
-        if recorded.get("metrics", {}).get("steps"):
-            stage = recorded["config"][f"staged.{manifest.parent.name}"]
-            return {f"staged.stage1.{key}": stage.get(key) for key in ("seq_len", "eval_blocks", "eval_chars")}
-    raise SystemExit(f"{run / label}: no trained stage's manifest came back")
+    """The evaluation-block settings the run's stages were trained with (compare's
+    `evaluation_blocks`, from the first trained stage's manifest), as overrides of stage 1: the
+    local rebuild must cut the same blocks, whatever the profile says today."""
+    from kormedgemma.core.config import load_config
+    from kormedgemma.evaluation.compare import evaluation_blocks
+
+    returned = load_config("gemma3_270m", overrides={**RUNS.get(label, {}), "paths.root": str(run / label)})
+    blocks = evaluation_blocks(returned)
+    if not blocks:
+        raise SystemExit(f"{run / label}: no trained stage's manifest came back")
+    return {f"staged.stage1.{key}": value for key, value in blocks.items()}
 
 
 def stage_metrics(run: Path, label: str, per_char: dict[str, float]) -> list[dict[str, Any]]:

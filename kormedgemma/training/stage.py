@@ -276,11 +276,12 @@ class StageRecipe(Recipe):
     show_speed = True
 
     def __init__(self, number: int, hyper: StageConfig, data: StageData, seed: int) -> None:
-        self.name, self.hyper, self.data = f"stage {number}", hyper, data
+        self.number, self.name, self.hyper, self.data = number, f"stage {number}", hyper, data
         self.steps, self.eval_every, self.save_every = hyper.max_steps, hyper.eval_every, hyper.save_every
         self.keep_checkpoints, self.max_grad_norm = hyper.keep_checkpoints, hyper.max_grad_norm
         self.order = BlockOrder(len(data.train), hyper.micro_batch_size, seed)
-        self.module: Any = None  # the prepared module, once there is one
+        self.module: Any = None  # the prepared module and its accelerator, once bound
+        self.accelerator: Any = None
 
     def micro_batches(self, step: int, accelerator: Any) -> list[dict[str, torch.Tensor]]:
         world, first = accelerator.num_processes, step * self.hyper.grad_accum
@@ -294,16 +295,16 @@ class StageRecipe(Recipe):
     def evaluate(self, step: int) -> Optional[dict[str, Any]]:
         if not self.data.valid:
             return None
-        return _evaluate(self.module, self.data, self._accelerator, self.hyper.micro_batch_size)
+        return _evaluate(self.module, self.data, self.accelerator, self.hyper.micro_batch_size)
 
     def out_of_memory(self) -> str:
-        hyper, number = self.hyper, self.name.split()[-1]
+        hyper, number = self.hyper, self.number
         return (f"{self.name} ran out of GPU memory at micro_batch_size={hyper.micro_batch_size}, "
                 f"seq_len={hyper.seq_len}: lower staged.stage{number}.micro_batch_size (raise grad_accum to keep "
                 f"the batch), keep gradient_checkpointing on, or for stage 6 keep load_in_4bit and an 8-bit optimizer.")
 
     def bind(self, module: Any, accelerator: Any) -> None:
-        self.module, self._accelerator = module, accelerator
+        self.module, self.accelerator = module, accelerator
 
 
 def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -> StageMetrics:
