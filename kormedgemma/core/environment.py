@@ -5,11 +5,13 @@ import gc
 import os
 import platform
 import shutil
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from config.training_config import ProjectConfig
 from kormedgemma.core.config import resolve_path
 from kormedgemma.core.manifest import library_versions
+
+Result = TypeVar("Result")
 
 # Disk a full real run needs: corpora (~30 GB), tokenizer, 7 stage folders and final models.
 A5000_DISK_GB = 150
@@ -17,13 +19,20 @@ A5000_VRAM_GB = 22
 
 
 def free_memory() -> None:
-    """Drop a model's last references and hand cached CUDA blocks back before the next one loads."""
+    """Drop a model's last references and hand cached CUDA blocks back before the next one loads,
+    pinned host blocks included: torch's host allocator keeps them cached as shared memory the
+    kernel cannot reclaim (8.6 GB after stage 6's optimizer step in a probe,
+    benchmarks/results/stage6_shmem_probe_h200.json)."""
 
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) \
+            or getattr(torch._C, "_host_emptyCache", None)
+        if empty_host_cache is not None:
+            empty_host_cache()
 
 
 def environment_report(config: ProjectConfig) -> list[dict[str, Any]]:
@@ -173,3 +182,18 @@ def _memory_gb() -> float | None:
     except OSError:
         return None
     return None
+
+
+def in_child_process(function: Callable[..., Result], *args: Any) -> Result:
+    """`function(*args)` in a fresh Python process; its result, or its exception raised here.
+
+    For a library that keeps what it built for the life of its process: llm-compressor's session
+    (and the tracing around it) still held the calibrated model after 6.01's `oneshot` returned, so
+    at MedGemma-4B shape the notebook kernel carried it through both evaluations that follow. A
+    child's memory all goes back when it exits. Spawned, not forked: a fork would copy a CUDA
+    context. Its output reaches the same stdout/stderr (a notebook kernel shows it in the cell)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()

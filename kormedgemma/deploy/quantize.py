@@ -26,7 +26,7 @@ import torch
 
 from config.training_config import DeployConfig
 from kormedgemma.core.artifacts import artifact_path, require
-from kormedgemma.core.environment import free_memory
+from kormedgemma.core.environment import free_memory, in_child_process
 from kormedgemma.core.errors import UserError
 from kormedgemma.core.io import write_json, write_text
 from kormedgemma.core.manifest import write_artifact
@@ -235,7 +235,9 @@ def quantize(model_dir: Path, out_dir: Path, blocks: Sequence[Sequence[int]], de
     if backend is None:
         raise QuantizationError(f"deploy.backend {deploy.backend!r} is unknown; use llmcompressor or autoawq")
     try:
-        return backend(Path(model_dir), Path(out_dir), blocks, deploy)
+        # in a child process: what the backend keeps after calibrating goes back to the system
+        # before 6.01 loads the source and the 4-bit model to evaluate them
+        return in_child_process(backend, Path(model_dir), Path(out_dir), [list(b) for b in blocks], deploy)
     except torch.OutOfMemoryError as err:
         raise QuantizationError(
             "out of GPU memory while quantising: lower deploy.calibration_samples or "
@@ -370,7 +372,6 @@ def quantize_step(config: Any, progress: bool = True) -> Path:
     keys += ["evaluation", "data.kormedmcqa.subsets"]
     with write_artifact(artifact_path(config, "awq_model"), "6.01", config, keys, inputs) as out:
         info = quantize(inputs["instruct_model"], out.path, calibration, deploy)
-        free_memory()  # the calibrated model (10 GB on the CPU at MedGemma-4B shape) goes before the next loads
         compare: dict[str, Any] = {}
         probe: Optional[torch.Tensor] = None
         reference: Optional[torch.Tensor] = None

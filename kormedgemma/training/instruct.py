@@ -48,6 +48,7 @@ from kormedgemma.training.loop import (
     peak_memory_gb,
     prepare_run,
     read_extra,
+    releases_memory,
     run_fingerprint,
     seal,
     train_loop,
@@ -275,6 +276,7 @@ class InstructRecipe(Recipe):
                 "instruct.seq_len, and keep gradient_checkpointing on.")
 
 
+@releases_memory
 def train_instruct(config: ProjectConfig, progress_bar: bool = True) -> Path:
     """4.01: LoRA on the merged stage-7 model, best dev checkpoint merged into models/final/instruct/.
 

@@ -17,6 +17,7 @@ tokens, both weightings are the same.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -24,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kormedgemma.core.config import config_hash
-from kormedgemma.core.environment import cap_gpu_memory, prefer_expandable_segments
+from kormedgemma.core.environment import cap_gpu_memory, free_memory, prefer_expandable_segments
 from kormedgemma.core.manifest import hash_path
 from kormedgemma.core.resources import reset_peak_gpu_memory
 from kormedgemma.modeling.loss import IGNORE
@@ -42,6 +43,25 @@ from kormedgemma.modeling.loss import IGNORE
 # Test hook: the process dies (os._exit, no clean-up) right after this optimizer step, like `kill -9`.
 CRASH_ENV = "KORMEDGEMMA_CRASH_AT_STEP"
 EXTRA_FILE = "extra.safetensors"
+
+
+Result = TypeVar("Result")
+
+
+def releases_memory(recipe: Callable[..., Result]) -> Callable[..., Result]:
+    """Run a training recipe, then hand back what its model, optimizer and accelerator held once
+    they are gone: cached GPU blocks and torch's pinned host blocks. A notebook kernel lives on
+    after the recipe returns, and in the a5000 rehearsal stage 6 left 8.9 GB of pinned host memory
+    (shared memory: the kernel cannot page it out) cached into 3.06's merge-gap cell; a probe
+    released 8.6 GB of it this way (benchmarks/results/stage6_shmem_probe_h200.json)."""
+
+    @functools.wraps(recipe)
+    def run(*args: Any, **kwargs: Any) -> Result:
+        result = recipe(*args, **kwargs)  # the recipe's frame, and every tensor it held, ends here
+        free_memory()
+        return result
+
+    return run
 
 
 # --------------------------------------------------------------------------- progress (checkpointed)

@@ -47,6 +47,7 @@ from kormedgemma.training.loop import (
     open_accelerator,
     peak_memory_gb,
     prepare_run,
+    releases_memory,
     run_fingerprint,
     seal,
     train_loop,
@@ -307,6 +308,7 @@ class StageRecipe(Recipe):
         self.module, self.accelerator = module, accelerator
 
 
+@releases_memory
 def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -> StageMetrics:
     """Train stage `number` (resuming from its newest checkpoint) and write its folder: setup
     (model, trainable tensors, data, optimizer, resume), the shared loop, save. Returns its metrics."""

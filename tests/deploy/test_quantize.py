@@ -176,3 +176,22 @@ def test_memory_plan_counts_sliding_window_layers_exactly(tmp_path):
     assert table[2]["full-length sequences that fit"] == plan["sequences_that_fit"]
     # sliding layers cap at 1,024 tokens, so KV per sequence grows slower than the length
     assert table[3]["KV GB / sequence"] < 2 * table[2]["KV GB / sequence"]
+
+
+def test_calibration_leaves_no_model_behind_in_this_process(tiny_phase4, tmp_path):
+    # 6.01 evaluates the source and the 4-bit model after calibrating; at MedGemma-4B shape the
+    # kernel still held the calibrated CPU model through both (llm-compressor's session kept it),
+    # so calibration runs in a child process
+    import gc
+
+    from transformers import PreTrainedModel
+
+    def models() -> int:
+        gc.collect()
+        return sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
+
+    _, instruct, _ = tiny_phase4
+    before = models()
+    info = quantize(Path(instruct), tmp_path / "awq", [[5, 6, 7, 8] * 4] * 2, replace(DeployConfig(), calibration_seq_len=16))
+    assert info["calibration_blocks"] == 2 and (tmp_path / "awq" / "config.json").is_file()
+    assert models() == before
