@@ -49,6 +49,8 @@ from kormedgemma.modeling.base_model import (
     save_tokenizer,
 )
 
+# The rows `resize_for_tokenizer` appends are one fixed draw (see there).
+RESIZE_SEED = 0
 _WORD = re.compile(r"[\w\uac00-\ud7a3]+", re.UNICODE)
 
 
@@ -82,13 +84,24 @@ def padded_rows(tokens: int, multiple: int) -> int:
     return int(math.ceil(tokens / multiple) * multiple)
 
 
-def resize_for_tokenizer(model: Any, merged_size: int, multiple: int, mean_resizing: bool = False) -> dict[str, int]:
-    """Untie, then grow the matrices to hold `merged_size` tokens (rows a multiple of `multiple`)."""
+def resize_for_tokenizer(model: Any, merged_size: int, multiple: int, mean_resizing: bool = False,
+                         seed: int = RESIZE_SEED) -> dict[str, int]:
+    """Untie, then grow the matrices to hold `merged_size` tokens (rows a multiple of `multiple`).
+
+    transformers fills the appended rows from torch's global generator. 2.02 overwrites the new
+    tokens' rows, but the padding rows past the last token keep that draw, and the lm_head's padding
+    rows take part in every softmax: unseeded, two runs of the same config trained and scored
+    differently from stage 1 on. So the draw comes from a fixed seed, and the caller's generator
+    state is left as it was."""
     before = model.get_input_embeddings().weight.shape[0]
     was_tied = untie_lm_head(model)
     rows = max(before, padded_rows(merged_size, multiple))
     if rows != before:
-        model.resize_token_embeddings(rows, mean_resizing=mean_resizing)
+        weight = model.get_input_embeddings().weight
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(rows, mean_resizing=mean_resizing)
     return {"rows_before": before, "rows_after": rows, "tokens": merged_size, "was_tied": int(was_tied)}
 
 

@@ -64,6 +64,28 @@ def test_untied_after_save_and_reload(models):
     assert torch.equal(model.get_input_embeddings().weight, before)
 
 
+def test_resizing_appends_the_same_rows_every_time_and_leaves_the_global_generator_alone(models):
+    """The padding rows past the last token keep what resizing drew and enter every softmax: an
+    unseeded draw made two runs of one config train differently."""
+    _, base, _, base_tok, merged_tok = models
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    appended = []
+    for draw in range(2):
+        torch.manual_seed(123)
+        if draw:
+            torch.rand(5)  # a caller whose generator is elsewhere gets the same rows
+        model = copy.deepcopy(base)
+        resize_for_tokenizer(model, len(merged_tok), 64)
+        if not draw:
+            assert torch.equal(torch.rand(3), expected_next)  # the caller's stream did not move
+        new_in, new_out = _rows(model)
+        appended.append((new_in[base.get_input_embeddings().weight.shape[0]:].clone(),
+                         new_out[base.get_input_embeddings().weight.shape[0]:].clone()))
+    assert appended[0][0].shape[0] > 0 and appended[0][0].abs().sum() > 0
+    assert torch.equal(appended[0][0], appended[1][0]) and torch.equal(appended[0][1], appended[1][1])
+
+
 def test_eeve_rows_equal_the_formula(models):
     _, base, _, base_tok, merged_tok = models
     model = copy.deepcopy(base)
