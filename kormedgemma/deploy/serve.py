@@ -33,11 +33,13 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
+import psutil
 import torch
 
 from config.training_config import DeployConfig
@@ -368,13 +370,44 @@ def wait_healthy(url: str, timeout_s: float, process: Optional[subprocess.Popen]
                              + _log_tail(log))
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return time.perf_counter() - started
+                healthy = response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
+            healthy = False
+        if healthy and process is not None and serves_port(process.pid, urllib.parse.urlsplit(url).port) is False:
+            # Two runs that reach 6.02 together both find the port free and both start a server;
+            # the one that loses the bind would otherwise check, and record, the other's model.
+            raise ServeError(f"{url} answers, but not from the server just started: another process listens "
+                             "on that port. Stop it, or choose a free port (deploy.port, serve --port)."
+                             + _log_tail(log))
+        if healthy:
+            return time.perf_counter() - started
         time.sleep(0.5)
     raise ServeError(f"the server at {url} was not healthy after {timeout_s:.0f} s "
                      "(raise deploy.startup_timeout_s if the model is still loading)" + _log_tail(log))
+
+
+def serves_port(pid: int, port: Optional[int]) -> Optional[bool]:
+    """Whether process `pid` or one of its descendants listens on TCP `port` (vLLM may serve from
+    a child); None where the system will not say (another user's process, no /proc)."""
+    if port is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return None
+    for process in family:
+        try:
+            sockets = process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.Error:
+            return None
+        if any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets):
+            return True
+    return False
 
 
 def _log_tail(log: Optional[Path], lines: int = 20) -> str:
@@ -389,13 +422,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def port_in_use(host: str, port: int) -> bool:
-
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
 
 
 def server_command(model_dir: Path, deploy: DeployConfig, backend: str, host: str, port: int,
@@ -541,7 +567,9 @@ def serve_check(config: Any, backend: Optional[str] = None, progress: bool = Tru
     backend = backend or deploy.serve_backend
     model_dir = require(config, "awq_model")
     host = "127.0.0.1"
-    port = deploy.port if not port_in_use(host, deploy.port) else free_port(host)
+    # a port the system hands out, not deploy.port: runs side by side on one machine (the method
+    # and its baseline) reach 6.02 together, and both would find deploy.port free
+    port = free_port(host)
     url = f"http://{host}:{port}"
     command = server_command(model_dir, deploy, backend, host, port, profile=config.profile)
     key = api_key(deploy)

@@ -3,10 +3,13 @@ requests with 4xx, `serve --backend vllm` launches vLLM with this model's argume
 API key in the environment both servers require it (and refuse to leave loopback without one)."""
 from __future__ import annotations
 
+import http.server
 import json
+import socket
 import stat
 import sys
-from dataclasses import replace
+import threading
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,13 +20,18 @@ from kormedgemma.deploy.serve import (
     build_app,
     free_port,
     is_loopback,
-    port_in_use,
     server_command,
     server_env,
     vllm_command,
 )
 
 KEY = "test-key-Zq8v3LxN0pRw"  # a stand-in secret: the tests look for it where it must never be
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +204,6 @@ def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(ti
 
     config, _, _ = tiny_phase6
     monkeypatch.setenv(config.deploy.api_key_env, KEY)
-    port = free_port()
-    config = replace(config, deploy=replace(config.deploy, port=port))
     out = serve_check(config)
     check = json.loads((out / "check.json").read_text(encoding="utf-8"))
     assert check["models"] == [config.deploy.served_model_name]
@@ -211,7 +217,7 @@ def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(ti
     written = [p for p in out.rglob("*") if p.is_file()]
     assert {"check.json", "server.log"} <= {p.name for p in written}
     assert not [p for p in written if KEY.encode() in p.read_bytes()]
-    assert not port_in_use("127.0.0.1", port)  # stopped
+    assert not port_in_use("127.0.0.1", urlsplit(check["url"]).port)  # stopped
 
 
 def test_vllm_command_carries_the_model_settings(tiny_phase6):
@@ -283,3 +289,28 @@ def test_serve_cli_refuses_a_folder_without_a_model(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path), "--backend", "transformers"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_a_port_answered_by_another_process_is_refused_not_checked(tmp_path):
+    """Two runs reaching 6.02 together both found the port free; the server that lost the bind was
+    "healthy" through the other run's server, whose model the check then asked and recorded."""
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's spelling)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    foreign = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    port = foreign.server_address[1]
+    slow_to_bind = [sys.executable, "-c", "import time; print('still loading the model'); time.sleep(60)"]
+    server = ServerProcess(slow_to_bind, f"http://127.0.0.1:{port}", 30, tmp_path / "log.txt")
+    try:
+        with pytest.raises(ServeError, match="not from the server just started: another process listens"):
+            with server:
+                pass
+        assert server.process is not None and server.process.poll() is not None  # stopped, not left running
+    finally:
+        foreign.shutdown()
