@@ -1,13 +1,16 @@
 """What the Korean vocabulary gains as the Korean corpus shrinks: phases 0-1 of the gemma3_270m
 profile on the local data (benchmarks/gemma3_270m_local.yaml) at several
-`data.preprocess.korean_train_share` values, on the CPU (about 2 minutes a share on 2 cores).
+`data.preprocess.korean_train_share` values and `tokenizer.min_frequency` thresholds, on the CPU
+(about 2 minutes a variant on 2 cores).
 
     python -m kormedgemma pubmedqa-local --out data/pubmedqa_local   # once
     python benchmarks/gemma3_270m_phase1_sweep.py --work /tmp/g270cpu \\
+        --shares 1.0 0.5 0.25 --min-frequencies 20 10 5 \
         --out benchmarks/results/gemma3_270m_phase1_share_sweep_cpu.json
 
-Each share is the pipeline's own run (`kormedgemma run --to 1.04`) under <work>/s<share>; a share
-whose artifacts are fresh is only read again. The held-out Korean articles are the same at every
+Each (share, threshold) is the pipeline's own run (`kormedgemma run --to 1.04`) under
+<work>/s<share>-f<threshold>; one whose artifacts are fresh is only read again. Every share is run
+at the first threshold, every threshold at the first share. The held-out Korean articles are the same at every
 share, so the token saving is measured on the same 54 texts. This is the saving side of issue 26's
 corpus-size question only: whether the expanded model's Korean bits/char catches up with plain
 continued pretraining as the corpus grows needs the stages, on the GPU.
@@ -23,21 +26,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_share(work: Path, share: float) -> Path:
-    root = work / f"s{share}"
+def run_variant(work: Path, share: float, min_frequency: int) -> Path:
+    root = work / f"s{share}-f{min_frequency}"
     command = [sys.executable, "-m", "kormedgemma", "run", "--profile", "gemma3_270m",
                "--config", str(REPO / "benchmarks" / "gemma3_270m_local.yaml"),
-               "--set", f"paths.root={root}", "--set", f"data.preprocess.korean_train_share={share}", "--to", "1.04"]
+               "--set", f"paths.root={root}", "--set", f"data.preprocess.korean_train_share={share}",
+               "--set", f"tokenizer.min_frequency={min_frequency}", "--to", "1.04"]
     subprocess.run(command, cwd=REPO, check=True)
     return root
 
 
-def figures(root: Path, share: float) -> dict:
+def figures(root: Path, share: float, min_frequency: int) -> dict:
     def metrics(folder: str) -> dict:
         return json.loads((root / folder / "manifest.json").read_text(encoding="utf-8"))["metrics"]
 
     korean, merged = metrics("data/processed/korean"), metrics("models/tokenizer/merged")
-    return {"korean_train_share": share, "train_documents": korean["train"]["docs"],
+    return {"korean_train_share": share, "min_frequency": min_frequency, "train_documents": korean["train"]["docs"],
             "train_chars": korean["train"]["chars"], "new_pieces": merged["new_pieces"],
             "new_ids_used_on_valid": merged["new_ids_used_on_texts"],
             "korean_tokens_per_char_base": merged["korean_tokens_per_char_before"],
@@ -49,14 +53,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--shares", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    parser.add_argument("--min-frequencies", type=int, nargs="+", default=[20])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    rows = [figures(run_share(args.work, share), share) for share in args.shares]
-    result = {"note": "phases 0-1 of gemma3_270m on benchmarks/gemma3_270m_local.yaml (kowiki_medical), "
-                      "tokenizer.min_frequency 20; token saving on the same 54 held-out Korean articles",
+    variants = [(share, args.min_frequencies[0]) for share in args.shares]
+    variants += [(args.shares[0], threshold) for threshold in args.min_frequencies[1:]]
+    rows = [figures(run_variant(args.work, share, threshold), share, threshold) for share, threshold in variants]
+    result = {"note": "phases 0-1 of gemma3_270m on benchmarks/gemma3_270m_local.yaml (kowiki_medical); "
+                      "token saving on the same 54 held-out Korean articles",
               "command": "python benchmarks/gemma3_270m_phase1_sweep.py --work <dir> --shares "
-                         + " ".join(str(s) for s in args.shares),
-              "shares": rows}
+                         + " ".join(str(s) for s in args.shares) + " --min-frequencies "
+                         + " ".join(str(f) for f in args.min_frequencies),
+              "variants": rows}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -39,7 +39,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
-import psutil
 import torch
 
 from config.training_config import DeployConfig
@@ -374,6 +373,8 @@ def wait_healthy(url: str, timeout_s: float, process: Optional[subprocess.Popen]
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             healthy = False
         if healthy and process is not None and serves_port(process.pid, urllib.parse.urlsplit(url).port) is False:
+            if process.poll() is not None:
+                continue  # it exited meanwhile: the loop's first check reports that, with its log
             # Two runs that reach 6.02 together both find the port free and both start a server;
             # the one that loses the bind would otherwise check, and record, the other's model.
             raise ServeError(f"{url} answers, but not from the server just started: another process listens "
@@ -389,6 +390,8 @@ def wait_healthy(url: str, timeout_s: float, process: Optional[subprocess.Popen]
 def serves_port(pid: int, port: Optional[int]) -> Optional[bool]:
     """Whether process `pid` or one of its descendants listens on TCP `port` (vLLM may serve from
     a child); None where the system will not say (another user's process, no /proc)."""
+    import psutil  # here, not at the top: the vLLM environment has it only through vLLM
+
     if port is None:
         return None
     try:

@@ -97,10 +97,16 @@ def resize_for_tokenizer(model: Any, merged_size: int, multiple: int, mean_resiz
     was_tied = untie_lm_head(model)
     rows = max(before, padded_rows(merged_size, multiple))
     if rows != before:
-        weight = model.get_input_embeddings().weight
-        devices = [weight.device] if weight.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        # the generators the draw uses: the CPU's, and those of the GPUs the two matrices live on
+        # (forked and seeded alone, so no other device's generator is touched)
+        gpus = sorted({w.device.index if w.device.index is not None else torch.cuda.current_device()
+                       for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+                       if w.device.type == "cuda"})
+        with torch.random.fork_rng(devices=gpus):
+            torch.default_generator.manual_seed(seed)
+            for gpu in gpus:
+                with torch.cuda.device(gpu):
+                    torch.cuda.manual_seed(seed)
             model.resize_token_embeddings(rows, mean_resizing=mean_resizing)
     return {"rows_before": before, "rows_after": rows, "tokens": merged_size, "was_tied": int(was_tied)}
 

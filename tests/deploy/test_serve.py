@@ -9,6 +9,7 @@ import socket
 import stat
 import sys
 import threading
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,6 +23,7 @@ from kormedgemma.deploy.serve import (
     is_loopback,
     server_command,
     server_env,
+    serves_port,
     vllm_command,
 )
 
@@ -204,7 +206,11 @@ def test_serve_check_answers_a_korean_question_over_http_and_stops_the_server(ti
 
     config, _, _ = tiny_phase6
     monkeypatch.setenv(config.deploy.api_key_env, KEY)
-    out = serve_check(config)
+    with socket.socket() as taken:  # deploy.port held by someone else, listening but never answering
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = replace(config, deploy=replace(config.deploy, port=taken.getsockname()[1]))
+        out = serve_check(config)
     check = json.loads((out / "check.json").read_text(encoding="utf-8"))
     assert check["models"] == [config.deploy.served_model_name]
     assert check["question"] == config.deploy.check_question and isinstance(check["answer"], str)
@@ -314,3 +320,19 @@ def test_a_port_answered_by_another_process_is_refused_not_checked(tmp_path):
         assert server.process is not None and server.process.poll() is not None  # stopped, not left running
     finally:
         foreign.shutdown()
+        foreign.server_close()
+
+
+def test_a_server_that_listens_from_a_child_process_is_its_own(tmp_path):
+    """vLLM's launcher may serve from a process it starts: the listening socket of any descendant counts."""
+    port = free_port()
+    server = (f"import http.server\n"
+              f"class H(http.server.BaseHTTPRequestHandler):\n"
+              f"    def do_GET(self): self.send_response(200); self.end_headers()\n"
+              f"    def log_message(self, *a): pass\n"
+              f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    launcher = [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {server!r}])"]
+    with ServerProcess(launcher, f"http://127.0.0.1:{port}", 30, tmp_path / "log.txt") as started:
+        assert started.startup_s is not None
+        assert serves_port(started.process.pid, port) is True
+    assert serves_port(started.process.pid, port) is False  # the launcher is gone
