@@ -8,8 +8,8 @@ profile on the local data (benchmarks/gemma3_270m_local.yaml) at several
         --shares 1.0 0.5 0.25 --min-frequencies 20 10 5 \
         --out benchmarks/results/gemma3_270m_phase1_share_sweep_cpu.json
 
-Each (share, threshold) is the pipeline's own run (`kormedgemma run --to 1.04`) under
-<work>/s<share>-f<threshold>; one whose artifacts are fresh is only read again. Every share is run
+Each (share, threshold) is the pipeline's own run to 1.04 under <work>/s<share>-f<threshold>,
+started by `benchmarks/gemma3_270m_variants.py`; one whose artifacts are fresh is only read again. Every share is run
 at the first threshold, every threshold at the first share. The held-out Korean articles are the same at every
 share, so the token saving is measured on the same 54 texts. This is the saving side of issue 26's
 corpus-size question only: whether the expanded model's Korean bits/char catches up with plain
@@ -26,14 +26,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_variant(work: Path, share: float, min_frequency: int) -> Path:
-    root = work / f"s{share}-f{min_frequency}"
-    command = [sys.executable, "-m", "kormedgemma", "run", "--profile", "gemma3_270m",
-               "--config", str(REPO / "benchmarks" / "gemma3_270m_local.yaml"),
-               "--set", f"paths.root={root}", "--set", f"data.preprocess.korean_train_share={share}",
-               "--set", f"tokenizer.min_frequency={min_frequency}", "--to", "1.04"]
+def run_variants(work: Path, variants: list[tuple[float, int]]) -> list[Path]:
+    """Every (share, threshold) to 1.04 through the variants script (one at a time: phase 0 uses
+    every core), which links the materialised base from the first instead of rebuilding it."""
+    names = [f"s{share}-f{threshold}" for share, threshold in variants]
+    command = [sys.executable, str(REPO / "benchmarks" / "gemma3_270m_variants.py"), "--root", str(work),
+               "--to", "1.04", "--parallel", "1"]
+    for name, (share, threshold) in zip(names, variants):
+        command += ["--variant", f"{name}:data.preprocess.korean_train_share={share},tokenizer.min_frequency={threshold}"]
     subprocess.run(command, cwd=REPO, check=True)
-    return root
+    return [work.resolve() / name for name in names]
 
 
 def figures(root: Path, share: float, min_frequency: int) -> dict:
@@ -58,7 +60,8 @@ def main() -> int:
     args = parser.parse_args()
     variants = [(share, args.min_frequencies[0]) for share in args.shares]
     variants += [(args.shares[0], threshold) for threshold in args.min_frequencies[1:]]
-    rows = [figures(run_variant(args.work, share, threshold), share, threshold) for share, threshold in variants]
+    rows = [figures(root, share, threshold)
+            for root, (share, threshold) in zip(run_variants(args.work, variants), variants)]
     result = {"note": "phases 0-1 of gemma3_270m on benchmarks/gemma3_270m_local.yaml (kowiki_medical); "
                       "token saving on the same 54 held-out Korean articles",
               "command": "python benchmarks/gemma3_270m_phase1_sweep.py --work <dir> --shares "
