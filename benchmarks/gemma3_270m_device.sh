@@ -11,7 +11,9 @@
 # G270_ABLATION_SET's overrides (e.g. shorter stages) on top of the profile's.
 # G270_VARIANTS="method;baseline:tokenizer.expand=false,staged.stage6.max_steps=300;method_k25:data.preprocess.korean_train_share=0.25":
 # instead of the two paths, these runs to G270_TO (3.07), G270_PARALLEL (3) at a time, through
-# benchmarks/gemma3_270m_variants.py (variants that differ only in stage settings share phases 0-2).
+# benchmarks/gemma3_270m_variants.py (variants that differ only in stage settings share phases 0-2);
+# with G270_SPEED=NAME, benchmarks/gemma3_270m_speed.py then runs on variant NAME (an expanded one),
+# alone on the GPU once the variants have ended.
 # Whatever ran comes back; `python benchmarks/gemma3_270m_collect.py --run <unpacked g270.tgz>` reads it,
 # and `python -m kormedgemma compare --recorded --method-root <it>/method --baseline-root <it>/baseline`
 # compares the two paths from it on the CPU when the session ended before the comparison.
@@ -94,6 +96,11 @@ else
         --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-3.07} --parallel ${G270_PARALLEL:-3} "${variants[@]}" \
         > $ROOT/variants.log 2>&1
       rc=$?; echo "== $(date +%T) variants ended: $rc"
+      if [ -n "${G270_SPEED:-}" ]; then  # the GPU is free now: the speed benchmark on the phases 0-2 of that variant
+        python3 benchmarks/gemma3_270m_speed.py --root $ROOT/$G270_SPEED --set base.model=$STAGE/base.gguf \
+          --out $ROOT/results --steps ${G270_SPEED_STEPS:-40} > $ROOT/speed.log 2>&1
+        rc=$?; echo "== $(date +%T) speed ended: $rc"
+      fi
       exit 0
     fi
     steps=${G270_BASELINE_STAGE6_STEPS:-300}

@@ -93,7 +93,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": shape,
               "steps_timed_per_stage": args.steps - 1, "naive_loop": naive, "stages": stages}
-    out = Path(args.out) / "gemma3_270m_stage_speed_h200.json"
+    card = next((tag for tag in ("h200", "h100", "a100") if tag in result["device"].lower()), "gpu")
+    out = Path(args.out) / f"gemma3_270m_stage_speed_{card}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")
