@@ -10,7 +10,9 @@
 # G270_ABLATION="hybrid eeve ...": also the init ablation through stage 3 beside the runs, with
 # G270_ABLATION_SET's overrides (e.g. shorter stages) on top of the profile's.
 # G270_VARIANTS="method;baseline:tokenizer.expand=false,staged.stage6.max_steps=300;method_k25:data.preprocess.korean_train_share=0.25":
-# instead of the two paths, these runs to G270_TO (3.07), G270_PARALLEL (3) at a time, through
+# instead of the two paths, these runs to G270_TO (3.07), G270_PARALLEL at a time (default: one per
+# 26 GB of the card, since a run's stages peaked at 23.5 GB allocated in attempt 3: 3 on an H100,
+# 5 on an H200), through
 # benchmarks/gemma3_270m_variants.py (variants that differ only in stage settings share phases 0-2);
 # with G270_SPEED=NAME, benchmarks/gemma3_270m_speed.py then runs on variant NAME (an expanded one),
 # alone on the GPU once the variants have ended.
@@ -91,9 +93,12 @@ else
     [ -f data/pubmedqa_local/english/pubmedqa_abstracts.jsonl ] ||
       python3 -m kormedgemma pubmedqa-local --src ../shared/data/pubmedqa --out data/pubmedqa_local
     if [ -n "${G270_VARIANTS:-}" ]; then  # the tuning runs instead of the two paths
+      card_gb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+      parallel=${G270_PARALLEL:-$(( ${card_gb:-80000} / 1024 / 26 ))}; [ "$parallel" -ge 1 ] || parallel=1
+      echo "== $(date +%T) variants, $parallel at a time"
       variants=(); IFS=";" read -ra items <<< "$G270_VARIANTS"; for v in "${items[@]}"; do variants+=(--variant "$v"); done
       python3 benchmarks/gemma3_270m_variants.py --root $ROOT --set base.model=$STAGE/base.gguf \
-        --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-3.07} --parallel ${G270_PARALLEL:-3} "${variants[@]}" \
+        --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-3.07} --parallel $parallel "${variants[@]}" \
         > $ROOT/variants.log 2>&1
       rc=$?; echo "== $(date +%T) variants ended: $rc"
       if [ -n "${G270_SPEED:-}" ]; then  # the GPU is free now: the speed benchmark on the phases 0-2 of that variant
