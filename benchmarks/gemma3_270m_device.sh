@@ -10,10 +10,10 @@
 # G270_ABLATION="hybrid eeve ...": also the init ablation through stage 3 beside the runs, with
 # G270_ABLATION_SET's overrides (e.g. shorter stages) on top of the profile's.
 # G270_VARIANTS="method;baseline:tokenizer.expand=false,staged.stage6.max_steps=300;method_k25:data.preprocess.korean_train_share=0.25":
-# instead of the two paths, these runs to G270_TO (3.07), G270_PARALLEL at a time (default: one per
-# 26 GB of the card, since a run's stages peaked at 23.5 GB allocated in attempt 3: 3 on an H100,
-# 5 on an H200), through
-# benchmarks/gemma3_270m_variants.py (variants that differ only in stage settings share phases 0-2);
+# instead of the two paths, these runs to G270_TO (3.07) through benchmarks/gemma3_270m_variants.py
+# (variants that differ only in stage settings share phases 0-2), G270_PARALLEL at a time (default:
+# one per 26 GB of the card, since a run's stages peaked at 23.5 GB allocated in attempt 3: 3 on an
+# H100, 5 on an H200);
 # with G270_SPEED=NAME, benchmarks/gemma3_270m_speed.py then runs on variant NAME (an expanded one),
 # alone on the GPU once the variants have ended.
 # Whatever ran comes back; `python benchmarks/gemma3_270m_collect.py --run <unpacked g270.tgz>` reads it,
