@@ -40,6 +40,12 @@ def notebook_seconds(log: Path) -> dict[str, dict[str, float]]:
     return rows
 
 
+def run_notebooks(run: Path, label: str) -> dict[str, dict[str, float]]:
+    """Every notebook a variant ran: its run's log, then its --branch runs' (LABEL.<from>.log)."""
+    logs = [run / f"{label}.log", *sorted(run.glob(f"{label}.[0-9]*.log"))]
+    return {step: row for log in logs if log.is_file() for step, row in notebook_seconds(log).items()}
+
+
 def valid_tokens_per_char(config: Any) -> dict[str, float]:
     """Phase 3's valid blocks under this run's tokenizer, through phase 3's own code."""
     from transformers import AutoTokenizer
@@ -162,7 +168,9 @@ def main() -> None:
     from kormedgemma.core.config import load_config
     from kormedgemma.evaluation.compare import plot_stage_curves, stage_curves
 
-    result: dict[str, Any] = {"what": "the real Gemma 3 270M on one H200: the method (vocabulary expansion + EEVE's "
+    gpu = args.run / "gpu.log"  # nvidia-smi's name of the card, written by the device script
+    card = gpu.read_text(encoding="utf-8").strip().splitlines()[0] if gpu.is_file() else "one H200"
+    result: dict[str, Any] = {"what": f"the real Gemma 3 270M on {card}: the method (vocabulary expansion + EEVE's "
                                       "stages) and plain continued pretraining (tokenizer.expand=false), run at once",
                               "note": args.note, "command": " ".join(sys.argv), "runs": {}}
     curves = {}
@@ -186,10 +194,9 @@ def main() -> None:
             per_char = valid_tokens_per_char(config)
         stages = stage_metrics(args.run, label, per_char)
         curves[label] = stage_curves(stages)
-        log = args.run / f"{label}.log"
         per_char = per_char or next((m["valid_tokens_per_char"] for m in stages if m.get("steps")), {})
         result["runs"][label] = {"valid_tokens_per_char": {k: round(v, 5) for k, v in per_char.items()},
-                                 "notebooks": notebook_seconds(log) if log.is_file() else {},
+                                 "notebooks": run_notebooks(args.run, label),
                                  "stages": stage_rows(stages), "phase5": phase5(args.run, label),
                                  "phase6": phase6(args.run, label),
                                  "curves": curves[label]}

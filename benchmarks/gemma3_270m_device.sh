@@ -15,7 +15,9 @@
 # one per 26 GB of the card, since a run's stages peaked at 23.5 GB allocated in attempt 3: 3 on an
 # H100, 5 on an H200);
 # with G270_SPEED=NAME, benchmarks/gemma3_270m_speed.py then runs on variant NAME (an expanded one),
-# alone on the GPU once the variants have ended.
+# alone on the GPU once the variants have ended; with G270_BRANCHES="5.01:5.02 6.01:6.02" (and
+# G270_TO=4.01) each variant runs those ranges at the same time once it has reached G270_TO; with
+# G270_ABLATION the init ablation runs beside them on the first variant's resized model.
 # Whatever ran comes back; `python benchmarks/gemma3_270m_collect.py --run <unpacked g270.tgz>` reads it,
 # and `python -m kormedgemma compare --recorded --method-root <it>/method --baseline-root <it>/baseline`
 # compares the two paths from it on the CPU when the session ended before the comparison.
@@ -88,6 +90,7 @@ else
   touch "$ROOT/.started"
   setsid nohup bash -c '
     cd "$1"; ROOT=$2; STAGE=$3
+    nvidia-smi --query-gpu=name --format=csv,noheader | head -1 > $ROOT/gpu.log
     common=(--profile gemma3_270m --config benchmarks/gemma3_270m_local.yaml --set base.model=$STAGE/base.gguf
             --set deploy.serve_backend=transformers ${G270_SET:-})
     [ -f data/pubmedqa_local/english/pubmedqa_abstracts.jsonl ] ||
@@ -97,10 +100,21 @@ else
       parallel=${G270_PARALLEL:-$(( ${card_gb:-80000} / 1024 / 26 ))}; [ "$parallel" -ge 1 ] || parallel=1
       echo "== $(date +%T) variants, $parallel at a time"
       variants=(); IFS=";" read -ra items <<< "$G270_VARIANTS"; for v in "${items[@]}"; do variants+=(--variant "$v"); done
+      for b in ${G270_BRANCHES:-}; do variants+=(--branch "$b"); done
       python3 benchmarks/gemma3_270m_variants.py --root $ROOT --set base.model=$STAGE/base.gguf \
         --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-3.07} --parallel $parallel "${variants[@]}" \
-        > $ROOT/variants.log 2>&1
-      rc=$?; echo "== $(date +%T) variants ended: $rc"
+        > $ROOT/variants.log 2>&1 &
+      m=$!
+      first=${items[0]%%:*}
+      if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3 on the first variant, once its 2.01 has sealed
+        ( while [ ! -f $ROOT/$first/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
+          python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/$first --stages 3 ${G270_ABLATION_SET:-} \
+            --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
+          rc=$?; echo "== $(date +%T) ablation ended: $rc" ) &
+        a=$!
+      fi
+      wait $m; rc=$?; echo "== $(date +%T) variants ended: $rc"
+      [ -n "${a:-}" ] && wait $a
       if [ -n "${G270_SPEED:-}" ]; then  # the GPU is free now: the speed benchmark on the phases 0-2 of that variant
         python3 benchmarks/gemma3_270m_speed.py --root $ROOT/$G270_SPEED --set base.model=$STAGE/base.gguf \
           --out $ROOT/results --steps ${G270_SPEED_STEPS:-40} > $ROOT/speed.log 2>&1
@@ -150,7 +164,7 @@ done
 # every artifact manifest (metrics), the comparison; executed notebooks of failed steps.
 cp "$ROOT/daemon.log" "$OUT/" 2>/dev/null
 for run in $(cd "$ROOT" && ls -d */runs 2>/dev/null | cut -d/ -f1); do
-  grep -E '^\[|^run |pipeline finished|rror' "$ROOT/$run.log" 2>/dev/null | tail -30 | sed "s/^/$run: /"
+  cat "$ROOT/$run.log" "$ROOT/$run".[0-9]*.log 2>/dev/null | grep -E '^\[|^run |pipeline finished|rror' | tail -30 | sed "s/^/$run: /"
 done
 tail -3 "$ROOT/compare.log" 2>/dev/null; tail -12 "$ROOT/speed.log" 2>/dev/null; cp "$ROOT"/results/*.json "$OUT/" 2>/dev/null
 (cd "$ROOT" && tar -czf "$OUT/g270.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.gguf' \

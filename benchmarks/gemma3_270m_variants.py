@@ -1,7 +1,7 @@
 """Several runs of one profile side by side, each to a chosen notebook, sharing what they can.
 
     python benchmarks/gemma3_270m_variants.py --root ROOT [--profile gemma3_270m] [--config YAML] \
-        [--set KEY=VALUE ...] [--to 3.07] [--parallel 3] \
+        [--set KEY=VALUE ...] [--to 3.07] [--parallel 3] [--branch 5.01:5.02 --branch 6.01:6.02] \
         --variant method --variant "baseline:tokenizer.expand=false,staged.stage6.max_steps=300" \
         --variant "method_short:staged.stage1.max_steps=50,staged.stage2.max_steps=50" \
         --variant "method_k25:data.preprocess.korean_train_share=0.25"
@@ -16,6 +16,12 @@ other variant links the base model (0.00) from the first variant and builds the 
 ROOT: on a reused one a variant may link a source's old artifacts before the source rebuilds them.
 `core.artifacts.link_upstream` links, the runner skips what is fresh. ROOT/variants.json records
 each variant's settings, exit status and seconds.
+
+`--branch FROM:TO` (repeatable) runs, once a variant has reached --to, each range as its own
+`kormedgemma run --from FROM --to TO` at the same time (logs ROOT/<name>.<FROM>.log): after 4.01,
+5.01-5.02 and 6.01-6.02 read only the instruction-tuned model and the data, so on a GPU with room for
+both the method's path ends in the longer branch's time instead of the sum (5.01 332 s, 6.01-6.02
+~280 s on the 270M). Branches that would read each other's outputs are refused before anything runs.
 """
 from __future__ import annotations
 
@@ -69,6 +75,40 @@ def plan(variants: list[Variant]) -> None:
             variant.source, variant.before = variants[0], "0.01"
 
 
+def parse_branches(to: str, texts: list[str]) -> list[tuple[str, str]]:
+    """FROM:TO ranges to run side by side after `to`: each must start after `to`, and no step of one
+    may read what a step of another (or a step after `to` outside every branch) makes, since the
+    branches run at the same time and nothing else runs."""
+    from kormedgemma.core.artifacts import ARTIFACTS
+    from kormedgemma.pipeline.steps import STEPS, select_steps
+
+    ranges = []
+    for text in texts:
+        first, sep, last = text.partition(":")
+        if not sep or not first or not last:
+            raise SystemExit(f"--branch {text!r}: FROM:TO, two notebook ids (e.g. 5.01:5.02)")
+        try:
+            steps = select_steps(first, last)
+        except Exception as error:  # an unknown id or a backwards range
+            raise SystemExit(f"--branch {text!r}: {error}") from None
+        if steps[0].id <= to:
+            raise SystemExit(f"--branch {text!r} starts at or before --to {to}: branches run after it")
+        ids = {s.id for s in steps}
+        if any(ids & r[2] for r in ranges):
+            raise SystemExit(f"--branch {text!r} overlaps another branch: each notebook runs once")
+        ranges.append((first, last, ids))
+    for first, last, ids in ranges:
+        for step in STEPS:
+            if step.id not in ids:
+                continue
+            for key in (*step.inputs, *step.tiny_only_inputs):
+                producer = ARTIFACTS[key].producer
+                if producer > to and producer not in ids:
+                    raise SystemExit(f"--branch {first}:{last}: {step.id} reads {key}, made by {producer}, which "
+                                     f"{'another branch runs at the same time' if any(producer in r[2] for r in ranges) else 'no branch runs'}")
+    return [(first, last) for first, last, _ in ranges]
+
+
 def depth(variant: Variant) -> int:
     return 0 if variant.source is None else 1 + depth(variant.source)
 
@@ -107,13 +147,11 @@ def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
                 variant.rc = 3
                 return summary(variant, started)
             link_upstream(config_for(args, variant.source), config_for(args, variant), variant.before)
-        command = [sys.executable, "-m", "kormedgemma", "run", "--profile", args.profile, "--to", args.to]
-        command += ["--config", args.config_file] if args.config_file else []
-        for item in [*args.overrides, *(f"{k}={v}" for k, v in variant.settings.items()),
-                     f"paths.root={args.root / variant.name}"]:
-            command += ["--set", item]
         with open(log, "w", encoding="utf-8") as handle:
-            variant.rc = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+            variant.rc = subprocess.run(run_command(args, variant, "--to", args.to), cwd=REPO, stdout=handle,
+                                        stderr=subprocess.STDOUT).returncode
+        if variant.rc == 0 and getattr(args, "branches", None):
+            variant.rc = run_branches(args, variant)
     except Exception as error:  # a bad setting or a failed link: this variant fails, the others go on
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"{variant.name} could not start: {type(error).__name__}: {error}\n")
@@ -121,6 +159,29 @@ def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
     finally:
         variant.done.set()
     return summary(variant, started)
+
+
+def run_command(args: argparse.Namespace, variant: Variant, *selection: str) -> list[str]:
+    command = [sys.executable, "-m", "kormedgemma", "run", "--profile", args.profile, *selection]
+    command += ["--config", args.config_file] if args.config_file else []
+    for item in [*args.overrides, *(f"{k}={v}" for k, v in variant.settings.items()),
+                 f"paths.root={args.root / variant.name}"]:
+        command += ["--set", item]
+    return command
+
+
+def run_branches(args: argparse.Namespace, variant: Variant) -> int:
+    """Every --branch of this variant at once; the worst exit status."""
+    running = []
+    for first, last in args.branches:
+        handle = open(args.root / f"{variant.name}.{first}.log", "w", encoding="utf-8")
+        running.append((subprocess.Popen(run_command(args, variant, "--from", first, "--to", last), cwd=REPO,
+                                         stdout=handle, stderr=subprocess.STDOUT), handle))
+    codes = []
+    for process, handle in running:
+        codes.append(process.wait())
+        handle.close()
+    return max(codes, key=abs)
 
 
 def summary(variant: Variant, started: float) -> dict:
@@ -138,7 +199,10 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--to", default="3.07", help="last notebook of every variant")
     parser.add_argument("--parallel", type=int, default=3, help="variants running at once")
+    parser.add_argument("--branch", action="append", default=[], metavar="FROM:TO",
+                        help="after --to, these ranges at the same time (e.g. 5.01:5.02 and 6.01:6.02 after 4.01)")
     args = parser.parse_args()
+    args.branches = parse_branches(args.to, args.branch)
     args.root = args.root.resolve()
     args.root.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(v) for v in args.variant]

@@ -73,13 +73,7 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
     """Execute the selected notebooks; raises NotebookFailed or MissingArtifactError on the first stop."""
     config = load_config(profile, overrides=overrides, config_file=config_file)  # validate before work
     steps = select_steps(start, stop)
-    run_dir = Path(runs_dir or resolve_path(config, "runs")) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    suffix = 1
-    while run_dir.exists():
-        run_dir = run_dir.with_name(f"{run_dir.name.split('_')[0]}_{suffix}")
-        suffix += 1
-    (run_dir / "executed").mkdir(parents=True)
-    (run_dir / "logs").mkdir()
+    run_dir = _new_run_dir(Path(runs_dir or resolve_path(config, "runs")))
     # absolute: each notebook runs in its own folder, where a path relative to here would not resolve
     parameters = {"profile": profile, "overrides": dict(overrides or {}),
                   "config_file": str(Path(config_file).resolve()) if config_file else None}
@@ -119,6 +113,24 @@ def run_pipeline(profile: str = "tiny", start: Optional[str] = None, stop: Optio
 
         write_run_report(config, run_dir, outcomes)
     return outcomes
+
+
+def _new_run_dir(runs: Path) -> Path:
+    """runs/<timestamp>[_N]/, made by this process alone: two runs started in the same second on one
+    root (the branches of `benchmarks/gemma3_270m_variants.py`) must not share a folder, so the name
+    is claimed by an exclusive mkdir rather than checked, then made."""
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for suffix in range(1000):
+        run_dir = runs / (stamp if suffix == 0 else f"{stamp}_{suffix}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        (run_dir / "executed").mkdir()
+        (run_dir / "logs").mkdir()
+        return run_dir
+    raise UserError(f"{runs} already holds 1,000 runs started at {stamp}: remove some")
 
 
 def _artifact_bytes(config: ProjectConfig, run_dir: Path) -> int:

@@ -46,6 +46,48 @@ def test_variants_share_phases_0_to_2_only_with_an_earlier_run_of_the_same_upstr
         variants.parse_variant("a/b:x=1")
 
 
+def test_branches_run_side_by_side_only_where_neither_reads_the_others_outputs(variants):
+    assert variants.parse_branches("4.01", ["5.01:5.02", "6.01:6.02"]) == [("5.01", "5.02"), ("6.01", "6.02")]
+    assert variants.parse_branches("5.02", ["6.01:6.02"]) == [("6.01", "6.02")]
+    with pytest.raises(SystemExit, match="6.02 reads awq_model, made by 6.01, which another branch"):
+        variants.parse_branches("4.01", ["5.01:5.02", "6.01:6.01", "6.02:6.02"])
+    with pytest.raises(SystemExit, match="5.01 reads instruct_model, made by 4.01, which no branch"):
+        variants.parse_branches("3.07", ["5.01:5.02", "6.01:6.02"])
+    with pytest.raises(SystemExit, match="starts at or before --to"):
+        variants.parse_branches("5.01", ["5.01:5.02"])
+    with pytest.raises(SystemExit, match="overlaps"):
+        variants.parse_branches("4.01", ["5.01:6.01", "6.01:6.02"])
+    with pytest.raises(SystemExit, match="FROM:TO"):
+        variants.parse_branches("4.01", ["5.01"])
+
+
+def test_a_variant_runs_its_branches_at_once_after_reaching_to(variants, tmp_path, monkeypatch):
+    import argparse
+    import time
+
+    started, ended = {}, {}
+
+    class Sleeper:  # a `kormedgemma run` that takes 1 s, recording when it ran
+        def __init__(self, command, **kwargs):
+            self.selection = tuple(command[command.index("--from") + 1:command.index("--from") + 4:2])
+            started[self.selection] = time.time()
+
+        def wait(self):
+            time.sleep(1)
+            ended[self.selection] = time.time()
+            return 0 if self.selection[0] == "5.01" else 2
+
+    monkeypatch.setattr(variants.subprocess, "Popen", Sleeper)
+    monkeypatch.setattr(variants.subprocess, "run", lambda command, **kwargs: argparse.Namespace(returncode=0))
+    args = argparse.Namespace(root=tmp_path, profile="tiny", config_file=None, overrides=[], to="4.01",
+                              branches=[("5.01", "5.02"), ("6.01", "6.02")])
+    result = variants.run_variant(args, variants.parse_variant("method"))
+    assert set(started) == {("5.01", "5.02"), ("6.01", "6.02")}
+    assert max(started.values()) < min(ended.values())  # both were running at once
+    assert result["rc"] == 2  # the failed branch's status is the variant's
+    assert (tmp_path / "method.5.01.log").is_file() and (tmp_path / "method.6.01.log").is_file()
+
+
 def test_a_failed_source_releases_the_variant_waiting_for_it(variants, tmp_path):
     import argparse
 
@@ -74,6 +116,17 @@ def test_the_collector_reads_each_notebooks_time_memory_and_gpu_from_the_runner_
         encoding="utf-8")
     assert collect.notebook_seconds(log) == {"0.00": {"seconds": 97.3, "peak_rss_gb": 4.0, "gpu_allocated_gb": 0.6},
                                              "0.01": {"seconds": 3.2, "peak_rss_gb": 0.1}}
+
+
+def test_the_collector_reads_a_variants_branch_logs_beside_its_own(tmp_path):
+    collect = _script("gemma3_270m_collect")
+    line = "[{i}/2] {step} title: done in {s}s (peak RSS 1.0 GB (0.9 allocated), wrote 0.0 GB)\n"
+    (tmp_path / "method.log").write_text(line.format(i=1, step="4.01", s=193.1), encoding="utf-8")
+    (tmp_path / "method.5.01.log").write_text(line.format(i=1, step="5.01", s=332.2), encoding="utf-8")
+    (tmp_path / "method.6.01.log").write_text(line.format(i=2, step="6.02", s=40.0), encoding="utf-8")
+    (tmp_path / "method_k25.5.01.log").write_text(line.format(i=1, step="5.01", s=1.0), encoding="utf-8")
+    rows = collect.run_notebooks(tmp_path, "method")
+    assert {k: v["seconds"] for k, v in rows.items()} == {"4.01": 193.1, "5.01": 332.2, "6.02": 40.0}
 
 
 def test_the_collector_reads_the_4bit_comparison_and_the_serving_check(tmp_path):

@@ -167,3 +167,23 @@ def test_every_plot_cell_of_the_executed_notebooks_holds_a_picture(first_run):
                 plots += 1
     # 0.04, 1.02, 2.02, seven stage curves and 3.07's, 4.01, 5.01, 5.02, 6.01
     assert plots == 15
+
+
+def test_runs_started_in_the_same_second_on_one_root_get_their_own_folders(tmp_path):
+    import threading
+
+    from kormedgemma.pipeline.runner import _new_run_dir
+
+    barrier, made = threading.Barrier(8), []
+
+    def claim():
+        barrier.wait()
+        made.append(_new_run_dir(tmp_path / "runs"))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(made) == 8 and len(set(made)) == 8
+    assert all((d / "executed").is_dir() and (d / "logs").is_dir() for d in made)
