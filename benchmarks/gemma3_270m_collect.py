@@ -96,6 +96,7 @@ def stage_rows(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         evals = m.get("evals", [])
         row = {k: m.get(k) for k in ("stage", "name", "steps", "tokens", "epochs", "train_blocks", "english_share",
                                      "train_seconds", "tokens_per_second", "trainable_parameters", "peak_gpu_allocated_gb")}
+        row.update({k: m[k] for k in ("setup_seconds", "eval_seconds", "checkpoint_seconds") if k in m})
         for language in ("korean", "english"):
             key = f"{language}_valid_bits_per_char"
             measured = [e for e in evals if e.get(key) is not None]  # a stage resumed across versions may lack some

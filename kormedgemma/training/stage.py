@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -312,6 +313,7 @@ class StageRecipe(Recipe):
 def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -> StageMetrics:
     """Train stage `number` (resuming from its newest checkpoint) and write its folder: setup
     (model, trainable tensors, data, optimizer, resume), the shared loop, save. Returns its metrics."""
+    started = time.perf_counter()
     spec, hyper = STAGES[number], stage_config(config, number)
     inputs = stage_inputs(config, number)
     if skipped_without_expansion(config, spec):
@@ -352,11 +354,19 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
         accelerator.print(f"notice: {notice}")
     recipe = StageRecipe(number, hyper, data, seed)
     recipe.bind(module, accelerator)
+    setup_seconds = time.perf_counter() - started  # load, apply earlier stages, compile wrappers, data, resume
+    started = time.perf_counter()
     if progress.step == 0 and (figures := recipe.evaluate(0)) is not None:
         progress.evals.append({"step": 0, **figures})
-    train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint, progress_bar)
+    first_eval = time.perf_counter() - started
+    times = train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint,
+                       progress_bar)
+    times = {"setup_seconds": setup_seconds, "eval_seconds": times["eval_seconds"] + first_eval,
+             "checkpoint_seconds": times["checkpoint_seconds"]}
     resumed_from = checkpoint.name if checkpoint else None
     metrics = _metrics(config, number, hyper, data, progress, accelerator, device, resumed_from, notices, trained)
+    # this process's own seconds (a resumed run's evaluations before the kill are not in them)
+    metrics.update({key: round(value, 2) for key, value in times.items()})
     unwrapped = accelerator.unwrap_model(module).model
     _write_stage(config, number, unwrapped, spec, first, count, tokenizer, inputs, metrics, accelerator)
     seal(accelerator, folder)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import shutil
 import subprocess
@@ -413,3 +414,20 @@ def test_a_checkpoint_fingerprint_ignores_fields_added_later_at_their_old_value(
     assert _fingerprint(config, 1, inputs) == run_fingerprint({"stage": older, "seed": config.staged.seed}, inputs)
     changed = replace(config, staged=replace(config.staged, stage1=replace(config.staged.stage1, eval_chars=1000)))
     assert _fingerprint(changed, 1, inputs) != _fingerprint(config, 1, inputs)
+
+
+def test_a_stage_accounts_for_its_seconds_outside_the_optimizer_steps(tiny_phase3, tmp_path):
+    config, _ = tiny_phase3
+    _copy_root(Path(config.paths.root), tmp_path, range(1, 2))
+    private = load_config("tiny", overrides={"paths.root": str(tmp_path), "staged.stage2.save_every": 2,
+                                             "staged.stage2.eval_every": 2})
+    started = time.perf_counter()
+    metrics = train_stage(private, 2, progress_bar=False)
+    wall = time.perf_counter() - started
+    steps = metrics["steps"]
+    assert steps > 2 and len(metrics["evals"]) == 1 + steps // 2 + (steps % 2 > 0)  # step 0, every 2nd, the last
+    assert metrics["setup_seconds"] > 0 and metrics["eval_seconds"] > 0 and metrics["checkpoint_seconds"] > 0
+    parts = metrics["setup_seconds"] + metrics["eval_seconds"] + metrics["checkpoint_seconds"] + metrics["train_seconds"]
+    assert parts <= wall + 0.05  # each part measured once, none counted twice
+    saved = json.loads((artifact_path(private, "stage2") / "metrics.json").read_text())
+    assert saved["checkpoint_seconds"] == metrics["checkpoint_seconds"]
