@@ -15,7 +15,9 @@ from it (once that one's 2.02 has sealed the initialised model) and trains only 
 other variant links the base model (0.00) from the first variant and builds the rest. Use a fresh
 ROOT: on a reused one a variant may link a source's old artifacts before the source rebuilds them.
 `core.artifacts.link_upstream` links, the runner skips what is fresh. ROOT/variants.json records
-each variant's settings, exit status and seconds.
+each variant's settings, exit status and seconds. `NAME@TO` stops that variant at TO instead of
+--to (e.g. `method@2.02`: the full corpus's phases 0-2 for the init ablation and the speed benchmark
+beside variants trained further).
 
 `--branch FROM:TO` (repeatable) runs, once a variant has reached --to, each range as its own
 `kormedgemma run --from FROM --to TO` at the same time (logs ROOT/<name>.<FROM>.log): after 4.01,
@@ -44,6 +46,7 @@ sys.path.insert(0, str(REPO))
 class Variant:
     name: str
     settings: dict[str, str]
+    to: str = ""  # its own last notebook (NAME@TO), else --to
     source: Optional["Variant"] = None  # where its upstream artifacts come from
     before: str = ""  # link artifacts made before this step
     done: threading.Event = field(default_factory=threading.Event)
@@ -51,11 +54,19 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    name, _, rest = text.partition(":")
+    head, _, rest = text.partition(":")
+    name, _, to = head.partition("@")
     settings = dict(item.split("=", 1) for item in rest.split(",") if item.strip())  # values hold no commas
-    if not name or "/" in name:
-        raise SystemExit(f"--variant {text!r}: NAME[:KEY=VALUE,...], NAME a folder name")
-    return Variant(name.strip(), {k.strip(): v.strip() for k, v in settings.items()})
+    if not name.strip() or "/" in name:
+        raise SystemExit(f"--variant {text!r}: NAME[@TO][:KEY=VALUE,...], NAME a folder name")
+    if to:
+        from kormedgemma.pipeline.steps import step_by_id
+
+        try:
+            step_by_id(to.strip())
+        except Exception as error:
+            raise SystemExit(f"--variant {text!r}: {error}") from None
+    return Variant(name.strip(), {k.strip(): v.strip() for k, v in settings.items()}, to.strip())
 
 
 def upstream_settings(variant: Variant) -> dict[str, str]:
@@ -148,9 +159,9 @@ def run_variant(args: argparse.Namespace, variant: Variant) -> dict:
                 return summary(variant, started)
             link_upstream(config_for(args, variant.source), config_for(args, variant), variant.before)
         with open(log, "w", encoding="utf-8") as handle:
-            variant.rc = subprocess.run(run_command(args, variant, "--to", args.to), cwd=REPO, stdout=handle,
-                                        stderr=subprocess.STDOUT).returncode
-        if variant.rc == 0 and getattr(args, "branches", None):
+            variant.rc = subprocess.run(run_command(args, variant, "--to", variant.to or args.to), cwd=REPO,
+                                        stdout=handle, stderr=subprocess.STDOUT).returncode
+        if variant.rc == 0 and getattr(args, "branches", None) and variant.to in ("", args.to):
             variant.rc = run_branches(args, variant)
     except Exception as error:  # a bad setting or a failed link: this variant fails, the others go on
         with open(log, "a", encoding="utf-8") as handle:
@@ -187,7 +198,7 @@ def run_branches(args: argparse.Namespace, variant: Variant) -> int:
 def summary(variant: Variant, started: float) -> dict:
     return {"name": variant.name, "settings": variant.settings, "rc": variant.rc,
             "shares": None if variant.source is None else {"from": variant.source.name, "before": variant.before},
-            "seconds": round(time.time() - started, 1)}
+            "to": variant.to or None, "seconds": round(time.time() - started, 1)}
 
 
 def main() -> None:

@@ -44,6 +44,11 @@ def test_variants_share_phases_0_to_2_only_with_an_earlier_run_of_the_same_upstr
             assert order.index(v.source.name) < order.index(v.name)
     with pytest.raises(SystemExit, match="NAME"):
         variants.parse_variant("a/b:x=1")
+    early = variants.parse_variant("method@2.02:embeddings.method=eeve")
+    assert (early.name, early.to, early.settings) == ("method", "2.02", {"embeddings.method": "eeve"})
+    assert variants.parse_variant("method").to == ""
+    with pytest.raises(SystemExit, match="9.99"):
+        variants.parse_variant("method@9.99")
 
 
 def test_branches_run_side_by_side_only_where_neither_reads_the_others_outputs(variants):
@@ -78,11 +83,15 @@ def test_a_variant_runs_its_branches_at_once_after_reaching_to(variants, tmp_pat
             return 0 if self.selection[0] == "5.01" else 2
 
     monkeypatch.setattr(variants.subprocess, "Popen", Sleeper)
-    monkeypatch.setattr(variants.subprocess, "run", lambda command, **kwargs: argparse.Namespace(returncode=0))
+    stops = []
+    monkeypatch.setattr(variants.subprocess, "run", lambda command, **kwargs: (
+        stops.append(command[command.index("--to") + 1]), argparse.Namespace(returncode=0))[1])
     args = argparse.Namespace(root=tmp_path, profile="tiny", config_file=None, overrides=[], to="4.01",
                               branches=[("5.01", "5.02"), ("6.01", "6.02")])
+    early = variants.run_variant(args, variants.parse_variant("early@2.02"))
+    assert early["rc"] == 0 and stops == ["2.02"] and not started  # a variant stopped before --to runs no branch
     result = variants.run_variant(args, variants.parse_variant("method"))
-    assert set(started) == {("5.01", "5.02"), ("6.01", "6.02")}
+    assert stops == ["2.02", "4.01"] and set(started) == {("5.01", "5.02"), ("6.01", "6.02")}
     assert max(started.values()) < min(ended.values())  # both were running at once
     assert result["rc"] == 2  # the failed branch's status is the variant's
     assert (tmp_path / "method.5.01.log").is_file() and (tmp_path / "method.6.01.log").is_file()
