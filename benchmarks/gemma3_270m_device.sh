@@ -105,7 +105,7 @@ else
         --set deploy.serve_backend=transformers ${G270_SET:-} --to ${G270_TO:-3.07} --parallel $parallel "${variants[@]}" \
         > $ROOT/variants.log 2>&1 &
       m=$!
-      first=${items[0]%%:*}
+      first=${items[0]%%:*}; first=${first%%@*}
       if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3 on the first variant, once its 2.01 has sealed
         ( while [ ! -f $ROOT/$first/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
           python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/$first --stages 3 ${G270_ABLATION_SET:-} \
