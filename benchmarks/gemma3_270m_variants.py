@@ -115,8 +115,9 @@ def parse_branches(to: str, texts: list[str]) -> list[tuple[str, str]]:
             for key in (*step.inputs, *step.tiny_only_inputs):
                 producer = ARTIFACTS[key].producer
                 if producer > to and producer not in ids:
-                    raise SystemExit(f"--branch {first}:{last}: {step.id} reads {key}, made by {producer}, which "
-                                     f"{'another branch runs at the same time' if any(producer in r[2] for r in ranges) else 'no branch runs'}")
+                    where = ("another branch runs at the same time" if any(producer in r[2] for r in ranges)
+                             else "no branch runs")
+                    raise SystemExit(f"--branch {first}:{last}: {step.id} reads {key}, made by {producer}, which {where}")
     return [(first, last) for first, last, _ in ranges]
 
 
