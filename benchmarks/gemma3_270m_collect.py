@@ -170,12 +170,15 @@ def main() -> None:
     from kormedgemma.evaluation.compare import plot_stage_curves, stage_curves
 
     gpu = args.run / "gpu.log"  # nvidia-smi's name of the card, written by the device script
-    card = gpu.read_text(encoding="utf-8").strip().splitlines()[0] if gpu.is_file() else "one H200"
+    named = gpu.read_text(encoding="utf-8").split("\n")[0].strip() if gpu.is_file() else ""
+    card = named or "one H200"  # attempts 1-3 ran on one H200 before gpu.log existed
     result: dict[str, Any] = {"what": f"the real Gemma 3 270M on {card}: the method (vocabulary expansion + EEVE's "
                                       "stages) and plain continued pretraining (tokenizer.expand=false), run at once",
                               "note": args.note, "command": " ".join(sys.argv), "runs": {}}
     curves = {}
-    labels = sorted(p.parent.parent.name for p in args.run.glob("*/models/staged_training"))
+    # every run that ran a notebook, also one stopped before the stages (NAME@2.02): its notebook times
+    labels = sorted({p.parent.parent.name for p in args.run.glob("*/models/staged_training")}
+                    | {p.parent.name for p in args.run.glob("*/runs")})
     for label in sorted(labels, key=lambda name: (name not in RUNS, list(RUNS).index(name) if name in RUNS else 0, name)):
         per_char: dict[str, float] = {}
         trained = [json.loads(f.read_text(encoding="utf-8"))
@@ -194,13 +197,14 @@ def main() -> None:
                 sys.exit("the local rebuild chose other new pieces than the GPU run: rebuild it with the run's settings")
             per_char = valid_tokens_per_char(config)
         stages = stage_metrics(args.run, label, per_char)
-        curves[label] = stage_curves(stages)
+        if stages:
+            curves[label] = stage_curves(stages)
         per_char = per_char or next((m["valid_tokens_per_char"] for m in stages if m.get("steps")), {})
         result["runs"][label] = {"valid_tokens_per_char": {k: round(v, 5) for k, v in per_char.items()},
                                  "notebooks": run_notebooks(args.run, label),
                                  "stages": stage_rows(stages), "phase5": phase5(args.run, label),
                                  "phase6": phase6(args.run, label),
-                                 "curves": curves[label]}
+                                 "curves": curves.get(label, [])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     plot = args.out.with_suffix(".png")

@@ -106,8 +106,11 @@ else
         > $ROOT/variants.log 2>&1 &
       m=$!
       first=${items[0]%%:*}; first=${first%%@*}
-      if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3 on the first variant, once its 2.01 has sealed
+      if [ -n "${G270_ABLATION:-}" ] && [ "${items[0]}" != "${items[0]%%:*}" ]; then
+        echo "== G270_ABLATION runs on the first variant, which must have the profile as it is (no :settings)"
+      elif [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3 on the first variant, once its 2.01 has sealed
         ( while [ ! -f $ROOT/$first/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
+          [ -f $ROOT/$first/models/resized/manifest.json ] || { echo "== ablation: $first made no resized model"; exit 3; }
           python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/$first --stages 3 ${G270_ABLATION_SET:-} \
             --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
           rc=$?; echo "== $(date +%T) ablation ended: $rc" ) &

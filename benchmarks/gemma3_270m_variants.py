@@ -21,9 +21,11 @@ beside variants trained further).
 
 `--branch FROM:TO` (repeatable) runs, once a variant has reached --to, each range as its own
 `kormedgemma run --from FROM --to TO` at the same time (logs ROOT/<name>.<FROM>.log): after 4.01,
-5.01-5.02 and 6.01-6.02 read only the instruction-tuned model and the data, so on a GPU with room for
-both the method's path ends in the longer branch's time instead of the sum (5.01 332 s, 6.01-6.02
-~280 s on the 270M). Branches that would read each other's outputs are refused before anything runs.
+5.01, 5.02 and 6.01-6.02 read nothing the others make, so on a GPU with room for them the method's
+path ends in the longest branch's time instead of the sum (5.01 332 s, 5.02 43 s, 6.01-6.02 ~280 s
+on the 270M). Branches that would read each other's outputs are refused before anything runs. Each
+branch's `artifacts_growth_gb` in its run's state counts what the others wrote meanwhile (one root),
+and branches do not count against --parallel.
 """
 from __future__ import annotations
 
@@ -91,8 +93,13 @@ def parse_branches(to: str, texts: list[str]) -> list[tuple[str, str]]:
     may read what a step of another (or a step after `to` outside every branch) makes, since the
     branches run at the same time and nothing else runs."""
     from kormedgemma.core.artifacts import ARTIFACTS
-    from kormedgemma.pipeline.steps import STEPS, select_steps
+    from kormedgemma.pipeline.steps import STEPS, select_steps, step_by_id
 
+    if texts:
+        try:
+            step_by_id(to)
+        except Exception as error:
+            raise SystemExit(f"--to {to!r}: {error}") from None
     ranges = []
     for text in texts:
         first, sep, last = text.partition(":")
@@ -185,15 +192,17 @@ def run_command(args: argparse.Namespace, variant: Variant, *selection: str) -> 
 def run_branches(args: argparse.Namespace, variant: Variant) -> int:
     """Every --branch of this variant at once; the worst exit status."""
     running = []
-    for first, last in args.branches:
-        handle = open(args.root / f"{variant.name}.{first}.log", "w", encoding="utf-8")
-        running.append((subprocess.Popen(run_command(args, variant, "--from", first, "--to", last), cwd=REPO,
-                                         stdout=handle, stderr=subprocess.STDOUT), handle))
-    codes = []
-    for process, handle in running:
-        codes.append(process.wait())
-        handle.close()
-    return max(codes, key=abs)
+    try:
+        for first, last in args.branches:
+            with open(args.root / f"{variant.name}.{first}.log", "w", encoding="utf-8") as handle:
+                # the child holds its own copy of the file: ours can close at once
+                running.append(subprocess.Popen(run_command(args, variant, "--from", first, "--to", last), cwd=REPO,
+                                                stdout=handle, stderr=subprocess.STDOUT))
+    except BaseException:
+        for process in running:  # none left running behind a branch that could not start
+            process.kill()
+        raise
+    return max((process.wait() for process in running), key=abs)
 
 
 def summary(variant: Variant, started: float) -> dict:

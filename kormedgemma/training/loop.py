@@ -77,15 +77,23 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Seconds besides the optimizer steps (setup_seconds, eval_seconds, checkpoint_seconds), summed
+    # over every process that ran like train_seconds: a resumed run's figures cover the whole run
+    # (up to the checkpoint it resumed from, whose own write is not in it).
+    overhead: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
-                "history": self.history, "evals": self.evals, "extra": self.extra}
+                "history": self.history, "evals": self.evals, "extra": self.extra, "overhead": self.overhead}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
         self.history, self.evals = list(state["history"]), list(state["evals"])
         self.extra = dict(state.get("extra", {}))
+        self.overhead = dict(state.get("overhead", {}))  # checkpoints written before it existed have none
+
+    def spent(self, what: str, seconds: float) -> None:
+        self.overhead[what] = self.overhead.get(what, 0.0) + seconds
 
 
 def crash_if_asked(step: int) -> None:
@@ -467,15 +475,14 @@ class Recipe:
 
 def train_loop(recipe: Recipe, accelerator: Any, module: Any, optimizer: Any, scheduler: Any,
                parameters: list[torch.nn.Parameter], progress: Progress, folder: Path, fingerprint: str,
-               progress_bar: bool = True) -> dict[str, float]:
+               progress_bar: bool = True) -> None:
     """Optimizer steps from `progress.step` to `recipe.steps` (or the recipe's early stop), each
     timed (the GPU synchronised) and recorded in `progress`; an evaluation every `eval_every` steps
     and after the last; a checkpoint every `save_every` steps before the last, so a kill loses at
     most that many. Out of GPU memory becomes a MemoryError that says what to lower and where a
-    re-run resumes. Returns this call's seconds spent evaluating and checkpointing: on the 270M a
-    stage notebook took 30-66 s beyond its training seconds, and these say how much of that the
-    loop spends (at 4B a checkpoint with optimizer state is gigabytes)."""
-    times = {"eval_seconds": 0.0, "checkpoint_seconds": 0.0}
+    re-run resumes. The seconds spent evaluating and checkpointing go to `progress.overhead`: on the
+    270M a stage notebook took 30-66 s beyond its training seconds, and these say how much of that
+    the loop spends (at 4B a checkpoint with optimizer state is gigabytes)."""
     device = accelerator.device
     bar = tqdm(total=recipe.steps, initial=progress.step, desc=recipe.name, unit="step", mininterval=2.0,
                disable=not (progress_bar and accelerator.is_local_main_process))
@@ -506,18 +513,17 @@ def train_loop(recipe: Recipe, accelerator: Any, module: Any, optimizer: Any, sc
             if progress.step % recipe.eval_every == 0 or progress.step == recipe.steps:
                 started = time.perf_counter()
                 figures = recipe.evaluate(progress.step)
-                times["eval_seconds"] += time.perf_counter() - started
+                progress.spent("eval_seconds", time.perf_counter() - started)
                 if figures is not None:
                     progress.evals.append({"step": progress.step, **figures})
             if progress.step % recipe.save_every == 0 and progress.step < recipe.steps and not recipe.stopped():
                 started = time.perf_counter()
                 save_checkpoint(accelerator, folder, progress, fingerprint, recipe.keep_checkpoints,
                                 extra=recipe.checkpoint_extra())
-                times["checkpoint_seconds"] += time.perf_counter() - started
+                progress.spent("checkpoint_seconds", time.perf_counter() - started)
             crash_if_asked(progress.step)
     except torch.OutOfMemoryError as error:
         raise MemoryError(f"{recipe.out_of_memory()} Re-running resumes from "
                           f"{latest_checkpoint(folder) or 'the start'}.") from error
     finally:
         bar.close()
-    return times

@@ -354,19 +354,14 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
         accelerator.print(f"notice: {notice}")
     recipe = StageRecipe(number, hyper, data, seed)
     recipe.bind(module, accelerator)
-    setup_seconds = time.perf_counter() - started  # load, apply earlier stages, compile wrappers, data, resume
+    progress.spent("setup_seconds", time.perf_counter() - started)  # load, earlier stages, compile wrappers, data, resume
     started = time.perf_counter()
     if progress.step == 0 and (figures := recipe.evaluate(0)) is not None:
         progress.evals.append({"step": 0, **figures})
-    first_eval = time.perf_counter() - started
-    times = train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint,
-                       progress_bar)
-    times = {"setup_seconds": setup_seconds, "eval_seconds": times["eval_seconds"] + first_eval,
-             "checkpoint_seconds": times["checkpoint_seconds"]}
+        progress.spent("eval_seconds", time.perf_counter() - started)
+    train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint, progress_bar)
     resumed_from = checkpoint.name if checkpoint else None
     metrics = _metrics(config, number, hyper, data, progress, accelerator, device, resumed_from, notices, trained)
-    # this process's own seconds (a resumed run's evaluations before the kill are not in them)
-    metrics.update({key: round(value, 2) for key, value in times.items()})
     unwrapped = accelerator.unwrap_model(module).model
     _write_stage(config, number, unwrapped, spec, first, count, tokenizer, inputs, metrics, accelerator)
     seal(accelerator, folder)
@@ -448,7 +443,9 @@ def _metrics(config: ProjectConfig, number: int, hyper: StageConfig, data: Stage
         "last_loss": progress.history[-1]["loss"] if progress.history else None,
         # the first step (compilation, allocator warm-up) is left out of the rate
         "tokens_per_second": round(tokens_per_step * len(timed) / sum(timed), 1) if timed else None,
-        "train_seconds": round(progress.train_seconds, 2), "processes": accelerator.num_processes,
+        "train_seconds": round(progress.train_seconds, 2),
+        **{key: round(progress.overhead.get(key, 0.0), 2) for key in ("setup_seconds", "eval_seconds", "checkpoint_seconds")},
+        "processes": accelerator.num_processes,
         "distributed": distributed_kind(accelerator),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         **peak_memory_gb(device), "resumed_from": resumed_from, "notices": notices,

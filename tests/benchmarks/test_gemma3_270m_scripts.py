@@ -64,6 +64,8 @@ def test_branches_run_side_by_side_only_where_neither_reads_the_others_outputs(v
         variants.parse_branches("4.01", ["5.01:6.01", "6.01:6.02"])
     with pytest.raises(SystemExit, match="FROM:TO"):
         variants.parse_branches("4.01", ["5.01"])
+    with pytest.raises(SystemExit, match="--to '4.1'"):
+        variants.parse_branches("4.1", ["5.01:5.02"])
 
 
 def test_a_variant_runs_its_branches_at_once_after_reaching_to(variants, tmp_path, monkeypatch):
@@ -158,3 +160,21 @@ def test_the_collector_reads_the_4bit_comparison_and_the_serving_check(tmp_path)
                 "quantized": {"bytes": 387000000, "korean_bits_per_char": 3.0191, "kormedmcqa": 0.21, "unanswered": 27}},
         "serve": {"backend": "transformers", "startup_s": 23.6, "question": "q", "answer": "정답: A", "latency_s": 2.4}}
     assert collect.phase6(tmp_path, "method") == {}  # 6.01 never ran there
+
+
+def test_the_collector_keeps_a_run_stopped_before_the_stages_and_survives_an_empty_card_name(tmp_path, monkeypatch):
+    import json
+
+    collect = _script("gemma3_270m_collect")
+    run = tmp_path / "run"
+    (run / "method/runs/20261208-010203").mkdir(parents=True)  # method@2.02: notebooks ran, no stage did
+    (run / "method.log").write_text("[1/1] 0.00 env: done in 97.3s (peak RSS 4.0 GB (3.5 allocated), wrote 0.6 GB)\n",
+                                    encoding="utf-8")
+    (run / "gpu.log").write_text("", encoding="utf-8")  # nvidia-smi failed on the machine
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["collect", "--run", str(run), "--out", str(out)])
+    collect.main()
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["what"].startswith("the real Gemma 3 270M on one H200")
+    assert result["runs"] == {"method": {"valid_tokens_per_char": {}, "notebooks": {"0.00": {"seconds": 97.3, "peak_rss_gb": 4.0}},
+                                         "stages": [], "phase5": {}, "phase6": {}, "curves": []}}

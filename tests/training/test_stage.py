@@ -200,8 +200,14 @@ def test_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_phase3, t
     with pytest.raises(ValueError, match=r"does not hold this run's trainable tensors \(1 missing"):
         train_stage(private, 6, progress_bar=False)
     saved_file.write_bytes(original)
+    states = [torch.load(f, weights_only=False) for f in (checkpoints / "step-000010").glob("custom_checkpoint_*.pkl")]
+    before = next(state["overhead"] for state in states if "overhead" in state)  # accelerate's copy of Progress
+    assert before["setup_seconds"] > 0 and before["eval_seconds"] > 0  # the killed process's, kept by its checkpoint
     resumed = train_stage(private, 6, progress_bar=False)
     assert resumed["resumed_from"] == "step-000010"
+    # like train_seconds, the time besides the steps covers both processes
+    assert resumed["setup_seconds"] > round(before["setup_seconds"], 2)
+    assert resumed["eval_seconds"] > round(before["eval_seconds"], 2)
     uninterrupted = json.loads((artifact_path(config, "stage6") / "metrics.json").read_text())
     # the crashed run's steps ran in a 1-thread subprocess, the uninterrupted run with this process's
     # threads: sums in another order may differ in the last bits, never by 1e-5
