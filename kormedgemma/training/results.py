@@ -45,6 +45,9 @@ class TrainingMetrics(TypedDict, total=False):
     last_loss: Optional[float]
     tokens_per_second: Optional[float]  # the first step (warm-up, compilation) left out
     train_seconds: float
+    # seconds besides the optimizer steps, summed over a resumed run's processes like train_seconds
+    eval_seconds: float
+    checkpoint_seconds: float
     trainable_parameters: int
     processes: int
     distributed: str  # single, ddp or deepspeed-zero<stage>
@@ -66,6 +69,7 @@ class StageMetrics(TrainingMetrics, total=False):
     train_blocks: int
     english_share: float
     valid_tokens_per_char: dict[str, float]  # per language, of the valid blocks' predicted tokens
+    setup_seconds: float  # load, earlier stages' rows, data, resume: before the first evaluation
     notices: list[str]
 
 

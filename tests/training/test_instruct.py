@@ -78,6 +78,8 @@ def test_instruction_tuning_lowers_the_dev_loss_and_keeps_the_best_step(tiny_pha
     assert metrics["best_step"] == next(e["step"] for e in metrics["evals"] if e["dev_loss"] == metrics["best_dev_loss"])
     assert metrics["last_loss"] < metrics["first_loss"]
     assert (out / "loss.png").is_file() and (out / "tokenizer.model").is_file()
+    # the dev evaluations' time is counted apart from the steps'
+    assert metrics["eval_seconds"] > 0 and metrics["checkpoint_seconds"] >= 0 and metrics["train_seconds"] > 0
 
 
 def test_merged_instruct_model_changed_only_the_lora_layers(tiny_phase4):
