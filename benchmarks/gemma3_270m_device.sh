@@ -53,7 +53,7 @@
 # so the simple alternative is compared at its own best length, in less GPU time than the method's.
 set -uo pipefail
 started=$(date +%s)
-STAGE=/root/stage
+STAGE=${G270_STAGE:-/root/stage}  # where --receive keeps the carried pieces
 ROOT=${G270_ROOT:-/root/r270}
 OUT=${OUT:-/tmp/g270_out}
 GGUF_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818

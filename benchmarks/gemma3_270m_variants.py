@@ -76,12 +76,14 @@ def upstream_settings(variant: Variant) -> dict[str, str]:
     return {k: v for k, v in variant.settings.items() if not k.startswith("staged.")}
 
 
-def plan(variants: list[Variant]) -> None:
+def plan(variants: list[Variant], to: str = "3.07") -> None:
     """Which variant each one shares upstream artifacts with, and from which step on it builds:
-    phases 0-2 from the first earlier variant whose other settings are the same, else the base
-    model from the first variant (unless its own base differs)."""
+    phases 0-2 from the first earlier variant whose other settings are the same and which makes
+    them (runs to 2.02 or further: its own @TO, else `to`), else the base model from the first
+    variant (unless its own base differs)."""
     for index, variant in enumerate(variants):
-        same = next((v for v in variants[:index] if upstream_settings(v) == upstream_settings(variant)), None)
+        same = next((v for v in variants[:index] if upstream_settings(v) == upstream_settings(variant)
+                     and (v.to or to) >= "2.02"), None)
         if same is not None:
             variant.source, variant.before = same, "3.01"
         elif index and not any(k.startswith("base.") for k in variant.settings):
@@ -229,7 +231,7 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant]
     if len({v.name for v in variants}) != len(variants):
         raise SystemExit("two variants share a name")
-    plan(variants)
+    plan(variants, args.to)
     for variant in variants:
         shared = f"links what is made before {variant.before} from {variant.source.name}" if variant.source else "builds all"
         print(f"{variant.name}: {variant.settings or 'the profile as it is'}; {shared}", flush=True)

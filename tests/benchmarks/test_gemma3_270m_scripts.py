@@ -44,6 +44,13 @@ def test_variants_share_phases_0_to_2_only_with_an_earlier_run_of_the_same_upstr
             assert order.index(v.source.name) < order.index(v.name)
     with pytest.raises(SystemExit, match="NAME"):
         variants.parse_variant("a/b:x=1")
+    # a variant stopped before 2.02 makes no initialised model to share: the next links only 0.00
+    stops = [variants.parse_variant(t) for t in ("a@1.04", "b", "c@2.02", "d:staged.stage1.max_steps=5")]
+    variants.plan(stops, "3.07")
+    assert [(v.name, v.source.name if v.source else None, v.before) for v in stops] == [
+        ("a", None, ""), ("b", "a", "0.01"), ("c", "b", "3.01"), ("d", "b", "3.01")]
+    variants.plan(shallow := [variants.parse_variant("x"), variants.parse_variant("y")], "1.04")
+    assert shallow[1].before == "0.01"
     early = variants.parse_variant("method@2.02:embeddings.method=eeve")
     assert (early.name, early.to, early.settings) == ("method", "2.02", {"embeddings.method": "eeve"})
     assert variants.parse_variant("method").to == ""
