@@ -112,7 +112,7 @@ else
         ( while [ ! -f $ROOT/$first/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
           [ -f $ROOT/$first/models/resized/manifest.json ] || { echo "== ablation: $first made no resized model"; exit 3; }
           python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/$first --stages 3 ${G270_ABLATION_SET:-} \
-            --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
+            --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts ${G270_ABLATION_TEXTS:-16} --out $ROOT/ablation > $ROOT/ablation.log 2>&1
           rc=$?; echo "== $(date +%T) ablation ended: $rc" ) &
         a=$!
       fi
@@ -138,7 +138,7 @@ else
     if [ -n "${G270_ABLATION:-}" ]; then  # the init ablation through stage 3, once 2.01 has sealed the resized model
       ( while [ ! -f $ROOT/method/models/resized/manifest.json ] && kill -0 $m 2>/dev/null; do sleep 5; done
         python3 -m kormedgemma init-ablation "${common[@]}" --set paths.root=$ROOT/method --stages 3 ${G270_ABLATION_SET:-} \
-          --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts 16 --out $ROOT/ablation > $ROOT/ablation.log 2>&1
+          --methods $G270_ABLATION --outputs ${G270_ABLATION_OUTPUTS:-subword_mean} --max-texts ${G270_ABLATION_TEXTS:-16} --out $ROOT/ablation > $ROOT/ablation.log 2>&1
         rc=$?; echo "== $(date +%T) ablation ended: $rc" ) &
       a=$!
     fi
