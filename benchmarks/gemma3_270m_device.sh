@@ -43,6 +43,14 @@
 # The carried pieces: bash benchmarks/gpu_carry.sh builds .dev/a .. .dev/e (benchmarks/gpusite.txt
 # lists the wheels).
 #
+# Before spending device time on a new combination, run it on the CPU with tiny stops: G270_STAGE=DIR
+# holding base.gguf (a link to the package's), G270_ROOT and OUT elsewhere, /tmp/gpusite/bin holding
+# a python3 wrapper that execs .venv/bin/python and an nvidia-smi that echoes 81559 and a card name,
+# and e.g. G270_VARIANTS="method@0.01;other@0.02" G270_TO=0.02 G270_BRANCHES="0.03:0.03 0.04:0.04", or
+# G270_VARIANTS=method@2.02 G270_TO=2.02 G270_ABLATION="eeve random" G270_ABLATION_TEXTS=1 with
+# G270_ABLATION_SET shrinking stages 1-3 (2 steps, micro batch 1): each ran in 1.5 and 9 minutes on
+# 2 cores (2026-12-08) and found a variant waiting for phases 0-2 its source never made.
+#
 # Both runs go in one detached process session, at once on the one GPU (a 270M model leaves most of
 # an H200 idle; run one after the other they would not fit one session's device time), so each
 # run's stage seconds include the other's load. They run through benchmarks/gemma3_270m_variants.py
