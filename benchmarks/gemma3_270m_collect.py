@@ -208,7 +208,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     plot = args.out.with_suffix(".png")
-    plot_stage_curves(curves, plot)
+    if curves:  # no stage ran anywhere (every run stopped before 3.01): nothing to draw
+        plot_stage_curves(curves, plot)
     for label, run in result["runs"].items():
         print(f"== {label}: valid tokens/char {run['valid_tokens_per_char']}")
         for row in run["stages"]:
@@ -216,7 +217,7 @@ def main() -> None:
                 print(f"  stage {row['stage']} ({row['steps']} steps, {row['train_seconds']} s): Korean bits/char "
                       f"{row['korean']['start']} → {row['korean']['end']} (best {row['korean']['best']} at step "
                       f"{row['korean']['best_step']}), English {row['english']['start']} → {row['english']['end']}")
-    print(f"wrote {args.out} and {plot}")
+    print(f"wrote {args.out}" + (f" and {plot}" if curves else " (no stage ran: no plot)"))
 
 
 if __name__ == "__main__":

@@ -185,3 +185,4 @@ def test_the_collector_keeps_a_run_stopped_before_the_stages_and_survives_an_emp
     assert result["what"].startswith("the real Gemma 3 270M on one H200")
     assert result["runs"] == {"method": {"valid_tokens_per_char": {}, "notebooks": {"0.00": {"seconds": 97.3, "peak_rss_gb": 4.0}},
                                          "stages": [], "phase5": {}, "phase6": {}, "curves": []}}
+    assert not out.with_suffix(".png").exists()  # no stage ran: no empty plot
