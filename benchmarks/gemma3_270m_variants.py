@@ -62,13 +62,18 @@ def parse_variant(text: str) -> Variant:
     if not name.strip() or "/" in name:
         raise SystemExit(f"--variant {text!r}: NAME[@TO][:KEY=VALUE,...], NAME a folder name")
     if to:
-        from kormedgemma.pipeline.steps import step_by_id
-
-        try:
-            step_by_id(to.strip())
-        except Exception as error:
-            raise SystemExit(f"--variant {text!r}: {error}") from None
+        known_step(to.strip(), f"--variant {text!r}")
     return Variant(name.strip(), {k.strip(): v.strip() for k, v in settings.items()}, to.strip())
+
+
+def known_step(step: str, where: str) -> None:
+    """A notebook id of the pipeline, or the command stops naming where it was given."""
+    from kormedgemma.pipeline.steps import step_by_id
+
+    try:
+        step_by_id(step)
+    except Exception as error:
+        raise SystemExit(f"{where}: {error}") from None
 
 
 def upstream_settings(variant: Variant) -> dict[str, str]:
@@ -95,13 +100,10 @@ def parse_branches(to: str, texts: list[str]) -> list[tuple[str, str]]:
     may read what a step of another (or a step after `to` outside every branch) makes, since the
     branches run at the same time and nothing else runs."""
     from kormedgemma.core.artifacts import ARTIFACTS
-    from kormedgemma.pipeline.steps import STEPS, select_steps, step_by_id
+    from kormedgemma.pipeline.steps import STEPS, select_steps
 
     if texts:
-        try:
-            step_by_id(to)
-        except Exception as error:
-            raise SystemExit(f"--to {to!r}: {error}") from None
+        known_step(to, f"--to {to!r}")
     ranges = []
     for text in texts:
         first, sep, last = text.partition(":")

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -94,6 +94,15 @@ class Progress:
 
     def spent(self, what: str, seconds: float) -> None:
         self.overhead[what] = self.overhead.get(what, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timing(self, what: str) -> Iterator[None]:
+        """Add the seconds of the `with` body to `overhead[what]`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent(what, time.perf_counter() - started)
 
 
 def crash_if_asked(step: int) -> None:
@@ -511,16 +520,14 @@ def train_loop(recipe: Recipe, accelerator: Any, module: Any, optimizer: Any, sc
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if progress.step % recipe.eval_every == 0 or progress.step == recipe.steps:
-                started = time.perf_counter()
-                figures = recipe.evaluate(progress.step)
-                progress.spent("eval_seconds", time.perf_counter() - started)
+                with progress.timing("eval_seconds"):
+                    figures = recipe.evaluate(progress.step)
                 if figures is not None:
                     progress.evals.append({"step": progress.step, **figures})
             if progress.step % recipe.save_every == 0 and progress.step < recipe.steps and not recipe.stopped():
-                started = time.perf_counter()
-                save_checkpoint(accelerator, folder, progress, fingerprint, recipe.keep_checkpoints,
-                                extra=recipe.checkpoint_extra())
-                progress.spent("checkpoint_seconds", time.perf_counter() - started)
+                with progress.timing("checkpoint_seconds"):
+                    save_checkpoint(accelerator, folder, progress, fingerprint, recipe.keep_checkpoints,
+                                    extra=recipe.checkpoint_extra())
             crash_if_asked(progress.step)
     except torch.OutOfMemoryError as error:
         raise MemoryError(f"{recipe.out_of_memory()} Re-running resumes from "

@@ -354,11 +354,13 @@ def train_stage(config: ProjectConfig, number: int, progress_bar: bool = True) -
         accelerator.print(f"notice: {notice}")
     recipe = StageRecipe(number, hyper, data, seed)
     recipe.bind(module, accelerator)
-    progress.spent("setup_seconds", time.perf_counter() - started)  # load, earlier stages, compile wrappers, data, resume
-    started = time.perf_counter()
-    if progress.step == 0 and (figures := recipe.evaluate(0)) is not None:
-        progress.evals.append({"step": 0, **figures})
-        progress.spent("eval_seconds", time.perf_counter() - started)
+    # load, earlier stages, compile wrappers, data, resume: timed from the call (Progress exists only now)
+    progress.spent("setup_seconds", time.perf_counter() - started)
+    if progress.step == 0:
+        with progress.timing("eval_seconds"):
+            figures = recipe.evaluate(0)
+        if figures is not None:
+            progress.evals.append({"step": 0, **figures})
     train_loop(recipe, accelerator, module, optimizer, scheduler, parameters, progress, folder, fingerprint, progress_bar)
     resumed_from = checkpoint.name if checkpoint else None
     metrics = _metrics(config, number, hyper, data, progress, accelerator, device, resumed_from, notices, trained)
